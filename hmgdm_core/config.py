@@ -1,0 +1,113 @@
+"""Typed configuration: one pydantic section per concern, loaded from TOML, hashed for caches.
+
+Unknown keys are rejected with their name so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hmgdm_core.exceptions import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def stable_hash(self) -> str:
+        """A hash of the values (not of `repr`), stable across runs and Python versions."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class TissueConfig(Section):
+    """Tissue detection on a low-resolution thumbnail."""
+
+    thumbnail_mpp: float = Field(8.0, gt=0, description="resolution of the detection thumbnail")
+    method: Literal["otsu_saturation", "otsu_od"] = "otsu_saturation"
+    min_object_um2: float = Field(20_000.0, ge=0, description="specks smaller than this are dropped")
+    min_hole_um2: float = Field(20_000.0, ge=0, description="holes smaller than this are filled")
+    min_tile_fraction: float = Field(0.25, ge=0, le=1, description="tissue share to keep a tile")
+
+
+class GraphConfig(Section):
+    """How a slide or image becomes entity graphs (one graph per tissue tile or region)."""
+
+    mpp: float = Field(0.5, gt=0, description="target resolution in microns per pixel")
+    tile_size: int = Field(512, ge=32, description="tile side in pixels at the target mpp")
+    tile_margin: int = Field(32, ge=0, description="context pixels around a tile for SLIC")
+    max_region_size: int = Field(
+        1024, ge=32, description="plain images larger than this (px at mpp) are split into tiles"
+    )
+    entity_area_um2: float = Field(100.0, gt=0, description="target superpixel area in µm²")
+    compactness: float = Field(10.0, gt=0, description="SLIC compactness")
+    max_entities: int = Field(1000, ge=2, description="entities per region graph at most")
+    max_edges: int = Field(5000, ge=1, description="undirected edges per region graph at most")
+    window_size: int = Field(32, ge=4, description="instance-window side in pixels")
+    knn: int = Field(0, ge=0, description="extra edges to the k nearest centroids (0 = off)")
+    edge_windows: bool = Field(True, description="store an instance window per edge")
+    cnn_weights: Path | None = Field(None, description="local torchvision weights for CNN features")
+    tissue: TissueConfig = TissueConfig()
+
+
+# Late import: the model sections subclass Section defined above.
+from hmgdm_core.federation_config import FederationConfig  # noqa: E402
+from hmgdm_core.model.config import DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
+
+
+class HmgdmConfig(Section):
+    """The whole configuration; a TOML file may set any subset of its sections."""
+
+    graph: GraphConfig = GraphConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+
+
+S = TypeVar("S", bound=Section)
+
+
+def _format_validation_error(path: Path | str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{key}'"
+    return f"{path}: invalid value for '{key}': {first['msg']}"
+
+
+def parse_section(cls: type[S], data: dict, source: Path | str = "<config>") -> S:
+    """Validate `data` as `cls`, raising a one-line ConfigError that names the bad key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_config(path: Path | str | None = None, overrides: dict | None = None) -> HmgdmConfig:
+    """Load a TOML config (all defaults when `path` is None), then apply nested `overrides`."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_section(HmgdmConfig, data, path or "<defaults>")
+
+

@@ -1,0 +1,181 @@
+"""Build graphs for many slides: input discovery, resume, parallel workers, progress, summary."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from hmgdm_core.config import GraphConfig
+from hmgdm_core.graph.build import SlideResult, build_slide, slide_fingerprint
+from hmgdm_core.graph.manifest import is_up_to_date, read_manifest, write_manifest
+from hmgdm_core.log import console
+
+log = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = frozenset({
+    ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff",
+    ".png", ".jpg", ".jpeg", ".bmp",
+})
+
+
+def discover(inputs: Iterable[Path]) -> tuple[list[Path], list[SlideResult]]:
+    """Slides named directly or found (recursively, by suffix) in directories; missing paths
+    come back as error rows so they are reported like any other bad slide."""
+    files: list[Path] = []
+    missing: list[SlideResult] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in SLIDE_SUFFIXES
+                            and f.is_file())
+        elif p.exists():
+            files.append(p)  # named explicitly: let the reader decide whether it is an image
+        else:
+            missing.append(SlideResult(p.stem, str(p), error=f"{p}: no such file or directory"))
+    return files, missing
+
+
+class _QueueProgress:
+    """Picklable tile-progress callback that forwards (slide, done, total) to the parent."""
+
+    def __init__(self, q: queue.Queue, slide_id: str) -> None:
+        self.q, self.slide_id = q, slide_id
+
+    def __call__(self, done: int, total: int) -> None:
+        self.q.put((self.slide_id, done, total))
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    # N workers x all cores each would oversubscribe the CPU and run slower than N x 1.
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def build_graphs(
+    inputs: Sequence[Path], out_dir: Path, cfg: GraphConfig, *, mpp: float | None = None,
+    workers: int = 1, show_progress: bool = True,
+) -> list[SlideResult]:
+    """Build every input slide not already built with the same bytes and config.
+
+    Returns one result per input (status done / skipped / error); `out_dir/manifest.csv` is
+    rewritten after every slide so an interrupted run resumes where it stopped.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, results = discover(inputs)
+    manifest = read_manifest(out_dir)
+    config_hash = cfg.stable_hash()
+    todo: list[tuple[Path, str, str]] = []
+    seen: dict[str, Path] = {}
+    for f in files:
+        sid = f.stem
+        if sid in seen:
+            results.append(SlideResult(sid, str(f), error=f"{f}: duplicate slide id '{sid}' "
+                                       f"(also {seen[sid]}); rename one of them"))
+            continue
+        seen[sid] = f
+        try:
+            sha = slide_fingerprint(f)
+        except OSError as err:
+            results.append(SlideResult(sid, str(f), error=f"{f}: cannot read: {err.strerror}"))
+            continue
+        if is_up_to_date(manifest.get(sid), out_dir, sha, config_hash):
+            results.append(SlideResult(**{**manifest[sid].row(), "status": "skipped"}))
+        else:
+            todo.append((f, sid, sha))
+    for r in results:
+        if r.status == "error":
+            manifest[r.slide_id] = r
+    write_manifest(out_dir, manifest)
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), console=console, disable=not show_progress, transient=False,
+    ) as progress:
+        slides_task = progress.add_task("slides", total=len(todo))
+        tile_tasks: dict[str, int] = {}
+
+        def on_tile(slide_id: str, done: int, total: int) -> None:
+            if slide_id not in tile_tasks:
+                tile_tasks[slide_id] = progress.add_task(f"  {slide_id} tiles", total=total)
+            progress.update(tile_tasks[slide_id], completed=done, total=total)
+
+        def finish(res: SlideResult) -> None:
+            if res.slide_id in tile_tasks:
+                progress.remove_task(tile_tasks.pop(res.slide_id))
+            manifest[res.slide_id] = res
+            write_manifest(out_dir, manifest)
+            results.append(res)
+            progress.advance(slides_task)
+            if res.status == "error":
+                console.print(f"[red]error[/red] {res.error}")
+            else:
+                log.debug("%s: %d graphs in %.1fs", res.slide_id, res.n_graphs, res.seconds)
+
+        if workers <= 1 or len(todo) <= 1:
+            for f, sid, sha in todo:
+                finish(build_slide(f, out_dir, cfg, mpp=mpp, slide_id=sid, sha256=sha,
+                                   on_tile=lambda d, t, s=sid: on_tile(s, d, t)))
+        else:
+            _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish)
+    return results
+
+
+def _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish) -> None:
+    ctx = mp.get_context("spawn")  # fork after torch/openslide initialisation is unsafe
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ctx.Manager() as manager:
+        q = manager.Queue()
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            pending = {
+                pool.submit(build_slide, f, out_dir, cfg, mpp=mpp, slide_id=sid, sha256=sha,
+                            on_tile=_QueueProgress(q, sid))
+                for f, sid, sha in todo
+            }
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    _drain(q, on_tile)
+                    for fut in done:
+                        finish(fut.result())
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+
+
+def _drain(q: queue.Queue, on_tile) -> None:
+    while True:
+        try:
+            on_tile(*q.get_nowait())
+        except queue.Empty:
+            return
+
+
+def summary_table(results: Sequence[SlideResult]) -> Table:
+    """One row per slide plus totals: what a person reads at the end of a long build."""
+    table = Table(title="build-graphs summary", show_footer=True)
+    for name, justify in [("slide", "left"), ("status", "left"), ("graphs", "right"),
+                          ("nodes", "right"), ("edges", "right"), ("cache MB", "right"),
+                          ("s", "right")]:
+        table.add_column(name, justify=justify)
+    for r in sorted(results, key=lambda r: r.slide_id):
+        colour = {"done": "green", "skipped": "cyan"}.get(r.status, "red")
+        table.add_row(r.slide_id, f"[{colour}]{r.status}[/{colour}]", str(r.n_graphs),
+                      str(r.n_nodes), str(r.n_edges), f"{r.bytes / 1e6:.1f}", f"{r.seconds:.1f}")
+    ok = [r for r in results if r.status != "error"]
+    table.columns[0].footer = f"{len(ok)}/{len(results)} ok"
+    table.columns[2].footer = str(sum(r.n_graphs for r in ok))
+    table.columns[3].footer = str(sum(r.n_nodes for r in ok))
+    table.columns[4].footer = str(sum(r.n_edges for r in ok))
+    table.columns[5].footer = f"{sum(r.bytes for r in ok) / 1e6:.1f}"
+    return table

@@ -1,0 +1,1 @@
+"""Reading slides and images at a target resolution, and finding the tissue on them."""

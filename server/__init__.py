@@ -1,0 +1,1 @@
+"""The consortium operator's side of hmgdm: SuperLink, ServerApp, aggregation and studies."""

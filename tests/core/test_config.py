@@ -1,0 +1,37 @@
+"""Config loading: unknown keys and bad values are named; hashes follow values, not objects."""
+
+from __future__ import annotations
+
+import pytest
+
+from hmgdm_core.config import GraphConfig, load_config
+from hmgdm_core.exceptions import ConfigError
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[graph]\nmpp = 0.5\nentity_aera_um2 = 50\n")
+    with pytest.raises(ConfigError, match=r"c.toml: unknown key 'graph.entity_aera_um2'"):
+        load_config(path)
+
+
+def test_bad_value_is_named(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[graph]\nmpp = -1\n")
+    with pytest.raises(ConfigError, match=r"invalid value for 'graph.mpp'"):
+        load_config(path)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("[graph\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+
+
+def test_overrides_and_stable_hash(tmp_path):
+    cfg = load_config(None, {"graph.entity_area_um2": 50.0})
+    assert cfg.graph.entity_area_um2 == 50.0
+    assert cfg.graph.stable_hash() == GraphConfig(entity_area_um2=50.0).stable_hash()
+    assert cfg.graph.stable_hash() != GraphConfig().stable_hash()

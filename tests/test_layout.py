@@ -1,0 +1,54 @@
+"""The package layout rules the design fixes: science free of Flower, one direction of imports."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _imports(package: str) -> set[tuple[str, str]]:
+    found = set()
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {(str(path), a.name.split(".")[0]) for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add((str(path), node.module.split(".")[0]))
+    return found
+
+
+def test_core_never_imports_flower_or_the_apps():
+    bad = {(p, m) for p, m in _imports("hmgdm_core") if m in {"flwr", "client", "server"}}
+    assert not bad, f"hmgdm_core must not import Flower or the apps: {sorted(bad)}"
+
+
+def test_client_and_server_do_not_import_each_other():
+    assert not {(p, m) for p, m in _imports("client") if m == "server"}
+    assert not {(p, m) for p, m in _imports("server") if m == "client"}
+
+
+def test_every_module_starts_with_a_docstring():
+    missing = [
+        str(p.relative_to(REPO))
+        for pkg in ("hmgdm_core", "client", "server")
+        for p in (REPO / pkg).rglob("*.py")
+        if ast.get_docstring(ast.parse(p.read_text())) is None
+    ]
+    assert not missing, f"modules without a docstring: {missing}"
+
+
+@pytest.mark.parametrize("cli", ["client.cli", "server.cli"])
+def test_cli_version_and_help(cli):
+    from hmgdm_core import __version__
+
+    run = [sys.executable, "-c", f"from {cli} import app; app()"]
+    out = subprocess.run([*run, "--version"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip().endswith(__version__)
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert helped.returncode == 0 and "--verbose" in helped.stdout and "--version" in helped.stdout
