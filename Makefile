@@ -4,8 +4,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 DEMO_OUT ?= demo_out
+DATA ?= ../shared/data
+BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
+# The main job end to end on the bundled real data (read in place, never copied).
 demo: setup
-	$(VENV)/bin/python -m client.demo --out $(DEMO_OUT)
+	$(BIN)/hmgdm-client build-graphs $(DATA)/slides/cmu-1-small-region.svs \
+		$(DATA)/slides/tcga-cr-7395-01a-01-ts1.svs --out $(DEMO_OUT)/slides --workers 2
+	$(BIN)/hmgdm-client build-graphs $(DATA)/kather2016_tiles --mpp 0.495 --out $(DEMO_OUT)/kather
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

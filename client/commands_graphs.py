@@ -1,4 +1,4 @@
-"""`hmgdm-client build-graphs`: slides and images -> entity-graph cache, with manifest and resume."""
+"""`hmgdm-client build-graphs`: slides and images -> entity-graph cache, manifest, resume."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import typer
 
 def build_graphs(
     inputs: list[Path] = typer.Argument(
-        ..., metavar="SLIDE_OR_DIR...", show_default=False,
+        ...,
+        metavar="SLIDE_OR_DIR...",
+        show_default=False,
         help="Slides (.svs .ndpi .mrxs .tif ...) or images (.png .jpg .tif), or directories "
         "searched recursively for them.",
     ),
@@ -17,11 +19,17 @@ def build_graphs(
         ..., "--out", "-o", help="Cache directory: graphs/<slide_id>.pt and manifest.csv go here."
     ),
     config: Path | None = typer.Option(
-        None, "--config", "-c", exists=True, dir_okay=False,
+        None,
+        "--config",
+        "-c",
+        exists=True,
+        dir_okay=False,
         help="TOML config; its [graph] section sets resolution, tile and entity sizes.",
     ),
     mpp: float | None = typer.Option(
-        None, "--mpp", min=0.01,
+        None,
+        "--mpp",
+        min=0.01,
         help="Microns per pixel of the inputs, for images that do not record it (plain PNG/JPEG). "
         "Overrides the value stored in a slide.",
     ),
@@ -35,7 +43,8 @@ def build_graphs(
     from hmgdm_core.config import load_config
     from hmgdm_core.exceptions import HmgdmError
     from hmgdm_core.graph.manifest import manifest_path
-    from hmgdm_core.graph.runner import build_graphs as run, summary_table
+    from hmgdm_core.graph.runner import build_graphs as run
+    from hmgdm_core.graph.runner import summary_table
     from hmgdm_core.log import console
 
     try:
@@ -52,5 +61,7 @@ def build_graphs(
     failed = [r for r in results if r.status == "error"]
     console.print(f"manifest: {manifest_path(out)}")
     if failed:
-        console.print(f"[red]{len(failed)} slide(s) failed[/red]; see the error column of the manifest")
+        console.print(
+            f"[red]{len(failed)} slide(s) failed[/red]; see the error column of the manifest"
+        )
         raise typer.Exit(1)

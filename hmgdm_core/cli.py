@@ -10,7 +10,10 @@ from hmgdm_core import __version__
 def new_app(name: str, help: str) -> typer.Typer:
     """A typer app named `name` with --version, -v/--verbose and rich logging set up."""
     app = typer.Typer(
-        name=name, help=help, no_args_is_help=True, add_completion=False,
+        name=name,
+        help=help,
+        no_args_is_help=True,
+        add_completion=False,
         pretty_exceptions_enable=False,
     )
 

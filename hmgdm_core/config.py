@@ -5,26 +5,17 @@ Unknown keys are rejected with their name so a typo never silently falls back to
 
 from __future__ import annotations
 
-import hashlib
-import json
-import tomllib
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import tomllib
+from pydantic import Field, ValidationError
 
+from hmgdm_core.downstream.config import EvalConfig
 from hmgdm_core.exceptions import ConfigError
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def stable_hash(self) -> str:
-        """A hash of the values (not of `repr`), stable across runs and Python versions."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+from hmgdm_core.federation_config import FederationConfig
+from hmgdm_core.model.config import DiffusionConfig, ModelConfig, TrainConfig
+from hmgdm_core.section import Section
 
 
 class TissueConfig(Section):
@@ -32,7 +23,7 @@ class TissueConfig(Section):
 
     thumbnail_mpp: float = Field(8.0, gt=0, description="resolution of the detection thumbnail")
     method: Literal["otsu_saturation", "otsu_od"] = "otsu_saturation"
-    min_object_um2: float = Field(20_000.0, ge=0, description="specks smaller than this are dropped")
+    min_object_um2: float = Field(20_000.0, ge=0, description="smaller specks are dropped")
     min_hole_um2: float = Field(20_000.0, ge=0, description="holes smaller than this are filled")
     min_tile_fraction: float = Field(0.25, ge=0, le=1, description="tissue share to keep a tile")
 
@@ -52,20 +43,18 @@ class GraphConfig(Section):
     max_edges: int = Field(5000, ge=1, description="undirected edges per region graph at most")
     window_size: int = Field(32, ge=4, description="instance-window side in pixels")
     knn: int = Field(0, ge=0, description="extra edges to the k nearest centroids (0 = off)")
-    edge_windows: bool = Field(True, description="store an instance window per edge")
+    edge_windows: bool = Field(
+        False, description="store an instance window per edge (triples the cache size)"
+    )
     cnn_weights: Path | None = Field(None, description="local torchvision weights for CNN features")
     tissue: TissueConfig = TissueConfig()
-
-
-# Late import: the model sections subclass Section defined above.
-from hmgdm_core.federation_config import FederationConfig  # noqa: E402
-from hmgdm_core.model.config import DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
 
 
 class HmgdmConfig(Section):
     """The whole configuration; a TOML file may set any subset of its sections."""
 
     graph: GraphConfig = GraphConfig()
+    evaluation: EvalConfig = EvalConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
@@ -109,5 +98,3 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
             node = node.setdefault(key, {})
         node[leaf] = value
     return parse_section(HmgdmConfig, data, path or "<defaults>")
-
-

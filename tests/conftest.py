@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the real data in ../shared/data (read-only) and tiny synthetic inputs."""
+"""Shared fixtures: the real data in ../shared/data (read-only) and small synthetic inputs."""
 
 from __future__ import annotations
 

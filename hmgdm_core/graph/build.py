@@ -57,7 +57,10 @@ def slide_fingerprint(path: Path, head_bytes: int = 1 << 20) -> str:
 
 
 def _mask_for_region(
-    mask: np.ndarray, mask_mpp: float, origin_um: tuple[float, float], shape: tuple[int, int],
+    mask: np.ndarray,
+    mask_mpp: float,
+    origin_um: tuple[float, float],
+    shape: tuple[int, int],
     mpp: float,
 ) -> np.ndarray:
     """Nearest-neighbour lookup of a low-resolution tissue mask for a region read at `mpp`."""
@@ -102,15 +105,22 @@ def _write_tiles(
         raise NoTissueError(slide.path, "no tissue found at the configured thresholds")
     width_um, height_um = slide.size[0] * slide.base_mpp, slide.size[1] * slide.base_mpp
     origins = tile_grid(
-        mask, mask_mpp=thumb_mpp, tile_um=cfg.tile_size * cfg.mpp,
-        slide_size_um=(width_um, height_um), min_fraction=cfg.tissue.min_tile_fraction,
+        mask,
+        mask_mpp=thumb_mpp,
+        tile_um=cfg.tile_size * cfg.mpp,
+        slide_size_um=(width_um, height_um),
+        min_fraction=cfg.tissue.min_tile_fraction,
     )
     if len(origins) == 0:
         raise NoTissueError(slide.path, "no tile has enough tissue (see tissue.min_tile_fraction)")
     side = cfg.tile_size + 2 * cfg.tile_margin
     margin_um = cfg.tile_margin * cfg.mpp
-    core = (cfg.tile_margin, cfg.tile_margin, cfg.tile_margin + cfg.tile_size,
-            cfg.tile_margin + cfg.tile_size)
+    core = (
+        cfg.tile_margin,
+        cfg.tile_margin,
+        cfg.tile_margin + cfg.tile_size,
+        cfg.tile_margin + cfg.tile_size,
+    )
     for i, (x_um, y_um) in enumerate(origins):
         origin = (float(x_um) - margin_um, float(y_um) - margin_um)
         rgb = slide.read_region(origin[0], origin[1], side, side, mpp=cfg.mpp)
@@ -123,8 +133,14 @@ def _write_tiles(
 
 
 def build_slide(
-    path: Path, out_dir: Path, cfg: GraphConfig, *, mpp: float | None = None,
-    slide_id: str | None = None, sha256: str | None = None, on_tile: TileProgress | None = None,
+    path: Path,
+    out_dir: Path,
+    cfg: GraphConfig,
+    *,
+    mpp: float | None = None,
+    slide_id: str | None = None,
+    sha256: str | None = None,
+    on_tile: TileProgress | None = None,
 ) -> SlideResult:
     """Build and write every region graph of one slide; errors become a `status=error` row."""
     path = Path(path)
@@ -142,17 +158,33 @@ def build_slide(
                 else:
                     _write_tiles(slide, cfg, writer, on_tile)
                 if writer.n_graphs == 0:
-                    raise NoTissueError(path, "tissue too small for two superpixels; "
-                                        "lower graph.entity_area_um2 or check --mpp")
-                res.bytes = writer.commit({
-                    "slide_id": res.slide_id, "source": str(path), "sha256": res.sha256,
-                    "config_hash": res.config_hash, "graph_config": cfg.model_dump(mode="json"),
-                    "x_names": x_names(cfg), "edge_attr_names": edge_attr_names(cfg),
-                    "slide": {"mpp": slide.base_mpp, "size": list(slide.size),
-                              "backend": slide.backend, **slide.metadata},
-                })
+                    raise NoTissueError(
+                        path,
+                        "tissue too small for two superpixels; "
+                        "lower graph.entity_area_um2 or check --mpp",
+                    )
+                res.bytes = writer.commit(
+                    {
+                        "slide_id": res.slide_id,
+                        "source": str(path),
+                        "sha256": res.sha256,
+                        "config_hash": res.config_hash,
+                        "graph_config": cfg.model_dump(mode="json"),
+                        "x_names": x_names(cfg),
+                        "edge_attr_names": edge_attr_names(cfg),
+                        "slide": {
+                            "mpp": slide.base_mpp,
+                            "size": list(slide.size),
+                            "backend": slide.backend,
+                            **slide.metadata,
+                        },
+                    }
+                )
                 res.n_graphs, res.n_nodes, res.n_edges = (
-                    writer.n_graphs, writer.n_nodes, writer.n_edges)
+                    writer.n_graphs,
+                    writer.n_nodes,
+                    writer.n_edges,
+                )
         res.status = "done"
     except HmgdmError as err:
         res.error = str(err).replace("\n", " ")

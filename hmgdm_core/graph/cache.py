@@ -72,6 +72,27 @@ class SlideGraphWriter:
             self._tmp.unlink()
 
 
+def remove_stale_temps(out_dir: Path) -> list[Path]:
+    """Delete temp archives left by a killed build (their writer process no longer exists)."""
+    removed = []
+    for tmp in (Path(out_dir) / "graphs").glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _open(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
@@ -118,7 +139,9 @@ def graph_files(graph_dir: Path) -> list[Path]:
     sub = graph_dir / "graphs"
     files = sorted(sub.glob("*.pt")) if sub.is_dir() else []
     if not files:
-        raise GraphDataError(f"{graph_dir}: no graphs found (expected {sub}/*.pt from build-graphs)")
+        raise GraphDataError(
+            f"{graph_dir}: no graphs found (expected {sub}/*.pt from build-graphs)"
+        )
     return files
 
 

@@ -1,12 +1,12 @@
-"""`DIR/manifest.csv`: one row per input slide (status, sizes, timings, error), rewritten atomically."""
+"""`DIR/manifest.csv`: one row per input slide (status, sizes, timings, error), atomic."""
 
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import fields
 from pathlib import Path
 
+from hmgdm_core.atomic import atomic_write
 from hmgdm_core.graph.build import SlideResult
 from hmgdm_core.graph.cache import graph_path
 
@@ -33,21 +33,21 @@ def _from_row(row: dict[str, str]) -> SlideResult:
 
 
 def write_manifest(out_dir: Path, rows: dict[str, SlideResult]) -> Path:
-    path = manifest_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for slide_id in sorted(rows):
-            writer.writerow(rows[slide_id].row())
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows[slide_id].row() for slide_id in sorted(rows))
+
+    return atomic_write(manifest_path(out_dir), write)
 
 
 def is_up_to_date(row: SlideResult | None, out_dir: Path, sha256: str, config_hash: str) -> bool:
     """A slide is skipped only if it was built from the same bytes with the same config."""
     return (
-        row is not None and row.status in ("done", "skipped") and row.sha256 == sha256
-        and row.config_hash == config_hash and graph_path(out_dir, row.slide_id).exists()
+        row is not None
+        and row.status in ("done", "skipped")
+        and row.sha256 == sha256
+        and row.config_hash == config_hash
+        and graph_path(out_dir, row.slide_id).exists()
     )

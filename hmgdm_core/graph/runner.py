@@ -15,15 +15,30 @@ from rich.table import Table
 
 from hmgdm_core.config import GraphConfig
 from hmgdm_core.graph.build import SlideResult, build_slide, slide_fingerprint
+from hmgdm_core.graph.cache import remove_stale_temps
 from hmgdm_core.graph.manifest import is_up_to_date, read_manifest, write_manifest
 from hmgdm_core.log import console
 
 log = logging.getLogger(__name__)
 
-SLIDE_SUFFIXES = frozenset({
-    ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff",
-    ".png", ".jpg", ".jpeg", ".bmp",
-})
+SLIDE_SUFFIXES = frozenset(
+    {
+        ".svs",
+        ".ndpi",
+        ".mrxs",
+        ".scn",
+        ".vms",
+        ".vmu",
+        ".bif",
+        ".svslide",
+        ".tif",
+        ".tiff",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".bmp",
+    }
+)
 
 
 def discover(inputs: Iterable[Path]) -> tuple[list[Path], list[SlideResult]]:
@@ -33,8 +48,9 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Path], list[SlideResult]]:
     missing: list[SlideResult] = []
     for p in map(Path, inputs):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in SLIDE_SUFFIXES
-                            and f.is_file())
+            files += sorted(
+                f for f in p.rglob("*") if f.suffix.lower() in SLIDE_SUFFIXES and f.is_file()
+            )
         elif p.exists():
             files.append(p)  # named explicitly: let the reader decide whether it is an image
         else:
@@ -61,8 +77,13 @@ def _init_worker(threads: int) -> None:
 
 
 def build_graphs(
-    inputs: Sequence[Path], out_dir: Path, cfg: GraphConfig, *, mpp: float | None = None,
-    workers: int = 1, show_progress: bool = True,
+    inputs: Sequence[Path],
+    out_dir: Path,
+    cfg: GraphConfig,
+    *,
+    mpp: float | None = None,
+    workers: int = 1,
+    show_progress: bool = True,
 ) -> list[SlideResult]:
     """Build every input slide not already built with the same bytes and config.
 
@@ -71,6 +92,8 @@ def build_graphs(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in remove_stale_temps(out_dir):
+        log.info("removed %s left by an interrupted build", tmp.name)
     files, results = discover(inputs)
     manifest = read_manifest(out_dir)
     config_hash = cfg.stable_hash()
@@ -79,8 +102,13 @@ def build_graphs(
     for f in files:
         sid = f.stem
         if sid in seen:
-            results.append(SlideResult(sid, str(f), error=f"{f}: duplicate slide id '{sid}' "
-                                       f"(also {seen[sid]}); rename one of them"))
+            results.append(
+                SlideResult(
+                    sid,
+                    str(f),
+                    error=f"{f}: duplicate slide id '{sid}' (also {seen[sid]}); rename one of them",
+                )
+            )
             continue
         seen[sid] = f
         try:
@@ -95,11 +123,17 @@ def build_graphs(
     for r in results:
         if r.status == "error":
             manifest[r.slide_id] = r
+            _print_error(r)
     write_manifest(out_dir, manifest)
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=console, disable=not show_progress, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show_progress,
+        transient=False,
     ) as progress:
         slides_task = progress.add_task("slides", total=len(todo))
         tile_tasks: dict[str, int] = {}
@@ -117,17 +151,31 @@ def build_graphs(
             results.append(res)
             progress.advance(slides_task)
             if res.status == "error":
-                console.print(f"[red]error[/red] {res.error}")
+                _print_error(res)
             else:
                 log.debug("%s: %d graphs in %.1fs", res.slide_id, res.n_graphs, res.seconds)
 
         if workers <= 1 or len(todo) <= 1:
             for f, sid, sha in todo:
-                finish(build_slide(f, out_dir, cfg, mpp=mpp, slide_id=sid, sha256=sha,
-                                   on_tile=lambda d, t, s=sid: on_tile(s, d, t)))
+                finish(
+                    build_slide(
+                        f,
+                        out_dir,
+                        cfg,
+                        mpp=mpp,
+                        slide_id=sid,
+                        sha256=sha,
+                        on_tile=lambda d, t, s=sid: on_tile(s, d, t),
+                    )
+                )
         else:
             _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish)
     return results
+
+
+def _print_error(res: SlideResult) -> None:
+    # soft_wrap keeps each error on one line however narrow the terminal (and greppable in logs).
+    console.print(f"[red]error[/red] {res.error}", soft_wrap=True, markup=True, highlight=False)
 
 
 def _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish) -> None:
@@ -135,11 +183,20 @@ def _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish) -> None:
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ctx.Manager() as manager:
         q = manager.Queue()
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+        ) as pool:
             pending = {
-                pool.submit(build_slide, f, out_dir, cfg, mpp=mpp, slide_id=sid, sha256=sha,
-                            on_tile=_QueueProgress(q, sid))
+                pool.submit(
+                    build_slide,
+                    f,
+                    out_dir,
+                    cfg,
+                    mpp=mpp,
+                    slide_id=sid,
+                    sha256=sha,
+                    on_tile=_QueueProgress(q, sid),
+                )
                 for f, sid, sha in todo
             }
             try:
@@ -164,14 +221,27 @@ def _drain(q: queue.Queue, on_tile) -> None:
 def summary_table(results: Sequence[SlideResult]) -> Table:
     """One row per slide plus totals: what a person reads at the end of a long build."""
     table = Table(title="build-graphs summary", show_footer=True)
-    for name, justify in [("slide", "left"), ("status", "left"), ("graphs", "right"),
-                          ("nodes", "right"), ("edges", "right"), ("cache MB", "right"),
-                          ("s", "right")]:
+    for name, justify in [
+        ("slide", "left"),
+        ("status", "left"),
+        ("graphs", "right"),
+        ("nodes", "right"),
+        ("edges", "right"),
+        ("cache MB", "right"),
+        ("s", "right"),
+    ]:
         table.add_column(name, justify=justify)
     for r in sorted(results, key=lambda r: r.slide_id):
         colour = {"done": "green", "skipped": "cyan"}.get(r.status, "red")
-        table.add_row(r.slide_id, f"[{colour}]{r.status}[/{colour}]", str(r.n_graphs),
-                      str(r.n_nodes), str(r.n_edges), f"{r.bytes / 1e6:.1f}", f"{r.seconds:.1f}")
+        table.add_row(
+            r.slide_id,
+            f"[{colour}]{r.status}[/{colour}]",
+            str(r.n_graphs),
+            str(r.n_nodes),
+            str(r.n_edges),
+            f"{r.bytes / 1e6:.1f}",
+            f"{r.seconds:.1f}",
+        )
     ok = [r for r in results if r.status != "error"]
     table.columns[0].footer = f"{len(ok)}/{len(results)} ok"
     table.columns[2].footer = str(sum(r.n_graphs for r in ok))

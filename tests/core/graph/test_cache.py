@@ -22,16 +22,23 @@ def _graph(n: int, seed: int) -> Data:
     src = torch.arange(n - 1)
     ei = torch.stack([torch.cat([src, src + 1]), torch.cat([src + 1, src])])
     return Data(
-        x=torch.randn(n, 5, generator=g), win=torch.randint(0, 255, (n, 3, 4, 4), dtype=torch.uint8,
-                                                            generator=g),
-        edge_index=ei, edge_attr=torch.randn(ei.shape[1], 2, generator=g),
-        pos=torch.rand(n, 2, generator=g) * 100, tile_origin=torch.tensor([[0.0, 0.0]]),
+        x=torch.randn(n, 5, generator=g),
+        win=torch.randint(0, 255, (n, 3, 4, 4), dtype=torch.uint8, generator=g),
+        edge_index=ei,
+        edge_attr=torch.randn(ei.shape[1], 2, generator=g),
+        pos=torch.rand(n, 2, generator=g) * 100,
+        tile_origin=torch.tensor([[0.0, 0.0]]),
     )
 
 
 def _meta(slide_id: str, config_hash: str = "abc") -> dict:
-    return {"slide_id": slide_id, "config_hash": config_hash, "graph_config": {},
-            "x_names": list("abcde"), "edge_attr_names": ["d", "l"]}
+    return {
+        "slide_id": slide_id,
+        "config_hash": config_hash,
+        "graph_config": {},
+        "x_names": list("abcde"),
+        "edge_attr_names": ["d", "l"],
+    }
 
 
 def _write(tmp_path, slide_id, sizes, config_hash="abc"):
@@ -89,3 +96,16 @@ def test_mixed_configs_are_refused(tmp_path):
     _write(tmp_path, "b", [3], config_hash="two")
     with pytest.raises(GraphDataError, match="2 different configs"):
         read_graph_meta(tmp_path)
+
+
+def test_stale_temp_of_a_dead_writer_is_removed(tmp_path):
+    from hmgdm_core.graph.cache import remove_stale_temps
+
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    dead = graphs / ".s.pt.999999999.tmp"  # no process has this pid
+    live = graphs / f".t.pt.{__import__('os').getpid()}.tmp"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    assert remove_stale_temps(tmp_path) == [dead]
+    assert live.exists() and not dead.exists()

@@ -1,0 +1,114 @@
+"""Graph inputs for training: validation, shared standardisation moments, bounded batching.
+
+Sites exchange only per-column moments (count, sum, sum of squares), never rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch_geometric.data import Batch, Data
+
+from hmgdm_core.exceptions import GraphDataError
+from hmgdm_core.model.masking import bfs_mask
+
+
+@dataclass(frozen=True)
+class GraphDims:
+    """What a model's input layers depend on; read from graphs or from a checkpoint."""
+
+    x_dim: int
+    edge_dim: int
+    window: int  # instance-window side in pixels, 0 when graphs carry no windows
+    edge_windows: bool
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Per-column mean/std of node descriptors (x) and edge descriptors (e)."""
+
+    x_mean: Tensor
+    x_std: Tensor
+    e_mean: Tensor
+    e_std: Tensor
+
+
+def _name(g: Data, i: int) -> str:
+    return f"graph {i} (slide '{getattr(g, 'slide_id', '?')}', tile {getattr(g, 'tile_index', '?')})"
+
+
+def validate_graphs(graphs: Sequence[Data], source: str = "graphs") -> None:
+    """Raise a one-line GraphDataError for anything a model cannot train on."""
+    if not graphs:
+        raise GraphDataError(f"{source}: no graphs found; run `hmgdm-client build-graphs` first")
+    dims = graph_dims(graphs[:1])
+    for i, g in enumerate(graphs):
+        if g.num_nodes is None or g.num_nodes < 2:
+            raise GraphDataError(f"{source}: {_name(g, i)} has {g.num_nodes or 0} node(s), need 2")
+        for key in ("x", "edge_attr"):
+            value = getattr(g, key, None)
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise GraphDataError(f"{source}: {_name(g, i)} has NaN/inf in '{key}'")
+        if graph_dims([g]) != dims:
+            raise GraphDataError(f"{source}: {_name(g, i)} has feature sizes {graph_dims([g])}, "
+                                 f"the first graph has {dims}")
+
+
+def graph_dims(graphs: Sequence[Data]) -> GraphDims:
+    """Input sizes of the first graph (all graphs of a cache share them)."""
+    g = graphs[0]
+    edge_attr = getattr(g, "edge_attr", None)
+    win = getattr(g, "win", None)
+    return GraphDims(
+        x_dim=int(g.x.shape[1]),
+        edge_dim=int(edge_attr.shape[1]) if edge_attr is not None else 0,
+        window=int(win.shape[-1]) if win is not None else 0,
+        edge_windows=getattr(g, "edge_win", None) is not None,
+    )
+
+
+def feature_moments(graphs: Sequence[Data]) -> dict[str, Tensor]:
+    """Count, sum and sum of squares per descriptor column (float64), for nodes and edges."""
+    x = torch.cat([g.x.double() for g in graphs])
+    out = {"x_count": torch.tensor(float(x.shape[0]), dtype=torch.float64),
+           "x_sum": x.sum(0), "x_sumsq": x.pow(2).sum(0)}
+    if getattr(graphs[0], "edge_attr", None) is not None:
+        e = torch.cat([g.edge_attr.double() for g in graphs])
+        out |= {"e_count": torch.tensor(float(e.shape[0]), dtype=torch.float64),
+                "e_sum": e.sum(0), "e_sumsq": e.pow(2).sum(0)}
+    return out
+
+
+def stats_from_moments(moments: dict[str, Tensor]) -> FeatureStats:
+    """Mean/std from (possibly site-summed) moments; near-constant columns get std 1."""
+
+    def mean_std(prefix: str) -> tuple[Tensor, Tensor]:
+        if f"{prefix}_count" not in moments:
+            return torch.zeros(0), torch.ones(0)
+        n = moments[f"{prefix}_count"].clamp(min=1)
+        mean = moments[f"{prefix}_sum"] / n
+        var = (moments[f"{prefix}_sumsq"] / n - mean**2).clamp(min=0)
+        std = var.sqrt()
+        return mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+
+    x_mean, x_std = mean_std("x")
+    e_mean, e_std = mean_std("e")
+    return FeatureStats(x_mean=x_mean, x_std=x_std, e_mean=e_mean, e_std=e_std)
+
+
+def sample_connected(g: Data, max_nodes: int, generator: torch.Generator) -> Data:
+    """A connected region of at most `max_nodes` nodes grown by BFS from one random seed."""
+    if g.num_nodes <= max_nodes:
+        return g
+    batch = torch.zeros(g.num_nodes, dtype=torch.long)
+    keep = bfs_mask(torch.tensor([max_nodes]), batch, g.edge_index, num_seeds=1,
+                    generator=generator)
+    return g.subgraph(keep)
+
+
+def make_batch(graphs: Sequence[Data], max_nodes: int, generator: torch.Generator) -> Batch:
+    """One PyG batch, each graph bounded to `max_nodes` so memory stays fixed."""
+    return Batch.from_data_list([sample_connected(g, max_nodes, generator) for g in graphs])

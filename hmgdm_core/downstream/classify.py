@@ -1,0 +1,139 @@
+"""Linear probe on frozen embeddings: patient-grouped cross-validation, metrics and outputs.
+
+The probe is scikit-learn's LogisticRegression on standardised embeddings; this module only
+adds the folds, the metrics a study reports (accuracy, macro-F1, balanced accuracy, macro AUC)
+and the files (`metrics.json`, `folds.csv`, `confusion.png`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from numpy.typing import ArrayLike
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from hmgdm_core.atomic import save_figure, write_csv, write_json
+from hmgdm_core.downstream.config import EvalConfig
+from hmgdm_core.downstream.plots import plot_confusion
+from hmgdm_core.downstream.splits import patient_folds
+
+METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "macro_auc")
+
+
+def make_probe(config: EvalConfig) -> Pipeline:
+    """Standardise, then multinomial logistic regression (the frozen-embedding linear probe)."""
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(C=config.probe_c, max_iter=config.probe_max_iter)
+    )
+
+
+def macro_auc(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
+    """Mean one-vs-rest ROC AUC over the classes present in `y_true` (NaN if fewer than two).
+
+    A test fold can miss a class; that class has no AUC and is left out of the mean rather
+    than failing the fold. For two classes this equals the usual binary AUC.
+    """
+    aucs = [
+        roc_auc_score(y_true == c, proba[:, k])
+        for k, c in enumerate(classes)
+        if 0 < np.sum(y_true == c) < len(y_true)
+    ]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def classification_metrics(y_true: ArrayLike, proba: np.ndarray, classes: ArrayLike) -> dict:
+    """Accuracy, macro-F1, balanced accuracy and macro AUC of class probabilities (n, classes)."""
+    y_true, classes = np.asarray(y_true), np.asarray(classes)
+    y_pred = classes[np.argmax(proba, axis=1)]
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_auc": macro_auc(y_true, proba, classes),
+    }
+
+
+def mean_std(values: ArrayLike) -> dict[str, float]:
+    """Mean and sample std over folds, ignoring folds where the metric is undefined (NaN)."""
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values, ddof=1))}
+
+
+class ProbeCV:
+    """Cross-validated linear probe: `fit(x, y, groups)` runs the patient-grouped folds.
+
+    Fitted: `classes_`, `folds_` (one row of metrics per fold), `metrics_` (mean and std over
+    folds), `oof_proba_` (out-of-fold probabilities), `confusion_` (out-of-fold), and `model_`
+    (the probe refitted on all rows, used by `predict*` and `score`).
+    """
+
+    def __init__(self, config: EvalConfig | None = None) -> None:
+        self.config = config or EvalConfig()
+
+    def fit(self, x: ArrayLike, y: ArrayLike, groups: ArrayLike) -> ProbeCV:
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y)  # (n, dim), (n,)
+        self.classes_ = np.unique(y)
+        self.oof_proba_ = np.full((len(y), len(self.classes_)), np.nan)
+        rows = []
+        for fold, (train, test) in enumerate(
+            patient_folds(y, groups, self.config.folds, self.config.seed)
+        ):
+            model = make_probe(self.config).fit(x[train], y[train])
+            self.oof_proba_[test] = _proba_on(model, x[test], self.classes_)
+            metrics = classification_metrics(y[test], self.oof_proba_[test], self.classes_)
+            rows.append({"fold": fold, "n_train": len(train), "n_test": len(test), **metrics})
+        self.folds_ = pd.DataFrame(rows)
+        self.metrics_ = {m: mean_std(self.folds_[m]) for m in METRICS}
+        y_oof = self.classes_[np.argmax(self.oof_proba_, axis=1)]
+        self.confusion_ = confusion_matrix(y, y_oof, labels=self.classes_)
+        self.model_ = make_probe(self.config).fit(x, y)
+        return self
+
+    def predict_proba(self, x: ArrayLike) -> np.ndarray:
+        return _proba_on(self.model_, np.asarray(x, dtype=np.float64), self.classes_)
+
+    def predict(self, x: ArrayLike) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(x), axis=1)]
+
+    def score(self, x: ArrayLike, y: ArrayLike) -> float:
+        """Accuracy of the all-rows probe (use `metrics_` for the cross-validated figures)."""
+        return float(accuracy_score(np.asarray(y), self.predict(x)))
+
+    def plot(self, ax: Axes | None = None) -> Axes:
+        return plot_confusion(self.confusion_, [str(c) for c in self.classes_], ax=ax)
+
+    def write(self, out_dir: Path | str) -> dict[str, Path]:
+        """Write `metrics.json`, `folds.csv` and `confusion.png` into `out_dir` (atomically)."""
+        out_dir = Path(out_dir)
+        summary = {
+            "task": "classification",
+            "probe": "logistic regression on standardised embeddings",
+            "folds": self.config.folds,
+            "seed": self.config.seed,
+            "classes": [str(c) for c in self.classes_],
+            "metrics": self.metrics_,
+        }
+        return {
+            "metrics": write_json(out_dir / "metrics.json", summary),
+            "folds": write_csv(out_dir / "folds.csv", self.folds_),
+            "confusion": save_figure(out_dir / "confusion.png", self.plot().figure),
+        }
+
+
+def _proba_on(model: Pipeline, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    # A training fold may lack a class; its column stays 0 so columns always match `classes`.
+    proba = np.zeros((len(x), len(classes)))  # (n, classes)
+    proba[:, np.searchsorted(classes, model.classes_)] = model.predict_proba(x)
+    return proba

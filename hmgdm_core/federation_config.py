@@ -1,0 +1,76 @@
+"""What a federated pretraining run does: rounds per stage, sites, timeouts, strategy, and which
+parameters are shared. Plain pydantic, no Flower import, so a checkpoint can record it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from hmgdm_core.section import Section
+
+Aggregate = Literal["encoder", "encoder+decoder", "all"]
+Stage = Literal["autoencoder", "diffusion"]
+
+# Stage 1 always shares the entity autoencoder: every site must encode entities into one latent
+# space before stage-2 weights trained on those latents can be averaged meaningfully.
+_STAGE1_PREFIXES = ("autoencoder.",)
+_PREFIXES: dict[str, tuple[str, ...]] = {
+    "encoder": ("encoder.",),
+    "encoder+decoder": ("encoder.", "decoder."),
+    "all": ("",),
+}
+
+
+class FederationConfig(Section):
+    """A federated run; also what `hmgdm-server start` waits for and checkpoints."""
+
+    stage1_rounds: int = Field(1, ge=0, description="rounds that share the entity autoencoder")
+    stage2_rounds: int = Field(2, ge=0, description="rounds of latent graph diffusion")
+    min_sites: int = Field(2, ge=1, description="sites that must be connected to start")
+    min_replies: int = Field(2, ge=1, description="replies a round needs to be aggregated")
+    wait_timeout_s: float = Field(600.0, gt=0, description="give up if too few sites connect")
+    round_timeout_s: float = Field(3600.0, gt=0, description="a round waits this long for replies")
+    poll_interval_s: float = Field(0.2, gt=0, description="how often the server checks replies")
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
+    server_lr: float = Field(0.01, gt=0, description="FedAdam server learning rate (eta)")
+    server_betas: tuple[float, float] = (0.9, 0.99)
+    server_tau: float = Field(1e-3, gt=0, description="FedAdam adaptivity (epsilon)")
+    aggregate: Aggregate = "encoder"
+    local_epochs: int = Field(1, ge=1, description="local epochs per round")
+    local_steps: int | None = Field(None, ge=1, description="if set, steps per round, not epochs")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of a site's slides held out")
+    evaluate: bool = Field(True, description="ask sites for held-out loss after each round")
+    seed: int = 0
+    run_dir: Path = Field(Path("runs/federated"), description="server checkpoints go here")
+
+    @model_validator(mode="after")
+    def _check(self) -> FederationConfig:
+        if self.min_replies > self.min_sites:
+            raise ValueError(
+                f"min_replies ({self.min_replies}) cannot exceed min_sites ({self.min_sites})"
+            )
+        if self.stage1_rounds + self.stage2_rounds == 0:
+            raise ValueError("stage1_rounds + stage2_rounds must be at least 1")
+        return self
+
+    @property
+    def total_rounds(self) -> int:
+        return self.stage1_rounds + self.stage2_rounds
+
+    def stage_of(self, server_round: int) -> Stage:
+        """Rounds 1..stage1_rounds train the autoencoder, the rest the diffusion model."""
+        return "autoencoder" if server_round <= self.stage1_rounds else "diffusion"
+
+    def shared_prefixes(self, stage: Stage) -> tuple[str, ...]:
+        return _STAGE1_PREFIXES if stage == "autoencoder" else _PREFIXES[self.aggregate]
+
+
+def shared_names(names: Iterable[str], prefixes: Iterable[str]) -> list[str]:
+    """The parameter names that are averaged across sites; the rest stay on each site."""
+    prefixes = tuple(prefixes)
+    return [n for n in names if n.startswith(prefixes)]

@@ -1,0 +1,82 @@
+"""Config sections for the H-MGDM model, its diffusion process and local training.
+
+Defaults are small enough for a laptop CPU; `configs/debug.toml` is smaller still. The official
+code's values (hidden 256, depth 3, T 1000, lr 1e-4, batch 32) are noted where they differ.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from hmgdm_core.section import Section
+
+
+class ModelConfig(Section):
+    """Architecture of the stage-1 entity autoencoder and the stage-2 encoder/decoder."""
+
+    latent_dim: int = Field(16, ge=1, description="stage-1 latent size per entity")
+    edge_latent_dim: int = Field(8, ge=1, description="stage-1 latent size per edge")
+    ae_hidden: int = Field(64, ge=4, description="stage-1 MLP width")
+    use_windows: bool = Field(True, description="feed instance windows to the entity autoencoder")
+    window_channels: int = Field(16, ge=1, description="conv width of the window encoder")
+    kl_weight: float = Field(1e-3, ge=0, description="KL term weight of the entity VAE")
+    hidden: int = Field(128, ge=8, description="GNN / decoder width (official: 256)")
+    encoder_layers: int = Field(3, ge=1, description="GNN layers; also the decoder block count")
+    conv: Literal["gine", "gatv2"] = "gine"
+    heads: int = Field(4, ge=1, description="attention heads in decoder and GATv2")
+    self_attn_layers: int = Field(2, ge=0, description="Transformer stage before decode blocks")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    pos_frequencies: int = Field(8, ge=1, description="sinusoid frequencies per centroid axis")
+    pos_scale_um: float = Field(200.0, gt=0, description="longest positional wavelength in µm")
+    skip_connections: bool = Field(True, description="U-shaped skip; off = every block reads L")
+    edge_latents: bool = Field(True, description="reconstruct masked edge latents too")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class DiffusionConfig(Section):
+    """Dynamic entity masking and the DDPM noise process on masked latents."""
+
+    timesteps: int = Field(1000, ge=1, le=10_000)
+    schedule: Literal["sigmoid", "cosine"] = "sigmoid"
+    beta_start: float = Field(1e-7, gt=0, lt=1, description="sigmoid schedule first beta")
+    beta_end: float = Field(2e-3, gt=0, lt=1, description="sigmoid schedule last beta")
+    prediction: Literal["x0", "epsilon"] = "x0"
+    mask_ratio: tuple[float, float] = Field((0.5, 0.7), description="ratio drawn per graph")
+    fixed_mask_ratio: bool = Field(False, description="ablation: always the range midpoint")
+    fixed_timestep: int | None = Field(None, ge=0, description="ablation: one noise level")
+    masking: Literal["random", "bfs", "mixed"] = "mixed"
+    bfs_seeds: int = Field(4, ge=1, description="BFS seeds per graph for connected masking")
+    edge_loss_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionConfig:
+        lo, hi = self.mask_ratio
+        if not 0 < lo <= hi < 1:
+            raise ValueError(f"mask_ratio must satisfy 0 < lo <= hi < 1, got {self.mask_ratio}")
+        if self.fixed_timestep is not None and self.fixed_timestep >= self.timesteps:
+            raise ValueError("fixed_timestep must be < timesteps")
+        return self
+
+
+class TrainConfig(Section):
+    """Optimisation of both stages; also what a federated client runs each round."""
+
+    seed: int = 0
+    autoencoder_epochs: int = Field(2, ge=0, description="stage-1 epochs before diffusion")
+    epochs: int = Field(10, ge=1, description="stage-2 (diffusion) epochs")
+    batch_size: int = Field(16, ge=1, description="graphs per step (official: 32)")
+    max_nodes: int = Field(2000, ge=2, description="bigger graphs: connected subgraph sampled")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (official: 1e-4)")
+    betas: tuple[float, float] = (0.95, 0.999)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of steps warming up")
+    min_lr_fraction: float = Field(0.1, ge=0, le=1, description="cosine floor, share of peak")
+    grad_clip: float = Field(10.0, gt=0)
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")

@@ -1,0 +1,1 @@
+"""Studies: seeded synthetic cohorts and (later) multi-site partitions of real data."""

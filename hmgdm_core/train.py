@@ -1,0 +1,303 @@
+"""Building the model, the one training loop (local pretrain and federated client), checkpoints.
+
+`train_steps` is the single step loop; `pretrain` wraps it with epochs, stage switching,
+checkpoints, metrics and resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch_geometric.data import Data
+
+from hmgdm_core.config import HmgdmConfig
+from hmgdm_core.data import GraphDims, graph_dims, make_batch
+from hmgdm_core.exceptions import CheckpointError, ConfigError
+from hmgdm_core.model.autoencoder import EntityVAE
+from hmgdm_core.model.config import TrainConfig
+from hmgdm_core.model.decoder import MaskedGraphDecoder
+from hmgdm_core.model.diffusion import NoiseSchedule
+from hmgdm_core.model.encoder import CentroidEncoding, GraphEncoder
+from hmgdm_core.model.hmgdm import HMGDM, Stage, Standardiser
+
+CHECKPOINT_FORMAT = "hmgdm-checkpoint/1"
+STAGE_PREFIXES = {"autoencoder": ("autoencoder.",), "diffusion": ("encoder.", "decoder.")}
+
+
+def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
+    """The full model for graphs of `dims`, initialised deterministically from `cfg.train.seed`."""
+    m, d = cfg.model, cfg.diffusion
+    use_edges = m.edge_latents and dims.edge_dim > 0
+    window = dims.window if m.use_windows else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        vae = EntityVAE(in_dim=dims.x_dim, latent_dim=m.latent_dim, hidden=m.ae_hidden,
+                        window=window, channels=m.window_channels, kl_weight=m.kl_weight)
+        edge_vae = EntityVAE(
+            in_dim=dims.edge_dim, latent_dim=m.edge_latent_dim, hidden=m.ae_hidden,
+            window=window if dims.edge_windows else 0, channels=m.window_channels,
+            kl_weight=m.kl_weight,
+        ) if use_edges else None
+        pos = CentroidEncoding(frequencies=m.pos_frequencies, scale_um=m.pos_scale_um)
+        edge_latent = m.edge_latent_dim if use_edges else 0
+        encoder = GraphEncoder(in_dim=m.latent_dim + pos.out_dim, edge_dim=edge_latent,
+                               hidden=m.hidden, num_layers=m.encoder_layers, conv=m.conv,
+                               heads=m.heads, dropout=m.dropout)
+        decoder = MaskedGraphDecoder(
+            latent_dim=m.latent_dim, edge_latent_dim=edge_latent, pos_dim=pos.out_dim,
+            hidden=m.hidden, num_blocks=m.encoder_layers, heads=m.heads,
+            self_attn_layers=m.self_attn_layers, conv=m.conv, dropout=m.dropout,
+            skip_connections=m.skip_connections,
+        )
+        model = HMGDM(
+            autoencoder=vae, edge_autoencoder=edge_vae, encoder=encoder, decoder=decoder,
+            schedule=NoiseSchedule.from_config(schedule=d.schedule, timesteps=d.timesteps,
+                                               start=d.beta_start, end=d.beta_end),
+            pos_encoding=pos, standardiser=Standardiser(x_dim=dims.x_dim, edge_dim=dims.edge_dim),
+            mask_ratio=d.mask_ratio, fixed_ratio=d.fixed_mask_ratio, masking=d.masking,
+            bfs_seeds=d.bfs_seeds, fixed_timestep=d.fixed_timestep, prediction=d.prediction,
+            edge_loss_weight=d.edge_loss_weight,
+        )
+    model.dims = dims
+    return model
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` -> CUDA when present, else CPU; `cuda` without a GPU is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible to torch on this machine")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+def stage_parameters(model: HMGDM, stage: Stage) -> list[torch.nn.Parameter]:
+    """The parameters a stage trains (stage 1: autoencoders; stage 2: encoder + decoder)."""
+    prefixes = STAGE_PREFIXES[stage]
+    return [p for name, p in model.named_parameters() if name.startswith(prefixes)]
+
+
+def make_optimizer(model: HMGDM, cfg: TrainConfig, stage: Stage) -> torch.optim.AdamW:
+    return torch.optim.AdamW(stage_parameters(model, stage), lr=cfg.lr, betas=cfg.betas,
+                             weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Linear warmup over `warmup_fraction` of the steps, then cosine down to `min_lr_fraction`."""
+    warmup = max(1, round(cfg.warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on GPUs that support it, fp16 otherwise; nothing on CPU."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _fp16(device: torch.device, cfg: TrainConfig) -> bool:
+    return device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+
+
+def _batches(graphs: Sequence[Data], batch_size: int, steps: int, generator: torch.Generator):
+    """`steps` index lists: passes over a fresh permutation each, the last batch may be short."""
+    order: list[int] = []
+    for _ in range(steps):
+        if not order:
+            order = torch.randperm(len(graphs), generator=generator).tolist()
+        chunk, order = order[:batch_size], order[batch_size:]
+        yield [graphs[i] for i in chunk]
+
+
+def train_steps(
+    model: HMGDM,
+    optimizer: torch.optim.Optimizer,
+    graphs: Sequence[Data],
+    cfg: TrainConfig,
+    *,
+    stage: Stage,
+    steps: int | None = None,
+    epochs: float | None = None,
+    device: torch.device,
+    generator: torch.Generator,
+    progress: bool = False,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """Run `steps` optimiser steps (or `epochs` passes) of `stage`; mean loss terms and counts."""
+    if (steps is None) == (epochs is None):
+        raise ValueError("pass exactly one of steps= or epochs=")
+    if steps is None:
+        steps = max(1, math.ceil(epochs * math.ceil(len(graphs) / cfg.batch_size)))
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=_fp16(device, cfg))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    model.to(device).train()
+    sums: dict[str, float] = {}
+    seen, start = 0, time.perf_counter()
+    bar = _progress(progress, steps, stage)
+    with bar as live:
+        task = live.add_task(stage, total=steps, loss=float("nan")) if live else None
+        for chunk in _batches(graphs, cfg.batch_size, steps, generator):
+            batch = make_batch(chunk, cfg.max_nodes, generator).to(device)
+            with _autocast(device, cfg.amp):
+                terms = model.loss(batch, stage=stage, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(chunk)
+            seen += len(chunk)
+            if live:
+                live.update(task, advance=1, loss=sums["loss"] / seen)
+    seconds = time.perf_counter() - start
+    out = {key: value / seen for key, value in sums.items()}
+    return out | {"num_graphs": float(seen), "num_steps": float(steps), "seconds": seconds,
+                  "lr": float(optimizer.param_groups[0]["lr"])}
+
+
+def _progress(enabled: bool, steps: int, stage: str):
+    if not enabled:
+        return contextlib.nullcontext()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from hmgdm_core.log import console
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+                    console=console, transient=True)
+
+
+@torch.no_grad()
+def eval_loss(
+    model: HMGDM,
+    graphs: Sequence[Data],
+    cfg: TrainConfig,
+    *,
+    stage: Stage,
+    device: torch.device,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Mean masked-reconstruction (or stage-1) loss terms over held-out `graphs`."""
+    model.to(device).eval()
+    sums: dict[str, float] = {}
+    for i in range(0, len(graphs), cfg.batch_size):
+        chunk = graphs[i : i + cfg.batch_size]
+        batch = make_batch(chunk, cfg.max_nodes, generator).to(device)
+        with _autocast(device, cfg.amp):
+            terms = model.loss(batch, stage=stage, generator=generator)
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
+    return {key: value / len(graphs) for key, value in sums.items()} | {
+        "num_graphs": float(len(graphs))
+    }
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model plus everything needed to resume."""
+
+    model: HMGDM
+    cfg: HmgdmConfig
+    epoch: int
+    optimizer: dict | None
+    scheduler: dict | None
+    rng: dict
+    extra: dict
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    model: HMGDM,
+    cfg: HmgdmConfig,
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    generator: torch.Generator | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write a self-describing checkpoint atomically (config, graph dims, feature stats inside)."""
+    _atomic_save({
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.model_dump(mode="json"),
+        "dims": dataclasses.asdict(model.dims),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer else None,
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        "epoch": epoch,
+        "rng": {"torch": torch.get_rng_state(),
+                "generator": generator.get_state() if generator is not None else None},
+        "extra": extra or {},
+    }, Path(path))
+
+
+def load_checkpoint(path: Path, *, cfg: HmgdmConfig | None = None) -> Checkpoint:
+    """Rebuild the model from a checkpoint; with `cfg`, its model sections must match."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an hmgdm checkpoint (format {CHECKPOINT_FORMAT})")
+    stored = HmgdmConfig.model_validate(blob["config"])
+    if cfg is not None:
+        for section in ("model", "diffusion"):
+            if getattr(cfg, section) != getattr(stored, section):
+                raise CheckpointError(f"{path}: written with a different [{section}] config; "
+                                      "use the checkpoint's config or start a new run")
+    model = build_model(stored, GraphDims(**blob["dims"]))
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the stored config: {first}") from None
+    return Checkpoint(model=model, cfg=stored, epoch=int(blob["epoch"]),
+                      optimizer=blob["optimizer"], scheduler=blob["scheduler"],
+                      rng=blob["rng"], extra=blob["extra"])
+
+
+def check_graph_dims(model: HMGDM, graphs: Sequence[Data], source: str) -> None:
+    """A CheckpointError when the graphs' feature sizes differ from the model's."""
+    dims = graph_dims(graphs)
+    if dims != model.dims:
+        raise CheckpointError(f"{source}: graph features {dims} do not match the checkpoint's "
+                              f"{model.dims}; rebuild graphs with the checkpoint's graph config")

@@ -1,0 +1,124 @@
+"""`hmgdm-client build-graphs` as a user runs it: exit codes, summary, interruption and resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hmgdm_core.graph.cache import load_slide_graphs
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+CLI = [sys.executable, "-c", "from client.cli import app; app()"]
+
+
+def _config(tmp_path: Path, mpp: float = 0.5) -> Path:
+    cfg = tmp_path / "graphs.toml"
+    cfg.write_text(f"[graph]\nmpp = {mpp}\nentity_area_um2 = 400.0\ntile_size = 384\n")
+    return cfg
+
+
+def _run(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def _manifest(out: Path) -> dict[str, dict]:
+    with open(out / "manifest.csv") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+def test_exit_code_and_summary(tmp_path, data_dir):
+    out = tmp_path / "out"
+    tiles = data_dir / "kather2016_tiles" / "02_STROMA"
+    ok = _run(
+        [
+            "build-graphs",
+            tiles,
+            "--out",
+            out,
+            "--mpp",
+            "0.495",
+            "--config",
+            _config(tmp_path),
+            "--no-progress",
+        ]
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "build-graphs summary" in ok.stderr + ok.stdout
+    assert all(r["status"] == "done" for r in _manifest(out).values())
+    bad = _run(
+        [
+            "build-graphs",
+            tiles,
+            tmp_path / "nope.svs",
+            "--out",
+            out,
+            "--mpp",
+            "0.495",
+            "--config",
+            _config(tmp_path),
+            "--no-progress",
+        ]
+    )
+    assert bad.returncode == 1
+    assert "nope.svs: no such file or directory" in bad.stderr + bad.stdout
+    rows = _manifest(out)
+    assert rows["nope"]["status"] == "error" and len(rows) == 4
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path, data_dir):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[graph]\ntile_sise = 10\n")
+    res = _run(
+        ["build-graphs", data_dir / "kather2016_tiles", "--out", tmp_path / "o", "--config", cfg]
+    )
+    assert res.returncode == 2 and "unknown key 'graph.tile_sise'" in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_build_leaves_no_partial_graph_and_resumes(tmp_path, data_dir, sig):
+    out = tmp_path / "out"
+    slides = [
+        data_dir / "slides" / "cmu-1-small-region.svs",
+        data_dir / "slides" / "tcga-cr-7395-01a-01-ts1.svs",
+    ]
+    # The TCGA file records no resolution, so --mpp is given (it also overrides the SVS's own).
+    args = [
+        *CLI,
+        "build-graphs",
+        *map(str, slides),
+        "--out",
+        str(out),
+        "--config",
+        str(_config(tmp_path, mpp=1.0)),  # coarse: a few seconds per slide is plenty here
+        "--mpp",
+        "0.5",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "graphs" / "cmu-1-small-region.pt"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "build finished before it could be interrupted"
+    time.sleep(0.5)  # well inside the second slide
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "rerun to resume" in err
+    assert [p.name for p in (out / "graphs").glob("*.pt")] == [first.name]
+    load_slide_graphs(first)  # the finished slide is intact
+    again = _run(args[len(CLI) :])
+    assert again.returncode == 0, again.stderr
+    rows = _manifest(out)
+    assert {r["status"] for r in rows.values()} == {"done"}
+    assert not list((out / "graphs").glob(".*.tmp"))
+    assert "skipped" in again.stderr + again.stdout

@@ -1,0 +1,86 @@
+"""Tests of the cross-validated linear probe: learns separable classes, chance on shuffled
+labels, metrics robust to a fold missing a class, outputs written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hmgdm_core.downstream.classify import ProbeCV, classification_metrics, macro_auc
+from hmgdm_core.downstream.config import EvalConfig
+
+
+def cohort(seed: int = 0, n_patients: int = 60, slides: int = 2, dim: int = 16):
+    """Three classes with separated centres; each patient has `slides` noisy slide embeddings."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=2.0, size=(3, dim))
+    patient_class = np.arange(n_patients) % 3
+    groups = np.repeat(np.arange(n_patients), slides)
+    y = np.array(["adeno", "benign", "squamous"])[patient_class[groups]]
+    x = centres[patient_class[groups]] + rng.normal(size=(len(groups), dim))
+    return x, y, groups
+
+
+def test_probe_separates_classes():
+    x, y, groups = cohort()
+    probe = ProbeCV(EvalConfig(folds=5, seed=0)).fit(x, y, groups)
+    assert probe.metrics_["accuracy"]["mean"] >= 0.9
+    assert probe.metrics_["macro_auc"]["mean"] >= 0.95
+    assert len(probe.folds_) == 5
+    assert probe.confusion_.trace() / probe.confusion_.sum() >= 0.9
+    assert probe.score(x, y) >= 0.9
+
+
+def test_probe_on_shuffled_labels_is_near_chance():
+    x, y, groups = cohort()
+    rng = np.random.default_rng(1)
+    # shuffle at patient level so patients keep one label
+    patients = np.unique(groups)
+    permuted = rng.permutation(y[np.searchsorted(groups, patients)])
+    shuffled = dict(zip(patients, permuted, strict=True))
+    y_shuffled = np.array([shuffled[g] for g in groups])
+    probe = ProbeCV(EvalConfig(folds=5, seed=0)).fit(x, y_shuffled, groups)
+    assert abs(probe.metrics_["accuracy"]["mean"] - 1 / 3) < 0.15
+    assert abs(probe.metrics_["macro_auc"]["mean"] - 0.5) < 0.15
+
+
+def test_macro_auc_skips_a_class_missing_from_the_fold():
+    classes = np.array(["a", "b", "c"])
+    y_true = np.array(["a", "a", "b", "b"])  # no "c" in this fold
+    proba = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
+    assert macro_auc(y_true, proba, classes) == pytest.approx(1.0)
+    assert np.isnan(macro_auc(np.array(["a", "a"]), proba[:2], classes))
+    metrics = classification_metrics(y_true, proba, classes)
+    assert metrics["accuracy"] == 1.0 and metrics["macro_f1"] == 1.0
+
+
+def test_binary_macro_auc_equals_usual_auc():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 50)
+    p1 = np.clip(0.3 * y + rng.random(50) * 0.7, 0, 1)
+    proba = np.stack([1 - p1, p1], axis=1)
+    assert macro_auc(y, proba, np.array([0, 1])) == pytest.approx(roc_auc_score(y, p1))
+
+
+def test_write_outputs(tmp_path):
+    x, y, groups = cohort(n_patients=30)
+    probe = ProbeCV(EvalConfig(folds=3, seed=0)).fit(x, y, groups)
+    paths = probe.write(tmp_path / "out")
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics["classes"] == ["adeno", "benign", "squamous"]
+    expected = probe.metrics_["macro_f1"]["mean"]
+    assert metrics["metrics"]["macro_f1"]["mean"] == pytest.approx(expected)
+    folds = pd.read_csv(paths["folds"])
+    assert folds["fold"].tolist() == [0, 1, 2]
+    assert folds["n_test"].sum() == len(y)
+    assert paths["confusion"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "confusion.png",
+        "folds.csv",
+        "metrics.json",
+    ]  # no temp files left behind

@@ -1,0 +1,122 @@
+"""Whole-slide builds on real data: graph sanity, SVS vs PNG agreement, resume, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hmgdm_core.config import GraphConfig, TissueConfig
+from hmgdm_core.graph.cache import graph_path, load_slide_graphs
+from hmgdm_core.graph.manifest import read_manifest
+from hmgdm_core.graph.runner import build_graphs
+
+pytestmark = pytest.mark.slow
+
+# Larger entities keep these real-slide builds to seconds; the maths is the same at any size.
+CFG = GraphConfig(entity_area_um2=400.0, tile_size=384)
+
+
+@pytest.fixture(scope="module")
+def svs_build(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("svs")
+    results = build_graphs(
+        [data_dir / "slides" / "cmu-1-small-region.svs"], out, CFG, show_progress=False
+    )
+    return out, results
+
+
+def test_real_slide_graphs_are_sane(svs_build):
+    out, results = svs_build
+    (res,) = results
+    assert res.status == "done", res.error
+    graphs, meta = load_slide_graphs(graph_path(out, res.slide_id))
+    assert len(graphs) == res.n_graphs > 5
+    tile_area = (CFG.tile_size * CFG.mpp) ** 2
+    for g in graphs:
+        ei = g.edge_index
+        assert g.num_nodes <= CFG.max_entities
+        # A full tissue tile holds tile_area / entity_area entities; a partial one fewer.
+        assert 2 <= g.num_nodes <= 2 * tile_area / CFG.entity_area_um2
+        assert not (ei[0] == ei[1]).any(), "self-loop"
+        pairs = set(map(tuple, ei.T.tolist()))
+        assert pairs == {(b, a) for a, b in pairs}, "edges not symmetric"
+        assert torch.isfinite(g.x).all() and torch.isfinite(g.edge_attr).all()
+        assert g.x.shape[1] == len(meta["x_names"])
+        assert g.win.dtype == torch.uint8 and g.win.shape[1:] == (3, 32, 32)
+        # Entities lie inside their tile (positions are in slide µm).
+        lo = g.tile_origin[0] + CFG.tile_margin * CFG.mpp
+        assert (g.pos >= lo - 1e-3).all() and (g.pos <= lo + CFG.tile_size * CFG.mpp + 1e-3).all()
+    isolated = sum(
+        int((torch.bincount(g.edge_index[0], minlength=g.num_nodes) == 0).sum()) for g in graphs
+    )
+    assert isolated <= 0.02 * res.n_nodes
+
+
+def test_svs_and_png_of_the_same_pixels_give_matching_graphs(svs_build, data_dir, tmp_path):
+    import openslide
+
+    _, (res,) = svs_build
+    with openslide.OpenSlide(data_dir / "slides" / "cmu-1-small-region.svs") as osr:
+        mpp = float(osr.properties["openslide.mpp-x"])
+        rgb = np.asarray(osr.read_region((0, 0), 0, osr.dimensions).convert("RGB"))
+    png = tmp_path / "cmu-1-small-region.png"
+    Image.fromarray(rgb).save(png)
+    (res_png,) = build_graphs([png], tmp_path / "png", CFG, mpp=mpp, show_progress=False)
+    assert res_png.status == "done", res_png.error
+    assert res_png.n_graphs == res.n_graphs
+    assert abs(res_png.n_nodes - res.n_nodes) <= 0.03 * res.n_nodes
+
+
+def test_rerun_skips_done_slides_and_config_change_rebuilds(svs_build, data_dir):
+    out, (res,) = svs_build
+    path = graph_path(out, res.slide_id)
+    mtime = path.stat().st_mtime_ns
+    (again,) = build_graphs(
+        [data_dir / "slides" / "cmu-1-small-region.svs"], out, CFG, show_progress=False
+    )
+    assert again.status == "skipped" and path.stat().st_mtime_ns == mtime
+    assert read_manifest(out)[res.slide_id].status == "done"
+    changed = CFG.model_copy(update={"tissue": TissueConfig(min_tile_fraction=0.9)})
+    (rebuilt,) = build_graphs(
+        [data_dir / "slides" / "cmu-1-small-region.svs"], out, changed, show_progress=False
+    )
+    assert rebuilt.status == "done" and rebuilt.n_graphs < res.n_graphs
+    assert read_manifest(out)[res.slide_id].config_hash == changed.stable_hash()
+
+
+def test_bad_inputs_fail_alone_with_a_reason(tmp_path, data_dir):
+    good = data_dir / "kather2016_tiles" / "01_TUMOR"
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes((data_dir / "slides" / "cmu-1-small-region.svs").read_bytes()[:50_000])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    white = tmp_path / "white.png"
+    Image.fromarray(np.full((300, 300, 3), 245, np.uint8)).save(white)
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.full((3, 3, 3), [150, 60, 140], np.uint8)).save(tiny)
+    missing = tmp_path / "missing.svs"
+    results = build_graphs(
+        [good, truncated, text, white, tiny, missing],
+        tmp_path / "out",
+        CFG,
+        mpp=0.495,
+        show_progress=False,
+    )
+    by_id = {r.slide_id: r for r in results}
+    assert sum(r.status == "done" for r in results) == 3  # the three real Kather tiles
+    for bad in ("truncated", "notes", "white", "tiny", "missing"):
+        r = by_id[bad]
+        assert r.status == "error" and str(tmp_path) in r.error and "\n" not in r.error, r
+    assert "tissue" in by_id["white"].error
+    assert "no such file" in by_id["missing"].error
+    manifest = read_manifest(tmp_path / "out")
+    assert {k for k, r in manifest.items() if r.status == "error"} == {
+        "truncated",
+        "notes",
+        "white",
+        "tiny",
+        "missing",
+    }
+    assert not list((tmp_path / "out" / "graphs").glob(".*"))

@@ -1,0 +1,161 @@
+"""The H-MGDM model: encoder isolation, deterministic encode, learning, ablation flags."""
+
+from __future__ import annotations
+
+import torch
+from torch_geometric.data import Batch
+from torch_geometric.utils import to_dense_batch
+
+from hmgdm_core.config import load_config
+from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments
+from hmgdm_core.model.decoder import DecodeBlock
+from hmgdm_core.model.masking import draw_mask
+from hmgdm_core.studies.synthetic import random_region_graph
+from hmgdm_core.train import build_model, make_optimizer
+
+SMALL = {"model.hidden": 32, "model.encoder_layers": 2, "model.heads": 2,
+         "model.ae_hidden": 32, "model.window_channels": 4, "diffusion.timesteps": 100}
+
+
+def _model(graphs, **overrides):
+    cfg = load_config(overrides={**SMALL, **overrides})
+    model = build_model(cfg, graph_dims(graphs))
+    model.stats.set(stats_from_moments(feature_moments(graphs)))
+    return model
+
+
+def _graphs(n=4, nodes=30):
+    return [random_region_graph(nodes + 3 * i, seed=i) for i in range(n)]
+
+
+def _record_encoder(model):
+    seen = []
+    model.encoder.register_forward_hook(lambda m, args, out: seen.append(out))
+    return seen
+
+
+def test_encoder_never_sees_masked_features():
+    graphs = _graphs()
+    model = _model(graphs, **{"diffusion.masking": "bfs"})
+    batch = Batch.from_data_list(graphs)
+    sizes = torch.bincount(batch.batch)
+    d = model  # mask drawn exactly as the loss draws it: first use of a fresh generator
+    masked = draw_mask(sizes, batch.batch, batch.edge_index, ratio_range=d.mask_ratio,
+                       fixed_ratio=d.fixed_ratio, strategy=d.masking, num_seeds=d.bfs_seeds,
+                       generator=torch.Generator().manual_seed(7))
+    touched = masked[batch.edge_index].any(0)  # edges with a masked endpoint
+    perturbed = batch.clone()
+    perturbed.x[masked] += 100.0
+    perturbed.win[masked] = 255 - perturbed.win[masked]
+    perturbed.edge_attr[touched] -= 50.0
+    perturbed.edge_win[touched] = 0
+    seen = _record_encoder(model)
+    loss_a = model.loss(batch, stage="diffusion", generator=torch.Generator().manual_seed(7))
+    loss_b = model.loss(perturbed, stage="diffusion", generator=torch.Generator().manual_seed(7))
+    for a, b in zip(seen[0], seen[1], strict=True):
+        assert torch.equal(a, b)
+    assert seen[0][-1].shape[0] == int((~masked).sum())
+    # The perturbation does reach the (masked) reconstruction target.
+    assert not torch.isclose(loss_a["loss"], loss_b["loss"])
+
+
+def test_encode_is_deterministic_and_sees_every_node():
+    graphs = _graphs()
+    model = _model(graphs)
+    batch = Batch.from_data_list(graphs)
+    nodes_a, pooled_a = model.encode(batch)
+    nodes_b, pooled_b = model.encode(batch)
+    assert torch.equal(nodes_a, nodes_b) and torch.equal(pooled_a, pooled_b)
+    assert nodes_a.shape == (batch.num_nodes, 32) and pooled_a.shape == (4, 32)
+    single_nodes, single_pooled = model.encode(graphs[0])
+    assert torch.allclose(single_pooled[0], pooled_a[0], atol=1e-5)
+
+
+def _overfit(model, graphs, stage, steps=40):
+    opt = make_optimizer(model, load_config().train, stage)
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch.from_data_list(graphs)
+    losses = []
+    for _ in range(steps):
+        loss = model.loss(batch, stage=stage, generator=gen)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_both_stages_reduce_their_loss_on_a_tiny_set():
+    torch.manual_seed(0)
+    graphs = _graphs(n=3)
+    model = _model(graphs)
+    ae = _overfit(model, graphs, "autoencoder")
+    assert sum(ae[-5:]) < 0.6 * sum(ae[:5])
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("autoencoder.")}
+    diff = _overfit(model, graphs, "diffusion")
+    assert sum(diff[-5:]) < 0.6 * sum(diff[:5])
+    # Stage 2 leaves the stage-1 autoencoder untouched.
+    for key, value in frozen.items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_no_edge_latents_ablation_drops_edge_parts():
+    graphs = _graphs()
+    full, ablated = _model(graphs), _model(graphs, **{"model.edge_latents": False})
+    batch = Batch.from_data_list(graphs)
+    gen = torch.Generator().manual_seed(0)
+    assert "edge_mse" in full.loss(batch, stage="diffusion", generator=gen)
+    assert "edge_mse" not in ablated.loss(batch, stage="diffusion", generator=gen)
+    assert not any(k.startswith("autoencoder.edge") for k in ablated.state_dict())
+
+
+def _decoder_contexts(model, batch):
+    contexts, states = [], []
+    model.encoder.register_forward_hook(lambda m, a, out: states.append(out))
+    for block in model.decoder.blocks:
+        block.register_forward_pre_hook(lambda m, args: contexts.append(args[3]))
+    model.loss(batch, stage="diffusion", generator=torch.Generator().manual_seed(0))
+    return contexts, states[0]
+
+
+def test_skip_connections_pair_decoder_block_i_with_encoder_layer_l_minus_i():
+    graphs = _graphs()
+    batch = Batch.from_data_list(graphs)
+    model = _model(graphs, **{"model.encoder_layers": 3})
+    contexts, states = _decoder_contexts(model, batch)
+    assert isinstance(model.decoder.blocks[0], DecodeBlock)
+    vis_batch = None
+    for i, ctx in enumerate(contexts):
+        # Visible nodes are the rows the encoder saw; recover their batch from the dense mask.
+        layer = states[len(states) - 1 - i]
+        if vis_batch is None:
+            vis_batch = torch.repeat_interleave(torch.arange(ctx.shape[0]),
+                                                (ctx.abs().sum(-1) > 0).sum(1))
+        assert torch.equal(ctx, to_dense_batch(layer, vis_batch, batch_size=ctx.shape[0])[0])
+    ablated = _model(graphs, **{"model.encoder_layers": 3, "model.skip_connections": False})
+    contexts, states = _decoder_contexts(ablated, batch)
+    last = to_dense_batch(states[-1], vis_batch, batch_size=contexts[0].shape[0])[0]
+    assert all(torch.equal(ctx, last) for ctx in contexts)
+
+
+def test_fixed_timestep_ablation_gives_every_token_the_same_noise_level():
+    graphs = _graphs()
+    batch = Batch.from_data_list(graphs)
+    for fixed, expect_single in ((17, True), (None, False)):
+        model = _model(graphs, **{"diffusion.fixed_timestep": fixed})
+        seen = []
+        model.decoder.time.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        model.loss(batch, stage="diffusion", generator=torch.Generator().manual_seed(0))
+        values = set(torch.cat(seen).tolist())
+        assert (values == {17}) if expect_single else len(values) > 1
+
+
+def test_epsilon_prediction_targets_the_noise():
+    graphs = _graphs()
+    batch = Batch.from_data_list(graphs)
+    x0 = _model(graphs)
+    eps = _model(graphs, **{"diffusion.prediction": "epsilon"})
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    # Same weights, same draws: only the regression target differs.
+    assert not torch.isclose(x0.loss(batch, stage="diffusion", generator=gen())["node_mse"],
+                             eps.loss(batch, stage="diffusion", generator=gen())["node_mse"])
