@@ -24,7 +24,7 @@ def build_graphs(
         "-c",
         exists=True,
         dir_okay=False,
-        help="TOML config; its [graph] section sets resolution, tile and entity sizes.",
+        help="TOML config; its \\[graph] section sets resolution, tile and entity sizes.",
     ),
     mpp: float | None = typer.Option(
         None,

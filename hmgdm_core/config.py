@@ -15,6 +15,7 @@ from hmgdm_core.downstream.config import EvalConfig
 from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.model.config import DiffusionConfig, ModelConfig, TrainConfig
+from hmgdm_core.privacy.config import PrivacyConfig
 from hmgdm_core.section import Section
 
 
@@ -59,6 +60,7 @@ class HmgdmConfig(Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
 
 S = TypeVar("S", bound=Section)

@@ -33,6 +33,9 @@ class FederationConfig(Section):
     min_sites: int = Field(2, ge=1, description="sites that must be connected to start")
     min_replies: int = Field(2, ge=1, description="replies a round needs to be aggregated")
     wait_timeout_s: float = Field(600.0, gt=0, description="give up if too few sites connect")
+    rejoin_wait_s: float = Field(
+        0.0, ge=0, description="before a round, wait this long for dropped sites to rejoin"
+    )
     round_timeout_s: float = Field(3600.0, gt=0, description="a round waits this long for replies")
     poll_interval_s: float = Field(0.2, gt=0, description="how often the server checks replies")
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
@@ -44,7 +47,9 @@ class FederationConfig(Section):
     local_epochs: int = Field(1, ge=1, description="local epochs per round")
     local_steps: int | None = Field(None, ge=1, description="if set, steps per round, not epochs")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of a site's slides held out")
-    evaluate: bool = Field(True, description="ask sites for held-out loss after each round")
+    evaluate_every: int = Field(
+        1, ge=0, description="held-out loss every N rounds and after the last (0 = never)"
+    )
     seed: int = 0
     run_dir: Path = Field(Path("runs/federated"), description="server checkpoints go here")
 
@@ -61,6 +66,12 @@ class FederationConfig(Section):
     @property
     def total_rounds(self) -> int:
         return self.stage1_rounds + self.stage2_rounds
+
+    def evaluates(self, server_round: int) -> bool:
+        """Each evaluation costs sites one more message round trip, so it is rationed."""
+        if self.evaluate_every == 0:
+            return False
+        return server_round % self.evaluate_every == 0 or server_round == self.total_rounds
 
     def stage_of(self, server_round: int) -> Stage:
         """Rounds 1..stage1_rounds train the autoencoder, the rest the diffusion model."""

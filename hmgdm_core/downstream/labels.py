@@ -53,7 +53,8 @@ def read_labels(
 
     `known_slides` are the slide ids that have embeddings; labelled slides outside it are errors,
     known slides without a label are counted in `summary["unlabelled_slides"]`. `id_column` and
-    `patient_column` let region datasets name theirs differently (LC25000: `path`, `group_id`).
+    `patient_column` let region datasets name theirs differently (LC25000: `path`, matched by
+    file stem, and `group_id`).
     """
     path = Path(path)
     try:
@@ -65,7 +66,10 @@ def read_labels(
     raw.columns = [c.strip() for c in raw.columns]
     task = _infer_task(path, raw.columns, task, id_column)
 
-    table = pd.DataFrame({"slide_id": raw[id_column].str.strip()})
+    ids = raw[id_column].str.strip()
+    if id_column == "path":  # a column of image paths (LC25000) names slides by file stem
+        ids = ids.map(lambda p: Path(p).stem if p else p)
+    table = pd.DataFrame({"slide_id": ids})
     if patient_column in raw.columns:
         patients = raw[patient_column].str.strip()
         table["patient_id"] = patients.where(patients != "", table["slide_id"])

@@ -1,6 +1,7 @@
 """Per-entity descriptors and instance windows, vectorised over all superpixels at once.
 
-Every statistic is a weighted `np.bincount` over the label image: no loop per superpixel.
+Every statistic is an `np.bincount` (histogram or weighted sum) keyed by the label image, or a
+torch scatter: no loop per superpixel or pixel.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def _uniform_lut() -> np.ndarray:
 
 
 _UNIFORM = _uniform_lut()
-_LEVEL_TABLE = np.stack([np.arange(256.0), np.arange(256.0) ** 2, _OD, _OD**2], 1)  # (256, 4)
+_LEVEL_TABLE = torch.from_numpy(
+    np.stack([np.arange(256.0), np.arange(256.0) ** 2, _OD, _OD**2], 1)
+)  # (256, 4) float64
 
 
 def lbp_uniform(gray: np.ndarray) -> np.ndarray:
@@ -70,10 +73,11 @@ def _level_moments(channel: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
     """Per-label sums (n, 4) of v, v², OD(v), OD(v)² for uint8 values `channel` (M,).
 
     One integer bincount gives each label's exact 256-level histogram; the sums of any
-    per-level transform are then a single small matmul (n, 256) @ (256, 4).
+    per-level transform are then a single small matmul (n, 256) @ (256, 4), done in torch
+    because numpy's threaded BLAS is slower than the arithmetic on small shared machines.
     """
     hist = np.bincount(idx * 256 + channel, minlength=n * 256).reshape(n, 256)
-    return hist.astype(np.float64) @ _LEVEL_TABLE
+    return (torch.from_numpy(hist.astype(np.float64)) @ _LEVEL_TABLE).numpy()
 
 
 def _boundary_mask(labels: np.ndarray) -> np.ndarray:
@@ -132,6 +136,50 @@ def _hull_pixels(ys: np.ndarray, xs: np.ndarray, idx: np.ndarray, n: int) -> np.
     return area + perimeter / 2 + 1
 
 
+def _colour(rgb: np.ndarray, pick, idx: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """(n, 12): RGB mean and std, stain (H, E, D) optical-density means, per-channel OD std.
+
+    One integer bincount per channel gives exact per-label histograms; every statistic is a
+    per-level transform of them. Stain means are linear in the mean OD (colour deconvolution,
+    before rgb2hed's clip at 0).
+    """
+    n = count.size
+    sums = np.stack([_level_moments(pick(rgb[..., c]), idx, n) for c in range(3)], 1)
+    sums /= count[:, None, None]  # (n, 3 channels, 4 moments)
+    rgb_mean, od_mean = sums[:, :, 0], sums[:, :, 2]
+    rgb_std = np.sqrt(np.maximum(sums[:, :, 1] - rgb_mean**2, 0))
+    od_std = np.sqrt(np.maximum(sums[:, :, 3] - od_mean**2, 0))
+    stain_mean = np.einsum("nc,cs->ns", od_mean, hed_from_rgb)  # (n, 3) H, E, D
+    return np.concatenate([rgb_mean, rgb_std, stain_mean, od_std], 1)
+
+
+def _texture(rgb: np.ndarray, pick, idx: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """(n, 11): normalised uniform-LBP histogram and mean gradient magnitude of the grey image."""
+    n = count.size
+    weights = np.array([0.2125, 0.7154, 0.0721], np.float32)  # skimage.color.rgb2gray
+    gray = rgb[..., 0] * weights[0] + rgb[..., 1] * weights[1] + rgb[..., 2] * weights[2]
+    gray = np.rint(gray).astype(np.uint8)
+    codes = pick(lbp_uniform(gray))
+    lbp = np.bincount(idx * _LBP_BINS + codes, minlength=n * _LBP_BINS).reshape(n, _LBP_BINS)
+    g = gray.astype(np.float32)
+    grad = np.zeros_like(g)
+    grad[:, :-1] += np.abs(np.diff(g, axis=1))
+    grad[:-1, :] += np.abs(np.diff(g, axis=0))
+    gradient = np.bincount(idx, pick(grad), n) / count
+    return np.concatenate([lbp / count[:, None], gradient[:, None]], 1)
+
+
+def _eccentricity(yy, xx, idx, count, cy, cx) -> np.ndarray:
+    """(n,) from the central second moments, as regionprops' eccentricity."""
+    n = count.size
+    myy = np.bincount(idx, yy * yy, n) / count - cy**2
+    mxx = np.bincount(idx, xx * xx, n) / count - cx**2
+    mxy = np.bincount(idx, yy * xx, n) / count - cy * cx
+    half_trace, root = (myy + mxx) / 2, np.sqrt(((myy - mxx) / 2) ** 2 + mxy**2)
+    l1, l2 = half_trace + root, np.maximum(half_trace - root, 0)
+    return np.sqrt(np.clip(1 - l2 / np.maximum(l1, _SQRT_EPS), 0, 1)) * (l1 > _SQRT_EPS)
+
+
 def node_descriptors(
     rgb: np.ndarray, labels: np.ndarray, n: int, *, mpp: float, reference_yx: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -141,79 +189,47 @@ def node_descriptors(
     `reference_yx` (px), in µm. Every label 0..n-1 must own at least one pixel.
     """
     h, w = labels.shape
-    flat = labels.ravel()
+    flat = labels.reshape(-1)
     valid = flat >= 0
     everywhere = bool(valid.all())
-    idx = flat if everywhere else flat[valid]
-    idx = idx.astype(np.int64)
+
+    def pick(a: np.ndarray) -> np.ndarray:
+        """The entity pixels of a per-pixel (H, W) array, flattened like `idx`."""
+        return a.reshape(-1) if everywhere else a.reshape(-1)[valid]
+
+    idx = pick(labels).astype(np.int64)  # (M,)
     count = np.bincount(idx, minlength=n).astype(np.float64)  # (n,)
-
-    # Colour from exact per-label histograms: one integer bincount per channel replaces a
-    # weighted bincount per statistic, and OD is a per-level transform.
-    sums = (
-        np.stack(
-            [
-                _level_moments(c.reshape(-1) if everywhere else c.reshape(-1)[valid], idx, n)
-                for c in np.moveaxis(rgb, -1, 0)
-            ],
-            1,
-        )
-        / count[:, None, None]
-    )  # (n, 3 channels, 4 moments)
-    rgb_mean, od_mean = sums[:, :, 0], sums[:, :, 2]
-    rgb_std = np.sqrt(np.maximum(sums[:, :, 1] - rgb_mean**2, 0))
-    od_std = np.sqrt(np.maximum(sums[:, :, 3] - od_mean**2, 0))
-    # Stain means are linear in the mean OD (colour deconvolution, before rgb2hed's clip at 0).
-    colour = np.concatenate([rgb_mean, rgb_std, od_mean @ hed_from_rgb, od_std], 1)
-
-    gray = np.rint(rgb @ np.array([0.2125, 0.7154, 0.0721], np.float32)).astype(np.uint8)
-    codes = lbp_uniform(gray).reshape(-1)
-    lbp = np.bincount(
-        idx * _LBP_BINS + (codes if everywhere else codes[valid]), minlength=n * _LBP_BINS
-    )
-    lbp = lbp.reshape(n, _LBP_BINS) / count[:, None]
-    g = gray.astype(np.float32)
-    grad = np.zeros_like(g)
-    grad[:, :-1] += np.abs(np.diff(g, axis=1))
-    grad[:-1, :] += np.abs(np.diff(g, axis=0))
-    grad = grad.reshape(-1)
-    gradient = np.bincount(idx, grad if everywhere else grad[valid], n) / count
-
     pixel = np.arange(h * w) if everywhere else np.flatnonzero(valid)
-    yy = (pixel // w).astype(np.float64)
+    yy = (pixel // w).astype(np.float64)  # (M,)
     xx = pixel - yy * w
     cy = np.bincount(idx, yy, n) / count
     cx = np.bincount(idx, xx, n) / count
-    # Central second moments -> eigenvalues of the covariance, as regionprops' eccentricity.
-    myy = np.bincount(idx, yy * yy, n) / count - cy**2
-    mxx = np.bincount(idx, xx * xx, n) / count - cx**2
-    mxy = np.bincount(idx, yy * xx, n) / count - cy * cx
-    half_trace, root = (myy + mxx) / 2, np.sqrt(((myy - mxx) / 2) ** 2 + mxy**2)
-    l1, l2 = half_trace + root, np.maximum(half_trace - root, 0)
-    eccentricity = np.sqrt(np.clip(1 - l2 / np.maximum(l1, _SQRT_EPS), 0, 1)) * (l1 > _SQRT_EPS)
 
-    edge = _boundary_mask(labels).reshape(-1)
-    edge = edge if everywhere else edge[valid]
-    hull = _hull_pixels(yy[edge], xx[edge], idx[edge], n)
-    solidity = np.clip(count / hull, 0, 1)
+    edge = pick(_boundary_mask(labels))
+    solidity = np.clip(count / _hull_pixels(yy[edge], xx[edge], idx[edge], n), 0, 1)
     # Crack length overestimates a curved border; π/4 is exact on average over orientations.
     perimeter = _crack_length(labels, n) * (np.pi / 4) * mpp
+    eccentricity = _eccentricity(yy, xx, idx, count, cy, cx)
 
     shape = np.stack([count * mpp**2, perimeter, eccentricity, solidity], 1)
     position = np.stack([(cx - reference_yx[1]) * mpp, (cy - reference_yx[0]) * mpp], 1)
-    desc = np.concatenate([colour, lbp, gradient[:, None], shape, position], 1)
+    desc = np.concatenate(
+        [_colour(rgb, pick, idx, count), _texture(rgb, pick, idx, count), shape, position], 1
+    )
     return desc.astype(np.float32), np.stack([cy, cx], 1)
 
 
 def windows(rgb: np.ndarray, centres_yx: np.ndarray, size: int) -> np.ndarray:
     """(N, 3, size, size) uint8 crops of `rgb` centred on `centres_yx` (N, 2) px.
 
-    The centre pixel lands at index size // 2; crops past the border repeat the edge pixel
-    (index clipping equals edge padding without copying the image).
+    The centre pixel lands at index size // 2; crops past the border repeat the edge pixel.
+    One fancy index into a strided window view copies exactly the N crops.
     """
+    pad = size
+    padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    view = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(0, 1))
+    corner = np.rint(centres_yx).astype(np.int64) - size // 2 + pad  # (N, 2) in `padded`
     h, w = rgb.shape[:2]
-    c = np.rint(centres_yx).astype(np.int64) - size // 2  # (N, 2) top-left corners
-    offs = np.arange(size)
-    rows = np.clip(c[:, 0, None] + offs, 0, h - 1)  # (N, size)
-    cols = np.clip(c[:, 1, None] + offs, 0, w - 1)
-    return np.ascontiguousarray(rgb[rows[:, :, None], cols[:, None, :]].transpose(0, 3, 1, 2))
+    corner[:, 0] = corner[:, 0].clip(0, h + pad)
+    corner[:, 1] = corner[:, 1].clip(0, w + pad)
+    return view[corner[:, 0], corner[:, 1]]  # (N, 3, size, size)

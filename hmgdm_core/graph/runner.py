@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import queue
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -68,12 +69,25 @@ class _QueueProgress:
         self.q.put((self.slide_id, done, total))
 
 
-def _init_worker(threads: int) -> None:
+@contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    """Graph building runs torch on small tensors, where intra-op threads cost more than they
+    save (measured 5x slower with 2 threads on a busy 2-core machine); workers give the
+    parallelism instead."""
     import torch
 
-    # N workers x all cores each would oversubscribe the CPU and run slower than N x 1.
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def build_graphs(
@@ -156,18 +170,14 @@ def build_graphs(
                 log.debug("%s: %d graphs in %.1fs", res.slide_id, res.n_graphs, res.seconds)
 
         if workers <= 1 or len(todo) <= 1:
-            for f, sid, sha in todo:
-                finish(
-                    build_slide(
-                        f,
-                        out_dir,
-                        cfg,
-                        mpp=mpp,
-                        slide_id=sid,
-                        sha256=sha,
-                        on_tile=lambda d, t, s=sid: on_tile(s, d, t),
+            with _single_threaded_torch():
+                for f, sid, sha in todo:
+                    tile_cb = partial(on_tile, sid)
+                    finish(
+                        build_slide(
+                            f, out_dir, cfg, mpp=mpp, slide_id=sid, sha256=sha, on_tile=tile_cb
+                        )
                     )
-                )
         else:
             _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish)
     return results
@@ -180,12 +190,9 @@ def _print_error(res: SlideResult) -> None:
 
 def _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish) -> None:
     ctx = mp.get_context("spawn")  # fork after torch/openslide initialisation is unsafe
-    threads = max(1, (os.cpu_count() or 1) // workers)
     with ctx.Manager() as manager:
         q = manager.Queue()
-        with ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
-        ) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
             pending = {
                 pool.submit(
                     build_slide,

@@ -35,3 +35,12 @@ def test_overrides_and_stable_hash(tmp_path):
     assert cfg.graph.entity_area_um2 == 50.0
     assert cfg.graph.stable_hash() == GraphConfig(entity_area_um2=50.0).stable_hash()
     assert cfg.graph.stable_hash() != GraphConfig().stable_hash()
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.toml"))
+    assert shipped, "configs/ holds no presets"
+    for path in shipped:
+        load_config(path)  # raises ConfigError naming the file and key on any drift

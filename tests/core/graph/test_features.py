@@ -16,6 +16,10 @@ def _column(desc: np.ndarray, name: str) -> np.ndarray:
     return desc[:, NODE_NAMES.index(name)]
 
 
+def _props(labels: np.ndarray, image: np.ndarray, attr: str) -> np.ndarray:
+    return np.array([getattr(p, attr) for p in regionprops(labels + 1, intensity_image=image)])
+
+
 def test_descriptors_match_regionprops_on_a_real_tile(kather_tile):
     rgb = kather_tile[:96, :96]
     labels = slic(rgb, step=12)
@@ -23,45 +27,34 @@ def test_descriptors_match_regionprops_on_a_real_tile(kather_tile):
     desc, centroids = node_descriptors(rgb, labels, n, mpp=MPP, reference_yx=(10.0, 20.0))
     assert desc.shape == (n, len(NODE_NAMES)) and desc.dtype == np.float32
     assert np.isfinite(desc).all()
-    props = regionprops(labels + 1, intensity_image=rgb)
+
+    def cols(template: str, channels: str) -> np.ndarray:
+        return desc[:, [NODE_NAMES.index(template.format(c)) for c in channels]]
+
     # Optical density as skimage.color.rgb2hed computes it, and the stains before its clip at 0.
     od = np.log(np.maximum(rgb / 255, 1e-6)) / np.log(1e-6)
-    od_props = regionprops(labels + 1, intensity_image=od)
-    hed = regionprops(labels + 1, intensity_image=od @ hed_from_rgb)
-
-    def ref(fn, pr=props):
-        return np.array([fn(p) for p in pr])
-
-    np.testing.assert_allclose(centroids, ref(lambda p: p.centroid), atol=1e-6)
-    np.testing.assert_allclose(_column(desc, "area_um2"), ref(lambda p: p.area) * MPP**2, 1e-5)
-    for i, c in enumerate("rgb"):
-        np.testing.assert_allclose(
-            _column(desc, f"{c}_mean"), ref(lambda p: p.intensity_mean[i]), 1e-5
-        )
-        np.testing.assert_allclose(
-            _column(desc, f"{c}_std"), ref(lambda p: p.intensity_std[i]), 1e-3, 1e-3
-        )
-    for i, c in enumerate("hed"):
-        np.testing.assert_allclose(
-            _column(desc, f"od_{c}_mean"), ref(lambda p: p.intensity_mean[i], hed), 1e-4, 1e-6
-        )
-    for i, c in enumerate("rgb"):
-        np.testing.assert_allclose(
-            _column(desc, f"od_{c}_std"), ref(lambda p: p.intensity_std[i], od_props), 1e-4, 1e-6
-        )
+    np.testing.assert_allclose(cols("{}_mean", "rgb"), _props(labels, rgb, "intensity_mean"), 1e-5)
     np.testing.assert_allclose(
-        _column(desc, "eccentricity"), ref(lambda p: p.eccentricity), 0, 1e-5
+        cols("{}_std", "rgb"), _props(labels, rgb, "intensity_std"), 1e-3, 1e-3
     )
+    hed = _props(labels, od @ hed_from_rgb, "intensity_mean")
+    np.testing.assert_allclose(cols("od_{}_mean", "hed"), hed, 1e-4, 1e-6)
     np.testing.assert_allclose(
-        _column(desc, "dx_um"), (ref(lambda p: p.centroid[1]) - 20.0) * MPP, 1e-4, 1e-4
+        cols("od_{}_std", "rgb"), _props(labels, od, "intensity_std"), 1e-4, 1e-6
     )
+    np.testing.assert_allclose(centroids, _props(labels, rgb, "centroid"), atol=1e-6)
+    area = _props(labels, rgb, "area")
+    np.testing.assert_allclose(_column(desc, "area_um2"), area * MPP**2, 1e-5)
+    ecc = _props(labels, rgb, "eccentricity")
+    np.testing.assert_allclose(_column(desc, "eccentricity"), ecc, 0, 1e-5)
+    dx = (_props(labels, rgb, "centroid")[:, 1] - 20.0) * MPP
+    np.testing.assert_allclose(_column(desc, "dx_um"), dx, 1e-4, 1e-4)
     # Perimeter and solidity are approximations (crack length, 32-gon hull): close, not equal.
-    rel_perimeter = _column(desc, "perimeter_um") / (ref(lambda p: p.perimeter) * MPP) - 1
-    rel_solidity = _column(desc, "solidity") / ref(lambda p: p.solidity) - 1
-    assert np.median(np.abs(rel_perimeter)) < 0.1
-    assert np.median(np.abs(rel_solidity)) < 0.06
-    hist = desc[:, [NODE_NAMES.index(f"lbp_{i}") for i in range(10)]]
-    np.testing.assert_allclose(hist.sum(1), 1.0, atol=1e-5)
+    perimeter = _props(labels, rgb, "perimeter") * MPP
+    solidity = _props(labels, rgb, "solidity")
+    assert np.median(np.abs(_column(desc, "perimeter_um") / perimeter - 1)) < 0.1
+    assert np.median(np.abs(_column(desc, "solidity") / solidity - 1)) < 0.06
+    np.testing.assert_allclose(cols("lbp_{}", "0123456789").sum(1), 1.0, atol=1e-5)
 
 
 def test_tiny_and_background_regions_give_finite_descriptors():

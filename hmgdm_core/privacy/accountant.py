@@ -1,0 +1,59 @@
+"""Epsilon from a composition history, computed by opacus' accountants (RDP or PRV).
+
+A history is a sequence of (noise_multiplier, sample_rate, steps): `steps` Poisson-subsampled
+Gaussian mechanisms with that noise and rate, as opacus' accountants store it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+Step = tuple[float, float, int]
+Accountant = Literal["rdp", "prv"]
+
+
+def compose(history: Sequence[Step]) -> list[Step]:
+    """Merge neighbouring entries with equal noise and rate (fewer PRV convolutions, same value)."""
+    merged: list[Step] = []
+    for sigma, rate, steps in history:
+        if steps <= 0:
+            continue
+        if merged and merged[-1][:2] == (sigma, rate):
+            merged[-1] = (sigma, rate, merged[-1][2] + steps)
+        else:
+            merged.append((float(sigma), float(rate), int(steps)))
+    return merged
+
+
+def epsilon(history: Sequence[Step], *, delta: float, accountant: Accountant = "rdp") -> float:
+    """Epsilon at `delta` after every mechanism in `history` (0 when nothing was released)."""
+    merged = compose(history)
+    if not merged:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = merged
+    return float(acc.get_epsilon(delta=delta))
+
+
+def noise_for_budget(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: Accountant = "rdp",
+) -> float:
+    """The smallest noise multiplier (opacus' 0.01 tolerance) that keeps `steps` within budget."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )

@@ -1,0 +1,159 @@
+"""A site's `privacy_ledger.json`: what it released under local DP, epsilon spent so far, budget.
+
+The ledger is rewritten atomically after every round, before the round's update leaves the site,
+so a crash can over-count spent epsilon but never under-count it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hmgdm_core.atomic import write_json
+from hmgdm_core.privacy.accountant import epsilon
+from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
+
+LEDGER_NAME = "privacy_ledger.json"
+FORMAT = "hmgdm-privacy-ledger/1"
+# Changing any of these mid-ledger would make the spent epsilon meaningless or hide spending.
+_FIXED = ("mechanism", "unit", "accountant", "delta")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundEntry:
+    """One training round: its DP-SGD parameters and the cumulative epsilon after it."""
+
+    round: int
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    patients: int
+    epsilon: float
+    recorded: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyLedger:
+    """Cumulative local-DP spending of one site; `noise_multiplier`/`sample_rate` are current."""
+
+    accountant: str
+    delta: float
+    max_epsilon: float | None
+    clip_norm: float
+    noise_multiplier: float
+    sample_rate: float
+    history: tuple[RoundEntry, ...] = ()
+    mechanism: str = "local_dp"
+    unit: str = "patient"
+
+    @classmethod
+    def open(cls, path: Path | str, cfg: PrivacyConfig, *, num_patients: int) -> PrivacyLedger:
+        """The ledger at `path` with the current settings of `cfg` (a new one when missing)."""
+        fresh = cls(
+            accountant=cfg.accountant,
+            delta=cfg.delta,
+            max_epsilon=cfg.max_epsilon,
+            clip_norm=cfg.clip_norm,
+            noise_multiplier=cfg.noise_multiplier,
+            sample_rate=cfg.rate_for(num_patients),
+        )
+        path = Path(path)
+        if not path.exists():
+            return fresh
+        stored = cls.load(path)
+        for key in _FIXED:
+            if getattr(stored, key) != getattr(fresh, key):
+                raise PrivacyError(
+                    f"{path}: {key} is {getattr(stored, key)!r} in the ledger but "
+                    f"{getattr(fresh, key)!r} in [privacy]; keep it, or move the ledger aside "
+                    "only if this site's data has never been used under it"
+                )
+        return dataclasses.replace(fresh, history=stored.history)
+
+    @classmethod
+    def load(cls, path: Path | str) -> PrivacyLedger:
+        path = Path(path)
+        try:
+            blob = json.loads(path.read_text())
+            if blob.get("format") != FORMAT:
+                raise ValueError(f"format is not {FORMAT}")
+            fields = {f.name for f in dataclasses.fields(cls)}
+            history = tuple(RoundEntry(**entry) for entry in blob["history"])
+            return cls(
+                **{k: v for k, v in blob.items() if k in fields and k != "history"}, history=history
+            )
+        except FileNotFoundError:
+            raise PrivacyError(
+                f"{path}: no privacy ledger; this site has not trained under DP"
+            ) from None
+        except (ValueError, TypeError, KeyError) as err:
+            raise PrivacyError(
+                f"{path}: not a readable privacy ledger ({err}); restore it from a "
+                "backup, never delete it"
+            ) from None
+
+    @property
+    def steps(self) -> int:
+        return sum(e.steps for e in self.history)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.history)
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far at `delta` (0 before the first round)."""
+        return self.history[-1].epsilon if self.history else 0.0
+
+    def projected_epsilon(self, next_round_steps: int) -> float:
+        """Epsilon after `next_round_steps` more steps at the current noise and rate."""
+        composition = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.history]
+        composition.append((self.noise_multiplier, self.sample_rate, next_round_steps))
+        return epsilon(composition, delta=self.delta, accountant=self.accountant)
+
+    def would_exceed(self, next_round_steps: int) -> bool:
+        """True when `max_epsilon` is set and the next round would spend past it."""
+        if self.max_epsilon is None:
+            return False
+        return self.projected_epsilon(next_round_steps) > self.max_epsilon
+
+    def check_budget(self, next_round_steps: int) -> None:
+        """Raise PrivacyBudgetExhausted when the next round would exceed `max_epsilon`."""
+        if self.would_exceed(next_round_steps):
+            raise PrivacyBudgetExhausted(
+                spent=self.epsilon,
+                projected=self.projected_epsilon(next_round_steps),
+                max_epsilon=float(self.max_epsilon),
+                delta=self.delta,
+            )
+
+    def record(self, server_round: int, steps: int, *, patients: int) -> PrivacyLedger:
+        """A new ledger with one more round at the current settings."""
+        entry = RoundEntry(
+            round=server_round,
+            steps=steps,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            patients=patients,
+            epsilon=self.projected_epsilon(steps),
+            recorded=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        return dataclasses.replace(self, history=(*self.history, entry))
+
+    def to_dict(self) -> dict[str, Any]:
+        blob = dataclasses.asdict(self)
+        return {
+            "format": FORMAT,
+            **blob,
+            "steps": self.steps,
+            "rounds": self.rounds,
+            "epsilon": self.epsilon,
+        }
+
+    def save(self, path: Path | str) -> Path:
+        """Write the ledger atomically (readers see the old or the new file, never half)."""
+        return write_json(path, self.to_dict())

@@ -1,0 +1,236 @@
+"""Server-side privacy: Flower's central-DP wrappers chosen from [privacy], a central-DP epsilon
+accountant over rounds, validation of each site's reply, and a start-time compatibility check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+
+from hmgdm_core.privacy.accountant import epsilon
+from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
+from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
+
+log = logging.getLogger(__name__)
+
+
+def check_compatible(privacy: PrivacyConfig, strategy: Strategy) -> None:
+    """Refuse, before round 1, settings that would silently run with less protection."""
+    secagg = privacy.secure_aggregation
+    if secagg and privacy.max_update_norm is not None:
+        raise PrivacyError(
+            "[privacy] secure_aggregation hides each site's update, but max_update_norm needs "
+            "it to validate replies; unset one of them"
+        )
+    if secagg and privacy.mode == "central":
+        raise PrivacyError(
+            "[privacy] mode 'central' clips each site's update on the server, which SecAgg+ "
+            "hides; use mode 'client_central' (sites clip) with secure_aggregation"
+        )
+    if secagg and privacy.mode == "client_central" and privacy.adaptive_clipping:
+        raise PrivacyError(
+            "[privacy] adaptive_clipping makes every site report in clear whether its update "
+            "was clipped, which SecAgg+ does not cover; use fixed clipping with secure_aggregation"
+        )
+    if privacy.mode not in CENTRAL_MODES:
+        return
+    # The noise is calibrated to one site's share C / n of an unweighted mean of clipped updates.
+    if (
+        not isinstance(strategy, FedAvg)
+        or type(strategy).aggregate_train is not FedAvg.aggregate_train
+    ):
+        raise PrivacyError(
+            f"[privacy] mode {privacy.mode!r} needs plain averaging (fedavg or fedprox), not "
+            f"{type(strategy).__name__}: its noise is calibrated to a mean of clipped updates"
+        )
+    if strategy.weighted_by_key != UNIFORM_WEIGHT_KEY:
+        raise PrivacyError(
+            f"[privacy] mode {privacy.mode!r} needs every site weighted equally; build the "
+            f"strategy with weighted_by_key={UNIFORM_WEIGHT_KEY!r} (sites send 1), not "
+            f"{strategy.weighted_by_key!r}"
+        )
+
+
+def wrap_strategy(
+    strategy: Strategy, privacy: PrivacyConfig, *, num_sampled_clients: int
+) -> Strategy:
+    """`strategy` inside Flower's DP wrapper for the mode (unchanged for none and local_dp).
+
+    Central modes need `client.privacy.privacy_mod` on the ClientApp: it sends the equal
+    weights and, in client_central, runs Flower's clipping mod on train messages only.
+    """
+    check_compatible(privacy, strategy)
+    if privacy.mode not in CENTRAL_MODES:
+        return strategy
+    sigma, clip = privacy.central_noise_multiplier, privacy.central_clip_norm
+    server_side = privacy.mode == "central"
+    if not privacy.adaptive_clipping:
+        fixed = (
+            DifferentialPrivacyServerSideFixedClipping
+            if server_side
+            else DifferentialPrivacyClientSideFixedClipping
+        )
+        return fixed(strategy, sigma, clip, num_sampled_clients)
+    adaptive = (
+        DifferentialPrivacyServerSideAdaptiveClipping
+        if server_side
+        else DifferentialPrivacyClientSideAdaptiveClipping
+    )
+    # Flower's default count noise (sites / 20) must exceed sigma / 2, which needs hundreds of
+    # sites; count noise = sigma inflates the update noise by only 1 / sqrt(3/4).
+    return adaptive(
+        strategy,
+        sigma,
+        num_sampled_clients,
+        initial_clipping_norm=clip,
+        target_clipped_quantile=privacy.target_clipped_quantile,
+        clip_norm_lr=privacy.clip_norm_lr,
+        clipped_count_stddev=privacy.clipped_count_stddev or sigma,
+    )
+
+
+@dataclasses.dataclass
+class CentralAccountant:
+    """Site-level (epsilon, delta) of central DP over rounds, by opacus' accountant.
+
+    One aggregated round is one subsampled Gaussian step with sample rate
+    sites_per_round / total_sites. opacus assumes Poisson sampling while Flower samples a fixed
+    number of sites, so a rate below 1 is an approximation; with every site in every round
+    (rate 1, our default) there is no amplification and the figure is exact. Flower's noise
+    std is sigma * C / sites_per_round; when only k < sites_per_round replies are averaged, the
+    effective noise multiplier is sigma * k / sites_per_round, and that is what gets recorded.
+    With adaptive clipping the configured sigma covers both the update and the clipped-count
+    queries (Flower splits it between them), so the same figure applies.
+    """
+
+    noise_multiplier: float
+    sites_per_round: int
+    total_sites: int
+    delta: float
+    accountant: str = "rdp"
+    max_epsilon: float | None = None
+    history: list[tuple[float, float, int]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_config(
+        cls, privacy: PrivacyConfig, *, sites_per_round: int, total_sites: int
+    ) -> CentralAccountant:
+        return cls(
+            noise_multiplier=privacy.central_noise_multiplier,
+            sites_per_round=sites_per_round,
+            total_sites=total_sites,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+            max_epsilon=privacy.max_epsilon,
+        )
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sites_per_round <= self.total_sites:
+            raise PrivacyError(
+                f"sites per round ({self.sites_per_round}) must be between 1 and "
+                f"the number of sites ({self.total_sites})"
+            )
+
+    def _step(self, num_replies: int) -> tuple[float, float, int]:
+        sigma = (
+            self.noise_multiplier * min(num_replies, self.sites_per_round) / self.sites_per_round
+        )
+        return (sigma, self.sites_per_round / self.total_sites, 1)
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon(self.history, delta=self.delta, accountant=self.accountant)
+
+    def check_budget(self, num_replies: int) -> None:
+        """Raise PrivacyBudgetExhausted if releasing a round of `num_replies` would exceed it."""
+        if self.max_epsilon is None:
+            return
+        projected = epsilon(
+            [*self.history, self._step(num_replies)], delta=self.delta, accountant=self.accountant
+        )
+        if projected > self.max_epsilon:
+            raise PrivacyBudgetExhausted(
+                spent=self.epsilon,
+                projected=projected,
+                max_epsilon=self.max_epsilon,
+                delta=self.delta,
+            )
+
+    def record_round(self, num_replies: int) -> float:
+        """Account one released aggregate of `num_replies` clipped updates; epsilon so far."""
+        self.history.append(self._step(num_replies))
+        return self.epsilon
+
+
+def validate_reply(
+    arrays: ArrayRecord,
+    reference_arrays: ArrayRecord,
+    max_norm: float | None,
+    *,
+    nonzero: bool = False,
+) -> tuple[bool, str]:
+    """(ok, reason): names, shapes and dtypes as sent, all finite, update norm within `max_norm`.
+
+    `nonzero` also refuses an all-zero update: Flower 1.42's server-side clipping divides by
+    the update norm, so one such reply would crash the round in mode 'central'.
+    """
+    if list(arrays.keys()) != list(reference_arrays.keys()):
+        missing = sorted(set(reference_arrays.keys()) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(reference_arrays.keys()))
+        return False, f"array names differ from those sent (missing {missing}, unexpected {extra})"
+    squared = 0.0
+    for name in reference_arrays:
+        got, ref = arrays[name], reference_arrays[name]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            return False, (
+                f"'{name}' is {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}"
+            )
+        value = got.numpy()
+        if not np.isfinite(value).all():
+            return False, f"'{name}' holds NaN or Inf"
+        squared += float(np.square(value.astype(np.float64) - ref.numpy()).sum())
+    norm = squared**0.5
+    if max_norm is not None and norm > max_norm:
+        return False, f"update norm {norm:.4g} exceeds max_update_norm {max_norm:g}"
+    if nonzero and norm == 0:
+        return False, "the update is exactly zero (the weights sent back unchanged)"
+    return True, "ok"
+
+
+def drop_invalid(
+    replies: Iterable[Message], reference_arrays: ArrayRecord, privacy: PrivacyConfig
+) -> tuple[list[Message], dict[int, str]]:
+    """Replies whose single ArrayRecord passes `validate_reply`, and why the others failed."""
+    kept, dropped = [], {}
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        records = [] if msg.has_error() else list(msg.content.array_records.values())
+        if msg.has_error():
+            dropped[node] = f"the site replied with an error: {msg.error.reason}"
+        elif len(records) != 1:
+            dropped[node] = f"expected one ArrayRecord, got {len(records)}"
+        else:
+            ok, reason = validate_reply(
+                records[0],
+                reference_arrays,
+                privacy.max_update_norm,
+                nonzero=privacy.mode == "central",
+            )
+            if ok:
+                kept.append(msg)
+                continue
+            dropped[node] = reason
+        log.warning("reply from node %s dropped: %s", node, dropped[node])
+    return kept, dropped
