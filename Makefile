@@ -20,11 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
-# The main job end to end on the bundled real data (read in place, never copied).
+# The main job end to end on the bundled real data (read in place, never copied):
+# a whole-slide image to tile graphs, then 3 simulated hospitals pretrain H-MGDM together on
+# real lung H&E images and the federated encoder is evaluated with a patient-grouped probe.
 demo: setup
-	$(BIN)/hmgdm-client build-graphs $(DATA)/slides/cmu-1-small-region.svs \
-		$(DATA)/slides/tcga-cr-7395-01a-01-ts1.svs --out $(DEMO_OUT)/slides --workers 2
-	$(BIN)/hmgdm-client build-graphs $(DATA)/kather2016_tiles --mpp 0.495 --out $(DEMO_OUT)/kather
+	$(BIN)/hmgdm-client build-graphs $(DATA)/slides/cmu-1-small-region.svs --out $(DEMO_OUT)/wsi
+	$(BIN)/hmgdm-client build-graphs $(DATA)/lc25000_lung --mpp 1.0 --config configs/demo.toml \
+		--out $(DEMO_OUT)/lung --workers 2
+	$(BIN)/hmgdm-server simulate --graphs $(DEMO_OUT)/lung --sites 3 --config configs/demo.toml \
+		--out $(DEMO_OUT)/federated
+	$(BIN)/hmgdm-client evaluate classify --graphs $(DEMO_OUT)/lung \
+		--checkpoint $(DEMO_OUT)/federated/run/final.pt --labels $(DATA)/lc25000_lung/labels.csv \
+		--id-column path --patient-column group_id --out $(DEMO_OUT)/eval_lung
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

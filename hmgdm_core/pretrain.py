@@ -29,8 +29,20 @@ from hmgdm_core.train import (
 )
 
 CHECKPOINT_NAME = "last.pt"
-METRIC_COLUMNS = ("epoch", "stage", "step", "loss", "node_recon", "node_kl", "edge_recon",
-                  "edge_kl", "node_mse", "edge_mse", "lr", "graphs_per_s")
+METRIC_COLUMNS = (
+    "epoch",
+    "stage",
+    "step",
+    "loss",
+    "node_recon",
+    "node_kl",
+    "edge_recon",
+    "edge_kl",
+    "node_mse",
+    "edge_mse",
+    "lr",
+    "graphs_per_s",
+)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -113,14 +125,37 @@ def pretrain(
             if ckpt is not None and epoch == start and _stage_of(ckpt.epoch, cfg) == stage:
                 optimizer.load_state_dict(ckpt.optimizer)
                 scheduler.load_state_dict(ckpt.scheduler)
-        out = train_steps(model, optimizer, graphs, tc, stage=stage, steps=steps_per_epoch,
-                          device=device, generator=generator, progress=progress,
-                          scheduler=scheduler)
-        rows.append({**out, "epoch": epoch, "stage": stage,
-                     "step": (len(rows) + 1) * steps_per_epoch,
-                     "graphs_per_s": out["num_graphs"] / max(out["seconds"], 1e-9)})
-        save_checkpoint(ckpt_path, model=model, cfg=cfg, epoch=epoch, optimizer=optimizer,
-                        scheduler=scheduler, generator=generator, extra={"metrics": rows})
+        out = train_steps(
+            model,
+            optimizer,
+            graphs,
+            tc,
+            stage=stage,
+            steps=steps_per_epoch,
+            device=device,
+            generator=generator,
+            progress=progress,
+            scheduler=scheduler,
+        )
+        rows.append(
+            {
+                **out,
+                "epoch": epoch,
+                "stage": stage,
+                "step": (len(rows) + 1) * steps_per_epoch,
+                "graphs_per_s": out["num_graphs"] / max(out["seconds"], 1e-9),
+            }
+        )
+        save_checkpoint(
+            ckpt_path,
+            model=model,
+            cfg=cfg,
+            epoch=epoch,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generator=generator,
+            extra={"metrics": rows},
+        )
         write_metrics(run_dir, rows)
     return model.cpu()
 

@@ -20,7 +20,14 @@ import torch
 from torch_geometric.data import Data
 
 from hmgdm_core.config import HmgdmConfig
-from hmgdm_core.data import GraphDims, graph_dims, make_batch
+from hmgdm_core.data import (
+    FeatureStats,
+    GraphDims,
+    feature_moments,
+    graph_dims,
+    make_batch,
+    stats_from_moments,
+)
 from hmgdm_core.exceptions import CheckpointError, ConfigError
 from hmgdm_core.model.autoencoder import EntityVAE
 from hmgdm_core.model.config import TrainConfig
@@ -28,6 +35,23 @@ from hmgdm_core.model.decoder import MaskedGraphDecoder
 from hmgdm_core.model.diffusion import NoiseSchedule
 from hmgdm_core.model.encoder import CentroidEncoding, GraphEncoder
 from hmgdm_core.model.hmgdm import HMGDM, Stage, Standardiser
+
+__all__ = [  # the API the federated client calls; data helpers re-exported for one import
+    "Checkpoint",
+    "FeatureStats",
+    "GraphDims",
+    "build_model",
+    "eval_loss",
+    "feature_moments",
+    "graph_dims",
+    "load_checkpoint",
+    "make_optimizer",
+    "make_scheduler",
+    "resolve_device",
+    "save_checkpoint",
+    "stats_from_moments",
+    "train_steps",
+]
 
 CHECKPOINT_FORMAT = "hmgdm-checkpoint/1"
 STAGE_PREFIXES = {"autoencoder": ("autoencoder.",), "diffusion": ("encoder.", "decoder.")}
@@ -40,31 +64,65 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
     window = dims.window if m.use_windows else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        vae = EntityVAE(in_dim=dims.x_dim, latent_dim=m.latent_dim, hidden=m.ae_hidden,
-                        window=window, channels=m.window_channels, kl_weight=m.kl_weight)
-        edge_vae = EntityVAE(
-            in_dim=dims.edge_dim, latent_dim=m.edge_latent_dim, hidden=m.ae_hidden,
-            window=window if dims.edge_windows else 0, channels=m.window_channels,
+        vae = EntityVAE(
+            in_dim=dims.x_dim,
+            latent_dim=m.latent_dim,
+            hidden=m.ae_hidden,
+            window=window,
+            channels=m.window_channels,
             kl_weight=m.kl_weight,
-        ) if use_edges else None
+        )
+        edge_vae = (
+            EntityVAE(
+                in_dim=dims.edge_dim,
+                latent_dim=m.edge_latent_dim,
+                hidden=m.ae_hidden,
+                window=window if dims.edge_windows else 0,
+                channels=m.window_channels,
+                kl_weight=m.kl_weight,
+            )
+            if use_edges
+            else None
+        )
         pos = CentroidEncoding(frequencies=m.pos_frequencies, scale_um=m.pos_scale_um)
         edge_latent = m.edge_latent_dim if use_edges else 0
-        encoder = GraphEncoder(in_dim=m.latent_dim + pos.out_dim, edge_dim=edge_latent,
-                               hidden=m.hidden, num_layers=m.encoder_layers, conv=m.conv,
-                               heads=m.heads, dropout=m.dropout)
+        encoder = GraphEncoder(
+            in_dim=m.latent_dim + pos.out_dim,
+            edge_dim=edge_latent,
+            hidden=m.hidden,
+            num_layers=m.encoder_layers,
+            conv=m.conv,
+            heads=m.heads,
+            dropout=m.dropout,
+        )
         decoder = MaskedGraphDecoder(
-            latent_dim=m.latent_dim, edge_latent_dim=edge_latent, pos_dim=pos.out_dim,
-            hidden=m.hidden, num_blocks=m.encoder_layers, heads=m.heads,
-            self_attn_layers=m.self_attn_layers, conv=m.conv, dropout=m.dropout,
+            latent_dim=m.latent_dim,
+            edge_latent_dim=edge_latent,
+            pos_dim=pos.out_dim,
+            hidden=m.hidden,
+            num_blocks=m.encoder_layers,
+            heads=m.heads,
+            self_attn_layers=m.self_attn_layers,
+            conv=m.conv,
+            dropout=m.dropout,
             skip_connections=m.skip_connections,
         )
         model = HMGDM(
-            autoencoder=vae, edge_autoencoder=edge_vae, encoder=encoder, decoder=decoder,
-            schedule=NoiseSchedule.from_config(schedule=d.schedule, timesteps=d.timesteps,
-                                               start=d.beta_start, end=d.beta_end),
-            pos_encoding=pos, standardiser=Standardiser(x_dim=dims.x_dim, edge_dim=dims.edge_dim),
-            mask_ratio=d.mask_ratio, fixed_ratio=d.fixed_mask_ratio, masking=d.masking,
-            bfs_seeds=d.bfs_seeds, fixed_timestep=d.fixed_timestep, prediction=d.prediction,
+            autoencoder=vae,
+            edge_autoencoder=edge_vae,
+            encoder=encoder,
+            decoder=decoder,
+            schedule=NoiseSchedule.from_config(
+                schedule=d.schedule, timesteps=d.timesteps, start=d.beta_start, end=d.beta_end
+            ),
+            pos_encoding=pos,
+            standardiser=Standardiser(x_dim=dims.x_dim, edge_dim=dims.edge_dim),
+            mask_ratio=d.mask_ratio,
+            fixed_ratio=d.fixed_mask_ratio,
+            masking=d.masking,
+            bfs_seeds=d.bfs_seeds,
+            fixed_timestep=d.fixed_timestep,
+            prediction=d.prediction,
             edge_loss_weight=d.edge_loss_weight,
         )
     model.dims = dims
@@ -89,8 +147,9 @@ def stage_parameters(model: HMGDM, stage: Stage) -> list[torch.nn.Parameter]:
 
 
 def make_optimizer(model: HMGDM, cfg: TrainConfig, stage: Stage) -> torch.optim.AdamW:
-    return torch.optim.AdamW(stage_parameters(model, stage), lr=cfg.lr, betas=cfg.betas,
-                             weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        stage_parameters(model, stage), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -101,7 +160,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -175,20 +236,36 @@ def train_steps(
                 live.update(task, advance=1, loss=sums["loss"] / seen)
     seconds = time.perf_counter() - start
     out = {key: value / seen for key, value in sums.items()}
-    return out | {"num_graphs": float(seen), "num_steps": float(steps), "seconds": seconds,
-                  "lr": float(optimizer.param_groups[0]["lr"])}
+    return out | {
+        "num_graphs": float(seen),
+        "num_steps": float(steps),
+        "seconds": seconds,
+        "lr": float(optimizer.param_groups[0]["lr"]),
+    }
 
 
 def _progress(enabled: bool, steps: int, stage: str):
     if not enabled:
         return contextlib.nullcontext()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from hmgdm_core.log import console
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
-                    console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 @torch.no_grad()
@@ -253,18 +330,23 @@ def save_checkpoint(
     extra: dict | None = None,
 ) -> None:
     """Write a self-describing checkpoint atomically (config, graph dims, feature stats inside)."""
-    _atomic_save({
-        "format": CHECKPOINT_FORMAT,
-        "config": cfg.model_dump(mode="json"),
-        "dims": dataclasses.asdict(model.dims),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer else None,
-        "scheduler": scheduler.state_dict() if scheduler else None,
-        "epoch": epoch,
-        "rng": {"torch": torch.get_rng_state(),
-                "generator": generator.get_state() if generator is not None else None},
-        "extra": extra or {},
-    }, Path(path))
+    _atomic_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": cfg.model_dump(mode="json"),
+            "dims": dataclasses.asdict(model.dims),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "epoch": epoch,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "generator": generator.get_state() if generator is not None else None,
+            },
+            "extra": extra or {},
+        },
+        Path(path),
+    )
 
 
 def load_checkpoint(path: Path, *, cfg: HmgdmConfig | None = None) -> Checkpoint:
@@ -282,22 +364,32 @@ def load_checkpoint(path: Path, *, cfg: HmgdmConfig | None = None) -> Checkpoint
     if cfg is not None:
         for section in ("model", "diffusion"):
             if getattr(cfg, section) != getattr(stored, section):
-                raise CheckpointError(f"{path}: written with a different [{section}] config; "
-                                      "use the checkpoint's config or start a new run")
+                raise CheckpointError(
+                    f"{path}: written with a different [{section}] config; "
+                    "use the checkpoint's config or start a new run"
+                )
     model = build_model(stored, GraphDims(**blob["dims"]))
     try:
         model.load_state_dict(blob["model"])
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit the stored config: {first}") from None
-    return Checkpoint(model=model, cfg=stored, epoch=int(blob["epoch"]),
-                      optimizer=blob["optimizer"], scheduler=blob["scheduler"],
-                      rng=blob["rng"], extra=blob["extra"])
+    return Checkpoint(
+        model=model,
+        cfg=stored,
+        epoch=int(blob["epoch"]),
+        optimizer=blob["optimizer"],
+        scheduler=blob["scheduler"],
+        rng=blob["rng"],
+        extra=blob["extra"],
+    )
 
 
 def check_graph_dims(model: HMGDM, graphs: Sequence[Data], source: str) -> None:
     """A CheckpointError when the graphs' feature sizes differ from the model's."""
     dims = graph_dims(graphs)
     if dims != model.dims:
-        raise CheckpointError(f"{source}: graph features {dims} do not match the checkpoint's "
-                              f"{model.dims}; rebuild graphs with the checkpoint's graph config")
+        raise CheckpointError(
+            f"{source}: graph features {dims} do not match the checkpoint's "
+            f"{model.dims}; rebuild graphs with the checkpoint's graph config"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from hmgdm_core.graph.manifest import is_up_to_date, read_manifest, write_manife
 from hmgdm_core.log import console
 
 log = logging.getLogger(__name__)
+
+MANIFEST_EVERY_S = 2.0
 
 SLIDE_SUFFIXES = frozenset(
     {
@@ -140,46 +143,56 @@ def build_graphs(
             _print_error(r)
     write_manifest(out_dir, manifest)
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not show_progress,
-        transient=False,
-    ) as progress:
-        slides_task = progress.add_task("slides", total=len(todo))
-        tile_tasks: dict[str, int] = {}
+    try:  # rows of finished slides are kept whatever stops the run (Ctrl-C included)
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not show_progress,
+            transient=False,
+        ) as progress:
+            slides_task = progress.add_task("slides", total=len(todo))
+            tile_tasks: dict[str, int] = {}
 
-        def on_tile(slide_id: str, done: int, total: int) -> None:
-            if slide_id not in tile_tasks:
-                tile_tasks[slide_id] = progress.add_task(f"  {slide_id} tiles", total=total)
-            progress.update(tile_tasks[slide_id], completed=done, total=total)
+            def on_tile(slide_id: str, done: int, total: int) -> None:
+                if slide_id not in tile_tasks:
+                    tile_tasks[slide_id] = progress.add_task(f"  {slide_id} tiles", total=total)
+                progress.update(tile_tasks[slide_id], completed=done, total=total)
 
-        def finish(res: SlideResult) -> None:
-            if res.slide_id in tile_tasks:
-                progress.remove_task(tile_tasks.pop(res.slide_id))
-            manifest[res.slide_id] = res
-            write_manifest(out_dir, manifest)
-            results.append(res)
-            progress.advance(slides_task)
-            if res.status == "error":
-                _print_error(res)
-            else:
-                log.debug("%s: %d graphs in %.1fs", res.slide_id, res.n_graphs, res.seconds)
+            last_write = time.monotonic()
 
-        if workers <= 1 or len(todo) <= 1:
-            with _single_threaded_torch():
-                for f, sid, sha in todo:
-                    tile_cb = partial(on_tile, sid)
-                    finish(
-                        build_slide(
-                            f, out_dir, cfg, mpp=mpp, slide_id=sid, sha256=sha, on_tile=tile_cb
+            def finish(res: SlideResult) -> None:
+                nonlocal last_write
+                if res.slide_id in tile_tasks:
+                    progress.remove_task(tile_tasks.pop(res.slide_id))
+                manifest[res.slide_id] = res
+                # Rewriting the whole manifest per slide is quadratic for tile datasets of thousands
+                # of images; a kill loses at most MANIFEST_EVERY_S of rows, which are then rebuilt.
+                if time.monotonic() - last_write > MANIFEST_EVERY_S:
+                    write_manifest(out_dir, manifest)
+                    last_write = time.monotonic()
+                results.append(res)
+                progress.advance(slides_task)
+                if res.status == "error":
+                    _print_error(res)
+                else:
+                    log.debug("%s: %d graphs in %.1fs", res.slide_id, res.n_graphs, res.seconds)
+
+            if workers <= 1 or len(todo) <= 1:
+                with _single_threaded_torch():
+                    for f, sid, sha in todo:
+                        tile_cb = partial(on_tile, sid)
+                        finish(
+                            build_slide(
+                                f, out_dir, cfg, mpp=mpp, slide_id=sid, sha256=sha, on_tile=tile_cb
+                            )
                         )
-                    )
-        else:
-            _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish)
+            else:
+                _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish)
+    finally:
+        write_manifest(out_dir, manifest)
     return results
 
 

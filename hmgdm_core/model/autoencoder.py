@@ -7,6 +7,8 @@ to carry colour layout, not pixel detail, and it keeps the decoder cheap on a CP
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.SiLU())
@@ -90,8 +92,8 @@ class EntityVAE(nn.Module):
         mu, logvar = self.encode(x, win)
         eps = torch.randn(mu.shape, generator=generator).to(mu.device)
         recon = self.decoder(mu + eps * (0.5 * logvar).exp())
-        target = x if self.window_encoder is None else torch.cat(
-            [x, self._window_target(win)], dim=-1
+        target = (
+            x if self.window_encoder is None else torch.cat([x, self._window_target(win)], dim=-1)
         )
         rec = F.mse_loss(recon, target)
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()

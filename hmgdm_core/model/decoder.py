@@ -89,13 +89,17 @@ class MaskedGraphDecoder(nn.Module):
         self.edge_in = nn.Linear(edge_latent_dim, hidden) if edge_latent_dim else None
         edge_hidden = hidden if edge_latent_dim else 0
         self.blocks = nn.ModuleList(
-            DecodeBlock(hidden=hidden, heads=heads, edge_dim=edge_hidden, conv=conv, dropout=dropout)
+            DecodeBlock(
+                hidden=hidden, heads=heads, edge_dim=edge_hidden, conv=conv, dropout=dropout
+            )
             for _ in range(num_blocks)
         )
         self.norm = nn.LayerNorm(hidden)
         self.node_out = nn.Linear(hidden, latent_dim)
         self.edge_out = (
-            nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, edge_latent_dim))
+            nn.Sequential(
+                nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, edge_latent_dim)
+            )
             if edge_latent_dim
             else None
         )

@@ -32,8 +32,10 @@ class NoiseSchedule(nn.Module):
 
     @classmethod
     def from_config(cls, *, schedule: str, timesteps: int, start: float, end: float):
-        betas = sigmoid_betas(timesteps, start, end) if schedule == "sigmoid" else (
-            cosine_betas(timesteps)
+        betas = (
+            sigmoid_betas(timesteps, start, end)
+            if schedule == "sigmoid"
+            else (cosine_betas(timesteps))
         )
         return cls(betas=betas)
 

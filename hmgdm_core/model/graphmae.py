@@ -25,10 +25,12 @@ class GraphMAE(nn.Module):
         hidden, latent = backbone.encoder.hidden, backbone.autoencoder["node"].latent_dim
         edge_dim = backbone.encoder.hidden if backbone.uses_edges else 0
         self.mask_token = nn.Parameter(torch.zeros(latent))
-        self.decoder = nn.ModuleDict({
-            "conv": graph_conv("gine", hidden=hidden, edge_dim=edge_dim, heads=1),
-            "out": nn.Linear(hidden, latent),
-        })
+        self.decoder = nn.ModuleDict(
+            {
+                "conv": graph_conv("gine", hidden=hidden, edge_dim=edge_dim, heads=1),
+                "out": nn.Linear(hidden, latent),
+            }
+        )
         self.mask_rate, self.gamma = mask_rate, gamma
 
     def reset_parameters(self) -> None:
@@ -50,8 +52,9 @@ class GraphMAE(nn.Module):
         with torch.no_grad():
             z, ze = backbone.latents(data)
         sizes = torch.bincount(batch, minlength=num_graphs)
-        counts = mask_counts(sizes, (self.mask_rate, self.mask_rate), fixed=True,
-                             generator=generator)
+        counts = mask_counts(
+            sizes, (self.mask_rate, self.mask_rate), fixed=True, generator=generator
+        )
         masked = random_mask(counts, batch, generator=generator)
         z_in = torch.where(masked[:, None], self.mask_token.expand_as(z), z)
         h_in = torch.cat([z_in, backbone.pos_encoding(data.pos, batch)], dim=-1)

@@ -39,8 +39,9 @@ class Standardiser(nn.Module):
             getattr(self, name).copy_(getattr(stats, name))
 
     def get(self) -> FeatureStats:
-        return FeatureStats(self.x_mean.clone(), self.x_std.clone(),
-                            self.e_mean.clone(), self.e_std.clone())
+        return FeatureStats(
+            self.x_mean.clone(), self.x_std.clone(), self.e_mean.clone(), self.e_std.clone()
+        )
 
     def forward(self, x: Tensor, edge_attr: Tensor | None) -> tuple[Tensor, Tensor | None]:
         x = (x - self.x_mean) / self.x_std
@@ -98,7 +99,11 @@ class HMGDM(nn.Module):
         """Frozen stage-1 latents: nodes (N, latent_dim), edges (E, edge_latent_dim) or None."""
         x, e = self.stats(data.x, getattr(data, "edge_attr", None))
         z = self.autoencoder["node"](x, getattr(data, "win", None))
-        ze = self.autoencoder["edge"](e, getattr(data, "edge_win", None)) if self.uses_edges else None
+        ze = (
+            self.autoencoder["edge"](e, getattr(data, "edge_win", None))
+            if self.uses_edges
+            else None
+        )
         return z, ze
 
     def _batch_vec(self, data: Data) -> tuple[Tensor, int]:
@@ -130,10 +135,14 @@ class HMGDM(nn.Module):
         out = self.autoencoder["node"].loss(x, getattr(data, "win", None), generator=generator)
         terms = {"node_recon": out["recon"], "node_kl": out["kl"], "loss": out["loss"]}
         if self.uses_edges:
-            edge = self.autoencoder["edge"].loss(e, getattr(data, "edge_win", None),
-                                                 generator=generator)
-            terms |= {"edge_recon": edge["recon"], "edge_kl": edge["kl"],
-                      "loss": out["loss"] + edge["loss"]}
+            edge = self.autoencoder["edge"].loss(
+                e, getattr(data, "edge_win", None), generator=generator
+            )
+            terms |= {
+                "edge_recon": edge["recon"],
+                "edge_kl": edge["kl"],
+                "loss": out["loss"] + edge["loss"],
+            }
         return terms
 
     def _diffusion_loss(self, data: Batch, generator: torch.Generator) -> dict[str, Tensor]:
@@ -144,18 +153,36 @@ class HMGDM(nn.Module):
         pos = self.pos_encoding(data.pos, batch)
         sizes = torch.bincount(batch, minlength=num_graphs)
         masked = draw_mask(
-            sizes, batch, data.edge_index, ratio_range=self.mask_ratio, fixed_ratio=self.fixed_ratio,
-            strategy=self.masking, num_seeds=self.bfs_seeds, generator=generator,
+            sizes,
+            batch,
+            data.edge_index,
+            ratio_range=self.mask_ratio,
+            fixed_ratio=self.fixed_ratio,
+            strategy=self.masking,
+            num_seeds=self.bfs_seeds,
+            generator=generator,
         )
         vis_idx, m_idx = (~masked).nonzero().view(-1), masked.nonzero().view(-1)
-        vis_ei, _, vis_emask = subgraph(vis_idx, data.edge_index, relabel_nodes=True,
-                                        num_nodes=data.num_nodes, return_edge_mask=True)
-        m_ei, _, m_emask = subgraph(m_idx, data.edge_index, relabel_nodes=True,
-                                    num_nodes=data.num_nodes, return_edge_mask=True)
+        vis_ei, _, vis_emask = subgraph(
+            vis_idx,
+            data.edge_index,
+            relabel_nodes=True,
+            num_nodes=data.num_nodes,
+            return_edge_mask=True,
+        )
+        m_ei, _, m_emask = subgraph(
+            m_idx,
+            data.edge_index,
+            relabel_nodes=True,
+            num_nodes=data.num_nodes,
+            return_edge_mask=True,
+        )
         # The encoder only ever receives visible rows and visible-visible edges.
         states = self.encoder(
-            torch.cat([z[vis_idx], pos[vis_idx]], dim=-1), vis_ei,
-            edge_attr=ze[vis_emask] if ze is not None else None, batch=batch[vis_idx],
+            torch.cat([z[vis_idx], pos[vis_idx]], dim=-1),
+            vis_ei,
+            edge_attr=ze[vis_emask] if ze is not None else None,
+            batch=batch[vis_idx],
         )
         if self.fixed_timestep is not None:
             t = torch.full((num_graphs,), self.fixed_timestep, dtype=torch.long)
@@ -173,17 +200,32 @@ class HMGDM(nn.Module):
             edge_t = t[batch[data.edge_index[0, m_emask]]]
             ze_t = self.schedule.add_noise(ze0, edge_t, edge_noise)
         node_pred, edge_pred = self.decoder(
-            z_t, pos[m_idx], t[m_batch], m_batch, m_ei, edge_z_t=ze_t, edge_t=edge_t,
-            states=states, visible_batch=batch[vis_idx], num_graphs=num_graphs,
+            z_t,
+            pos[m_idx],
+            t[m_batch],
+            m_batch,
+            m_ei,
+            edge_z_t=ze_t,
+            edge_t=edge_t,
+            states=states,
+            visible_batch=batch[vis_idx],
+            num_graphs=num_graphs,
         )
         eps = self.prediction == "epsilon"
         node_loss = F.mse_loss(node_pred.float(), noise if eps else z0)
         terms = {"node_mse": node_loss, "loss": node_loss}
-        if edge_pred is not None and edge_pred.shape[0]:
-            edge_loss = F.mse_loss(edge_pred.float(), edge_noise if eps else ze0)
+        if edge_pred is not None:
+            # A batch without masked-masked edges still reports the term (as 0) for steady metrics.
+            edge_loss = (
+                F.mse_loss(edge_pred.float(), edge_noise if eps else ze0)
+                if edge_pred.shape[0]
+                else edge_pred.sum()
+            )
             terms |= {"edge_mse": edge_loss, "loss": node_loss + self.edge_loss_weight * edge_loss}
         return terms
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(encoder={self.encoder!r}, decoder={self.decoder!r}, "
-                f"edges={self.uses_edges})")
+        return (
+            f"{type(self).__name__}(encoder={self.encoder!r}, decoder={self.decoder!r}, "
+            f"edges={self.uses_edges})"
+        )

@@ -64,8 +64,11 @@ def synthetic_cohort(
     images, labels = [], []
     for label, kind in enumerate(CLASSES):
         for i in range(per_class):
-            images.append(synthetic_image(kind, seed=seed * 100_003 + label * 10_007 + i,
-                                          cells=cells, cell_px=cell_px))
+            images.append(
+                synthetic_image(
+                    kind, seed=seed * 100_003 + label * 10_007 + i, cells=cells, cell_px=cell_px
+                )
+            )
             labels.append(label)
     return images, np.array(labels)
 

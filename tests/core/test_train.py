@@ -23,10 +23,21 @@ from hmgdm_core.train import (
     train_steps,
 )
 
-TINY = {"model.hidden": 16, "model.encoder_layers": 2, "model.heads": 2, "model.ae_hidden": 16,
-        "model.window_channels": 4, "model.latent_dim": 4, "model.edge_latent_dim": 2,
-        "model.self_attn_layers": 1, "diffusion.timesteps": 50, "train.batch_size": 4,
-        "train.autoencoder_epochs": 2, "train.epochs": 2, "train.max_nodes": 25}
+TINY = {
+    "model.hidden": 16,
+    "model.encoder_layers": 2,
+    "model.heads": 2,
+    "model.ae_hidden": 16,
+    "model.window_channels": 4,
+    "model.latent_dim": 4,
+    "model.edge_latent_dim": 2,
+    "model.self_attn_layers": 1,
+    "diffusion.timesteps": 50,
+    "train.batch_size": 4,
+    "train.autoencoder_epochs": 2,
+    "train.epochs": 2,
+    "train.max_nodes": 25,
+}
 CPU = torch.device("cpu")
 
 
@@ -49,14 +60,27 @@ def test_train_steps_counts_and_eval_loss_improves_after_training():
     model = build_model(cfg, graph_dims(graphs))
     model.stats.set(stats_from_moments(feature_moments(graphs)))
     gen = torch.Generator().manual_seed(0)
-    before = eval_loss(model, graphs, cfg.train, stage="autoencoder", device=CPU,
-                       generator=torch.Generator().manual_seed(1))
+    before = eval_loss(
+        model,
+        graphs,
+        cfg.train,
+        stage="autoencoder",
+        device=CPU,
+        generator=torch.Generator().manual_seed(1),
+    )
     opt = make_optimizer(model, cfg.train, "autoencoder")
-    out = train_steps(model, opt, graphs, cfg.train, stage="autoencoder", epochs=5.0, device=CPU,
-                      generator=gen)
+    out = train_steps(
+        model, opt, graphs, cfg.train, stage="autoencoder", epochs=5.0, device=CPU, generator=gen
+    )
     assert out["num_steps"] == 10 and out["num_graphs"] == 30  # 5 passes of 6 graphs, batch 4
-    after = eval_loss(model, graphs, cfg.train, stage="autoencoder", device=CPU,
-                      generator=torch.Generator().manual_seed(1))
+    after = eval_loss(
+        model,
+        graphs,
+        cfg.train,
+        stage="autoencoder",
+        device=CPU,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert after["loss"] < before["loss"]
     with pytest.raises(ValueError):
         train_steps(model, opt, graphs, cfg.train, stage="autoencoder", device=CPU, generator=gen)
@@ -126,7 +150,7 @@ def test_checkpoint_round_trip_and_incompatible_config(tmp_path):
     with pytest.raises(CheckpointError, match=r"different \[model\] config"):
         load_checkpoint(tmp_path / "c.pt", cfg=other)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt"):
+    with pytest.raises(CheckpointError, match=r"junk\.pt"):
         load_checkpoint(tmp_path / "junk.pt")
 
 

@@ -13,8 +13,14 @@ from hmgdm_core.model.masking import draw_mask
 from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model, make_optimizer
 
-SMALL = {"model.hidden": 32, "model.encoder_layers": 2, "model.heads": 2,
-         "model.ae_hidden": 32, "model.window_channels": 4, "diffusion.timesteps": 100}
+SMALL = {
+    "model.hidden": 32,
+    "model.encoder_layers": 2,
+    "model.heads": 2,
+    "model.ae_hidden": 32,
+    "model.window_channels": 4,
+    "diffusion.timesteps": 100,
+}
 
 
 def _model(graphs, **overrides):
@@ -40,9 +46,16 @@ def test_encoder_never_sees_masked_features():
     batch = Batch.from_data_list(graphs)
     sizes = torch.bincount(batch.batch)
     d = model  # mask drawn exactly as the loss draws it: first use of a fresh generator
-    masked = draw_mask(sizes, batch.batch, batch.edge_index, ratio_range=d.mask_ratio,
-                       fixed_ratio=d.fixed_ratio, strategy=d.masking, num_seeds=d.bfs_seeds,
-                       generator=torch.Generator().manual_seed(7))
+    masked = draw_mask(
+        sizes,
+        batch.batch,
+        batch.edge_index,
+        ratio_range=d.mask_ratio,
+        fixed_ratio=d.fixed_ratio,
+        strategy=d.masking,
+        num_seeds=d.bfs_seeds,
+        generator=torch.Generator().manual_seed(7),
+    )
     touched = masked[batch.edge_index].any(0)  # edges with a masked endpoint
     perturbed = batch.clone()
     perturbed.x[masked] += 100.0
@@ -67,7 +80,7 @@ def test_encode_is_deterministic_and_sees_every_node():
     nodes_b, pooled_b = model.encode(batch)
     assert torch.equal(nodes_a, nodes_b) and torch.equal(pooled_a, pooled_b)
     assert nodes_a.shape == (batch.num_nodes, 32) and pooled_a.shape == (4, 32)
-    single_nodes, single_pooled = model.encode(graphs[0])
+    _, single_pooled = model.encode(graphs[0])
     assert torch.allclose(single_pooled[0], pooled_a[0], atol=1e-5)
 
 
@@ -129,8 +142,9 @@ def test_skip_connections_pair_decoder_block_i_with_encoder_layer_l_minus_i():
         # Visible nodes are the rows the encoder saw; recover their batch from the dense mask.
         layer = states[len(states) - 1 - i]
         if vis_batch is None:
-            vis_batch = torch.repeat_interleave(torch.arange(ctx.shape[0]),
-                                                (ctx.abs().sum(-1) > 0).sum(1))
+            vis_batch = torch.repeat_interleave(
+                torch.arange(ctx.shape[0]), (ctx.abs().sum(-1) > 0).sum(1)
+            )
         assert torch.equal(ctx, to_dense_batch(layer, vis_batch, batch_size=ctx.shape[0])[0])
     ablated = _model(graphs, **{"model.encoder_layers": 3, "model.skip_connections": False})
     contexts, states = _decoder_contexts(ablated, batch)
@@ -143,8 +157,10 @@ def test_fixed_timestep_ablation_gives_every_token_the_same_noise_level():
     batch = Batch.from_data_list(graphs)
     for fixed, expect_single in ((17, True), (None, False)):
         model = _model(graphs, **{"diffusion.fixed_timestep": fixed})
-        seen = []
-        model.decoder.time.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        seen: list[torch.Tensor] = []
+        model.decoder.time.register_forward_pre_hook(
+            lambda m, args, seen=seen: seen.append(args[0])
+        )
         model.loss(batch, stage="diffusion", generator=torch.Generator().manual_seed(0))
         values = set(torch.cat(seen).tolist())
         assert (values == {17}) if expect_single else len(values) > 1
@@ -157,5 +173,7 @@ def test_epsilon_prediction_targets_the_noise():
     eps = _model(graphs, **{"diffusion.prediction": "epsilon"})
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     # Same weights, same draws: only the regression target differs.
-    assert not torch.isclose(x0.loss(batch, stage="diffusion", generator=gen())["node_mse"],
-                             eps.loss(batch, stage="diffusion", generator=gen())["node_mse"])
+    assert not torch.isclose(
+        x0.loss(batch, stage="diffusion", generator=gen())["node_mse"],
+        eps.loss(batch, stage="diffusion", generator=gen())["node_mse"],
+    )

@@ -43,8 +43,9 @@ def test_mask_counts_respect_range_and_keep_one_visible():
 def test_fixed_ratio_uses_the_midpoint_every_time():
     gen = torch.Generator().manual_seed(2)
     sizes = torch.tensor([100, 200])
-    draws = {tuple(mask_counts(sizes, (0.4, 0.8), fixed=True, generator=gen).tolist())
-             for _ in range(5)}
+    draws = {
+        tuple(mask_counts(sizes, (0.4, 0.8), fixed=True, generator=gen).tolist()) for _ in range(5)
+    }
     assert draws == {(60, 120)}
 
 
@@ -52,8 +53,16 @@ def test_fixed_ratio_uses_the_midpoint_every_time():
 def test_draw_mask_masks_exactly_the_drawn_count_per_graph(strategy):
     data = _batch()
     sizes = torch.bincount(data.batch)
-    mask = draw_mask(sizes, data.batch, data.edge_index, ratio_range=(0.6, 0.6), fixed_ratio=False,
-                     strategy=strategy, num_seeds=2, generator=torch.Generator().manual_seed(3))
+    mask = draw_mask(
+        sizes,
+        data.batch,
+        data.edge_index,
+        ratio_range=(0.6, 0.6),
+        fixed_ratio=False,
+        strategy=strategy,
+        num_seeds=2,
+        generator=torch.Generator().manual_seed(3),
+    )
     expected = torch.minimum(torch.round(0.6 * sizes).long().clamp(min=1), sizes - 1)
     assert torch.equal(torch.bincount(data.batch[mask], minlength=3), expected)
 
@@ -62,8 +71,13 @@ def test_bfs_from_one_seed_masks_a_connected_region():
     edge_index, _ = grid(12, 12)
     batch = torch.zeros(144, dtype=torch.long)
     for seed in range(5):
-        mask = bfs_mask(torch.tensor([50]), batch, edge_index, num_seeds=1,
-                        generator=torch.Generator().manual_seed(seed))
+        mask = bfs_mask(
+            torch.tensor([50]),
+            batch,
+            edge_index,
+            num_seeds=1,
+            generator=torch.Generator().manual_seed(seed),
+        )
         sub, _ = subgraph(mask, edge_index, relabel_nodes=True)
         adj = coo_matrix((np.ones(sub.shape[1]), sub.numpy()), shape=(50, 50))
         assert int(mask.sum()) == 50
@@ -72,8 +86,14 @@ def test_bfs_from_one_seed_masks_a_connected_region():
 
 def test_bfs_reseeds_when_a_component_is_exhausted():
     # Two disconnected triangles; masking 5 of 6 nodes needs a second seed.
-    edge_index = torch.tensor([[0, 1, 1, 2, 0, 2, 3, 4, 4, 5, 3, 5],
-                               [1, 0, 2, 1, 2, 0, 4, 3, 5, 4, 5, 3]])
-    mask = bfs_mask(torch.tensor([5]), torch.zeros(6, dtype=torch.long), edge_index,
-                    num_seeds=1, generator=torch.Generator().manual_seed(0))
+    edge_index = torch.tensor(
+        [[0, 1, 1, 2, 0, 2, 3, 4, 4, 5, 3, 5], [1, 0, 2, 1, 2, 0, 4, 3, 5, 4, 5, 3]]
+    )
+    mask = bfs_mask(
+        torch.tensor([5]),
+        torch.zeros(6, dtype=torch.long),
+        edge_index,
+        num_seeds=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert int(mask.sum()) == 5

@@ -1,0 +1,99 @@
+"""`hmgdm-client pretrain` and `hmgdm-client embed`: local self-supervised training and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _fail(err: Exception) -> typer.Exit:
+    from hmgdm_core.log import console
+
+    console.print(f"[red]error[/red] {err}", soft_wrap=True, markup=True, highlight=False)
+    return typer.Exit(2)
+
+
+def pretrain(
+    graphs: Path = typer.Option(..., "--graphs", "-g", help="Graph cache from build-graphs."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run dir: last.pt, metrics.csv, loss.png."),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        dir_okay=False,
+        help="TOML config: model, diffusion and train sections.",
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Stage-2 epochs (overrides)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR/last.pt exactly."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Pretrain H-MGDM on this site's graphs: stage-1 autoencoder, then masked graph diffusion."""
+    from hmgdm_core.config import load_config
+    from hmgdm_core.exceptions import HmgdmError
+    from hmgdm_core.graph.cache import load_graph_dir
+    from hmgdm_core.log import console
+    from hmgdm_core.pretrain import CHECKPOINT_NAME
+    from hmgdm_core.pretrain import pretrain as run
+    from hmgdm_core.train import resolve_device
+
+    try:
+        cfg = load_config(config, {"train.epochs": epochs} if epochs else None)
+        dev = resolve_device(device)
+        data = load_graph_dir(graphs)
+        console.print(f"{len(data)} region graphs from {graphs}; training on {dev}", soft_wrap=True)
+        run(data, cfg, out, device=dev, resume=resume, progress=progress, source=str(graphs))
+    except HmgdmError as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: rerun with --resume to continue")
+        raise typer.Exit(130) from None
+    console.print(f"checkpoint: {out / CHECKPOINT_NAME}; metrics: {out / 'metrics.csv'}")
+
+
+def embed(
+    graphs: Path = typer.Option(..., "--graphs", "-g", help="Graph cache from build-graphs."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A pretrain checkpoint (last.pt)."),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV: one row per slide id."),
+    nodes: Path | None = typer.Option(
+        None, "--nodes", help="Also save node embeddings per region graph to this .pt file."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Write slide embeddings (mean of the slide's region-graph embeddings) for every slide."""
+    import pandas as pd
+    import torch
+
+    from hmgdm_core.data import validate_graphs
+    from hmgdm_core.exceptions import HmgdmError
+    from hmgdm_core.graph.cache import load_graph_dir
+    from hmgdm_core.log import console
+    from hmgdm_core.pretrain import atomic_write, embed_graphs
+    from hmgdm_core.train import check_graph_dims, load_checkpoint, resolve_device
+
+    try:
+        data = load_graph_dir(graphs)
+        validate_graphs(data, str(graphs))
+        model = load_checkpoint(checkpoint).model
+        check_graph_dims(model, data, str(graphs))
+        names, slide_emb, node_emb = embed_graphs(model, data, device=resolve_device(device))
+    except HmgdmError as err:
+        raise _fail(err) from None
+    table = pd.DataFrame(slide_emb.numpy(), columns=[f"e{i}" for i in range(slide_emb.shape[1])])
+    table.insert(0, "slide_id", names)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, table.to_csv(index=False).encode())
+    if nodes is not None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(
+            [
+                {"slide_id": str(g.slide_id), "tile_index": int(g.tile_index), "emb": e}
+                for g, e in zip(data, node_emb, strict=True)
+            ],
+            buf,
+        )
+        atomic_write(nodes, buf.getvalue())
+    console.print(f"{len(names)} slide embeddings -> {out}")
