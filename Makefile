@@ -18,6 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e ".[dev]"
+	@# The compose file is validated by the tests with a compose CLI; Debian ships v1.
+	@if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; \
+		else echo "note: install docker compose (or docker-compose) for tests/test_docker_static.py"; fi; \
+	fi
 	touch $@
 
 # The main job end to end on the bundled real data (read in place, never copied):

@@ -16,6 +16,7 @@ Run: .venv/bin/python benchmarks/survival_fed.py
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,7 +27,11 @@ from hmgdm_core.downstream.concordance import cindex, linear_risk, pooled_cindex
 from hmgdm_core.downstream.fedcox import FederatedCox
 from hmgdm_core.downstream.tcga import COVARIATES, group_sites, read_tcga_survival, site_arrays
 
-DATA = Path("/work/shared/data/tcga_survival")
+# The shared data folder sits beside the repo (../shared/data); HMGDM_DATA overrides it.
+DATA = (
+    Path(os.environ.get("HMGDM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    / "tcga_survival"
+)
 COHORTS = ("blca", "hnsc", "lusc")
 MIN_EVENTS = 10
 TARGET = 0.05

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client import commands_fed, commands_graphs
+from client import commands_eval, commands_fed, commands_graphs, commands_train, privacy
 from hmgdm_core.cli import new_app
 
 app = new_app(
@@ -13,3 +13,7 @@ app = new_app(
 app.command("build-graphs")(commands_graphs.build_graphs)
 app.command("keygen")(commands_fed.keygen)
 app.command("join")(commands_fed.join)
+app.command("pretrain")(commands_train.pretrain)
+app.command("embed")(commands_train.embed)
+app.add_typer(commands_eval.evaluate, name="evaluate")
+app.command("privacy-report")(privacy.privacy_report)

@@ -63,13 +63,13 @@ def embed(
 ) -> None:
     """Write slide embeddings (mean of the slide's region-graph embeddings) for every slide."""
     import pandas as pd
-    import torch
 
+    from hmgdm_core.atomic import save_torch, write_csv
     from hmgdm_core.data import validate_graphs
     from hmgdm_core.exceptions import HmgdmError
     from hmgdm_core.graph.cache import load_graph_dir
     from hmgdm_core.log import console
-    from hmgdm_core.pretrain import atomic_write, embed_graphs
+    from hmgdm_core.pretrain import embed_graphs
     from hmgdm_core.train import check_graph_dims, load_checkpoint, resolve_device
 
     try:
@@ -82,18 +82,13 @@ def embed(
         raise _fail(err) from None
     table = pd.DataFrame(slide_emb.numpy(), columns=[f"e{i}" for i in range(slide_emb.shape[1])])
     table.insert(0, "slide_id", names)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, table.to_csv(index=False).encode())
+    write_csv(out, table)
     if nodes is not None:
-        import io
-
-        buf = io.BytesIO()
-        torch.save(
+        save_torch(
             [
                 {"slide_id": str(g.slide_id), "tile_index": int(g.tile_index), "emb": e}
                 for g, e in zip(data, node_emb, strict=True)
             ],
-            buf,
+            nodes,
         )
-        atomic_write(nodes, buf.getvalue())
     console.print(f"{len(names)} slide embeddings -> {out}")

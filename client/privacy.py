@@ -1,21 +1,68 @@
-"""Client-side privacy: `privacy_mod` (client-side clipping for central DP, equal weights) and
-the `hmgdm-client privacy-report` command that prints this site's privacy ledger.
+"""Client-side privacy: the site's own local-DP settings (`site_privacy`), `privacy_mod`
+(client-side clipping for central DP, equal weights) and the `hmgdm-client privacy-report`
+command that prints this site's privacy ledger.
 """
 
 from __future__ import annotations
 
 import json
+from logging import INFO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
 from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
+from hmgdm_core.privacy.errors import PrivacyError
 
 # Flower and torch load only when the mod runs, so `hmgdm-client --help` stays instant.
 if TYPE_CHECKING:
     from flwr.app import Context, Message
     from flwr.clientapp.typing import ClientAppCallable
+
+# SuperNode node config: the site's own TOML with a [privacy] section (hmgdm-client join).
+PRIVACY_CONFIG_KEY = "privacy-config"
+
+
+def load_site_privacy(path: Path) -> PrivacyConfig:
+    """The [privacy] section of a site's own TOML (unknown keys are refused with their name)."""
+    from hmgdm_core.config import load_config
+
+    return load_config(path).privacy
+
+
+def site_privacy(
+    node_config: dict, run_privacy: PrivacyConfig, *, simulated: bool
+) -> PrivacyConfig:
+    """The [privacy] this site trains under.
+
+    Local DP protects the site's patients from the server, so its settings come from the
+    site's own file (node config `privacy-config`), never from the run config the server sends:
+    a server could otherwise turn the noise down. A run asking for local DP is refused by a site
+    without such a file, or whose file does not enable local DP. Simulated sites belong to the
+    operator who wrote the run config, so they use it.
+    """
+    from flwr.common import log
+
+    path = node_config.get(PRIVACY_CONFIG_KEY)
+    if not path:
+        if simulated:
+            return run_privacy
+        if run_privacy.mode == "local_dp":
+            raise PrivacyError(
+                "the run asks for local DP, whose settings a site takes from its own file; restart "
+                "with `hmgdm-client join --privacy-config FILE` ([privacy] mode = 'local_dp')"
+            )
+        return PrivacyConfig()
+    site = load_site_privacy(Path(str(path)))
+    if run_privacy.mode == "local_dp" and site.mode != "local_dp":
+        raise PrivacyError(
+            f"the run asks for local DP but this site's {path} has mode {site.mode!r}; "
+            "set mode = 'local_dp' there to take part"
+        )
+    if site.mode == "local_dp" and run_privacy != site:
+        log(INFO, "local DP: using this site's %s; the server's [privacy] is ignored", path)
+    return site
 
 
 def _privacy(msg: Message) -> PrivacyConfig:
@@ -31,7 +78,8 @@ def _privacy(msg: Message) -> PrivacyConfig:
 def privacy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """For the whole ClientApp: central DP needs equal weights and, in client_central, clipping.
 
-    Every reply's MetricRecord gets `dp-weight` = 1 so the server's mean is unweighted. A train
+    Every train and evaluate reply's MetricRecord gets `dp-weight` = 1 so the server's mean is
+    unweighted; other replies (the feature-statistics query) pass through unchanged. A train
     message that carries Flower's `clipping_norm` goes through Flower's fixed or adaptive
     clipping mod; those accept exactly one ArrayRecord, so the frozen arrays are set aside for
     the mod and handed back to the train handler. Evaluation is never clipped.
@@ -43,10 +91,11 @@ def privacy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Me
     from client.records import FROZEN
 
     privacy = _privacy(msg)
-    if privacy.mode not in CENTRAL_MODES:
+    kind = msg.metadata.message_type
+    if privacy.mode not in CENTRAL_MODES or kind not in (MessageType.TRAIN, MessageType.EVALUATE):
         return call_next(msg, ctxt)
     config = msg.content.config_records.get("config")
-    if msg.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in (config or {}):
+    if kind == MessageType.TRAIN and KEY_CLIPPING_NORM in (config or {}):
         frozen = msg.content.array_records.get(FROZEN)
         if frozen is not None:
             del msg.content[FROZEN]
@@ -75,7 +124,6 @@ def privacy_report(
     from rich.console import Console
 
     from hmgdm_core.log import console
-    from hmgdm_core.privacy.errors import PrivacyError
     from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
     from hmgdm_core.privacy.report import ledger_tables
 

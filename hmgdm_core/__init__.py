@@ -1,6 +1,6 @@
 """H-MGDM science: entity graphs from slides, the graph diffusion model, training and evaluation.
 
-Nothing in this package knows about Flower; `client/` and `server/` translate messages into calls here.
+Nothing here knows about Flower; `client/` and `server/` translate messages into calls here.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temp file beside the target, then os.replace, so readers never see half a file."""
+"""Atomic file writes: a temp file beside the target, then os.replace (never half a file)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
+
+# Only for type hints: the ClientApp imports this module, and every import adds to each round.
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
@@ -34,6 +37,13 @@ def write_json(path: Path | str, data: Any) -> Path:
     """Write `data` as indented JSON (NaN becomes null so other tools can read it)."""
     text = json.dumps(_nan_to_none(data), indent=2, sort_keys=True)
     return atomic_write(path, lambda p: p.write_text(text + "\n"))
+
+
+def save_torch(obj: Any, path: Path | str) -> Path:
+    """`torch.save` a checkpoint."""
+    import torch
+
+    return atomic_write(path, lambda p: torch.save(obj, p))
 
 
 def write_csv(path: Path | str, frame: pd.DataFrame) -> Path:

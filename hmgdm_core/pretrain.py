@@ -4,17 +4,15 @@ exact resume; and slide embeddings from a trained checkpoint.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch_geometric.data import Batch, Data
 
+from hmgdm_core.atomic import save_figure, write_csv
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments, validate_graphs
 from hmgdm_core.exceptions import CheckpointError
@@ -45,20 +43,9 @@ METRIC_COLUMNS = (
 )
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     """RUN_DIR/metrics.csv (one row per epoch) and RUN_DIR/loss.png, both written atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(run_dir / "metrics.csv", buf.getvalue().encode())
+    write_csv(run_dir / "metrics.csv", pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS))
 
     import matplotlib
 
@@ -72,10 +59,8 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
             ax.plot(*zip(*pts, strict=True), marker="o", label=stage)
     ax.set(xlabel="epoch", ylabel="training loss", yscale="log")
     ax.legend()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+    save_figure(run_dir / "loss.png", fig, dpi=100)
     plt.close(fig)
-    atomic_write(run_dir / "loss.png", png.getvalue())
 
 
 def _stage_of(epoch: int, cfg: HmgdmConfig) -> Stage:

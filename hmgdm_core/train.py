@@ -9,16 +9,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch_geometric.data import Data
 
+from hmgdm_core.atomic import save_torch
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.data import (
     FeatureStats,
@@ -306,18 +304,6 @@ class Checkpoint:
     extra: dict
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(
     path: Path,
     *,
@@ -330,7 +316,7 @@ def save_checkpoint(
     extra: dict | None = None,
 ) -> None:
     """Write a self-describing checkpoint atomically (config, graph dims, feature stats inside)."""
-    _atomic_save(
+    save_torch(
         {
             "format": CHECKPOINT_FORMAT,
             "config": cfg.model_dump(mode="json"),

@@ -25,4 +25,6 @@ def info() -> None:
 
 
 app.command("certs")(commands_fed.certs)
+app.command("start")(commands_fed.start)
+app.command("simulate")(commands_fed.simulate)
 app.add_typer(commands_fed.sites, name="sites")

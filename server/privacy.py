@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -209,28 +209,56 @@ def validate_reply(
     return True, "ok"
 
 
+def validate_metrics(msg: Message, weight_key: str) -> tuple[bool, str]:
+    """(ok, reason): one MetricRecord holding a positive finite aggregation weight.
+
+    A missing or non-numeric weight makes Flower's strategies raise, a NaN or huge one
+    poisons the mean; either way one site could stop or steer the round.
+    """
+    records = list(msg.content.metric_records.values())
+    if len(records) != 1:
+        return False, f"expected one MetricRecord, got {len(records)}"
+    weight = records[0].get(weight_key)
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        return False, f"metrics lack a numeric {weight_key!r}"
+    if not np.isfinite(weight) or weight <= 0:
+        return False, f"{weight_key!r} is {weight}, not a positive finite number"
+    return True, "ok"
+
+
 def drop_invalid(
-    replies: Iterable[Message], reference_arrays: ArrayRecord, privacy: PrivacyConfig
-) -> tuple[list[Message], dict[int, str]]:
-    """Replies whose single ArrayRecord passes `validate_reply`, and why the others failed."""
-    kept, dropped = [], {}
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        records = [] if msg.has_error() else list(msg.content.array_records.values())
-        if msg.has_error():
-            dropped[node] = f"the site replied with an error: {msg.error.reason}"
-        elif len(records) != 1:
-            dropped[node] = f"expected one ArrayRecord, got {len(records)}"
+    replies: Mapping[int, Message],
+    reference_arrays: ArrayRecord,
+    privacy: PrivacyConfig,
+    *,
+    weight_key: str | None = None,
+) -> tuple[dict[int, Message], dict[int, str]]:
+    """Replies (node id -> reply) whose single ArrayRecord passes `validate_reply` (and, given
+    `weight_key`, whose metrics pass `validate_metrics`), and why the others failed. Keyed by
+    the node a message went to: a reply's own source id is not trusted.
+    """
+    kept, dropped = {}, {}
+    for node, msg in replies.items():
+        ok, reason = _check(msg, reference_arrays, privacy, weight_key)
+        if ok:
+            kept[node] = msg
         else:
-            ok, reason = validate_reply(
-                records[0],
-                reference_arrays,
-                privacy.max_update_norm,
-                nonzero=privacy.mode == "central",
-            )
-            if ok:
-                kept.append(msg)
-                continue
             dropped[node] = reason
-        log.warning("reply from node %s dropped: %s", node, dropped[node])
+            log.warning("reply from node %s dropped: %s", node, reason)
     return kept, dropped
+
+
+def _check(
+    msg: Message, reference_arrays: ArrayRecord, privacy: PrivacyConfig, weight_key: str | None
+) -> tuple[bool, str]:
+    if msg.has_error():
+        return False, f"the site replied with an error: {msg.error.reason}"
+    records = list(msg.content.array_records.values())
+    if len(records) != 1:
+        return False, f"expected one ArrayRecord, got {len(records)}"
+    ok, reason = validate_reply(
+        records[0], reference_arrays, privacy.max_update_norm, nonzero=privacy.mode == "central"
+    )
+    if ok and weight_key is not None:
+        return validate_metrics(msg, weight_key)
+    return ok, reason

@@ -7,5 +7,5 @@ Contract of one region graph (a tile of a slide, or a whole plain image):
   edge_attr    float32 (E, De)        edge descriptors (names: `edge_attr_names`)
   edge_win     uint8   (E, 3, W, W)   RGB window at the shared-boundary midpoint (optional)
   pos          float32 (N, 2)         entity centroid (x, y) in µm, slide coordinates
-  tile_origin  float32 (1, 2)         (x, y) in µm of the read region's pixel (0, 0), margin included
+  tile_origin  float32 (1, 2)         (x, y) µm of the read region's pixel (0, 0), margin included
 """

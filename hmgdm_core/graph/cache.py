@@ -55,7 +55,13 @@ class SlideGraphWriter:
 
     def commit(self, meta: dict) -> int:
         """Finish the archive with its metadata and atomically move it in place; returns bytes."""
-        meta = {**meta, "format_version": FORMAT_VERSION, "n_graphs": self.n_graphs}
+        meta = {
+            **meta,
+            "format_version": FORMAT_VERSION,
+            "n_graphs": self.n_graphs,
+            "n_nodes": self.n_nodes,
+            "n_edges": self.n_edges,
+        }
         self._zip.writestr("meta.json", json.dumps(meta, indent=1, default=str))
         self._zip.close()
         with open(self._tmp, "rb") as fh:

@@ -7,8 +7,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from hmgdm_core.atomic import atomic_write
+from hmgdm_core.exceptions import GraphDataError
 from hmgdm_core.graph.build import SlideResult
-from hmgdm_core.graph.cache import graph_path
+from hmgdm_core.graph.cache import graph_path, read_slide_meta
 
 COLUMNS = [f.name for f in fields(SlideResult)]
 
@@ -42,12 +43,29 @@ def write_manifest(out_dir: Path, rows: dict[str, SlideResult]) -> Path:
     return atomic_write(manifest_path(out_dir), write)
 
 
-def is_up_to_date(row: SlideResult | None, out_dir: Path, sha256: str, config_hash: str) -> bool:
-    """A slide is skipped only if it was built from the same bytes with the same config."""
-    return (
-        row is not None
-        and row.status in ("done", "skipped")
-        and row.sha256 == sha256
-        and row.config_hash == config_hash
-        and graph_path(out_dir, row.slide_id).exists()
+def already_built(
+    out_dir: Path, slide_id: str, path: Path, sha256: str, config_hash: str
+) -> SlideResult | None:
+    """The result of an earlier build of the same bytes with the same config, else None.
+
+    The archive's own metadata decides, not the manifest: a build killed before its manifest
+    was rewritten still resumes without redoing finished slides.
+    """
+    archive = graph_path(out_dir, slide_id)
+    try:
+        meta = read_slide_meta(archive)
+    except GraphDataError:
+        return None
+    if meta.get("sha256") != sha256 or meta.get("config_hash") != config_hash:
+        return None
+    return SlideResult(
+        slide_id,
+        str(path),
+        sha256,
+        config_hash,
+        "skipped",
+        meta["n_graphs"],
+        meta.get("n_nodes", 0),
+        meta.get("n_edges", 0),
+        archive.stat().st_size,
     )

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from rich.table import Table
 from hmgdm_core.config import GraphConfig
 from hmgdm_core.graph.build import SlideResult, build_slide, slide_fingerprint
 from hmgdm_core.graph.cache import remove_stale_temps
-from hmgdm_core.graph.manifest import is_up_to_date, read_manifest, write_manifest
+from hmgdm_core.graph.manifest import already_built, read_manifest, write_manifest
 from hmgdm_core.log import console
 
 log = logging.getLogger(__name__)
@@ -133,10 +134,12 @@ def build_graphs(
         except OSError as err:
             results.append(SlideResult(sid, str(f), error=f"{f}: cannot read: {err.strerror}"))
             continue
-        if is_up_to_date(manifest.get(sid), out_dir, sha, config_hash):
-            results.append(SlideResult(**{**manifest[sid].row(), "status": "skipped"}))
-        else:
+        done = already_built(out_dir, sid, f, sha, config_hash)
+        if done is None:
             todo.append((f, sid, sha))
+        else:
+            results.append(done)
+            manifest[sid] = replace(done, status="done", seconds=manifest.get(sid, done).seconds)
     for r in results:
         if r.status == "error":
             manifest[r.slide_id] = r

@@ -96,8 +96,10 @@ def test_drop_invalid_keeps_honest_sites_and_logs_each_reason(caplog):
         ),
     ]
     with caplog.at_level(logging.WARNING, logger="server.privacy"):
-        kept, dropped = drop_invalid(replies, REF, PrivacyConfig(max_update_norm=10.0))
-    assert [m.metadata.src_node_id for m in kept] == [1, 5]
+        kept, dropped = drop_invalid(
+            {m.metadata.src_node_id: m for m in replies}, REF, PrivacyConfig(max_update_norm=10.0)
+        )
+    assert list(kept) == [1, 5]
     assert sorted(dropped) == [2, 3, 4, 6]
     assert "NaN" in dropped[2] and "[1, 2]" in dropped[3]
     assert "exceeds" in dropped[4] and "boom" in dropped[6]

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DATA
 
 from hmgdm_core.downstream.labels import read_labels
 from hmgdm_core.downstream.splits import patient_folds
 from hmgdm_core.exceptions import LabelError
 
-LC25000 = Path("/work/shared/data/lc25000_lung/labels.csv")
+LC25000 = DATA / "lc25000_lung/labels.csv"
 
 
 def assert_grouped(folds, groups):
@@ -49,8 +50,8 @@ def test_too_few_patients_for_the_folds():
 
 
 def test_lc25000_groups_never_on_both_sides():
-    paths = pd.read_csv(LC25000)["path"]
-    labels = read_labels(LC25000, paths, id_column="path", patient_column="group_id")
+    stems = pd.read_csv(LC25000)["path"].map(lambda p: Path(p).stem)
+    labels = read_labels(LC25000, stems, id_column="path", patient_column="group_id")
     assert labels.summary["unlabelled_slides"] == 0
     assert labels.summary["patients"] < labels.summary["slides"]  # augmented copies share groups
     folds = patient_folds(labels.strata, labels.groups, n_folds=5, seed=0)

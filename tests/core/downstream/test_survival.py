@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DATA
 from lifelines import CoxPHFitter
 from lifelines.utils import concordance_index
 
@@ -16,7 +16,7 @@ from hmgdm_core.downstream.splits import patient_folds
 from hmgdm_core.downstream.survival import CoxProbe, RiskGroupKM, SurvivalCV
 from hmgdm_core.downstream.tcga import COVARIATES, read_tcga_survival
 
-TCGA_BLCA = Path("/work/shared/data/tcga_survival/tcga_blca_survival.csv")
+TCGA_BLCA = DATA / "tcga_survival/tcga_blca_survival.csv"
 
 
 def hazard_cohort(seed: int = 0, n: int = 240, dim: int = 12):

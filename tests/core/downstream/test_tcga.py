@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
+from conftest import DATA
 
 from hmgdm_core.downstream.tcga import group_sites, read_tcga_survival, site_arrays
 from hmgdm_core.exceptions import LabelError
 
-TCGA = Path("/work/shared/data/tcga_survival")
+TCGA = DATA / "tcga_survival"
 
 
 def test_real_cohort_collapses_to_one_row_per_case():

@@ -1,0 +1,208 @@
+"""Fixed cost of a federated round: local pretraining vs a real loopback deployment (TLS,
+SuperNode auth, 2 SuperNodes) vs Flower's simulation engine, same graphs and epochs.
+
+Run: .venv/bin/python benchmarks/federation_overhead.py [--rounds 3] [--config configs/debug.toml]
+Last output line: one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from client.commands_fed import supernode_command, supernode_env, write_keypair  # noqa: E402
+from hmgdm_core.config import load_config  # noqa: E402
+from hmgdm_core.federation_config import shared_names  # noqa: E402
+from server.app import frozen_names  # noqa: E402
+from server.superlink import (  # noqa: E402
+    make_certificates,
+    register_site,
+    simulate,
+    start_superlink,
+    stop_tree,
+    submit_run,
+)
+
+KATHER = ROOT.parent / "shared" / "data" / "kather2016_tiles"
+SITES = {"A": ("01_TUMOR", "02_STROMA", "03_COMPLEX"), "B": ("04_LYMPHO", "06_MUCOSA")}
+ROUND_OF_TWO_MINUTES = 120.0
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build(out: Path, classes: tuple[str, ...]) -> Path:
+    cmd = [
+        str(Path(sys.executable).with_name("hmgdm-client")),
+        "build-graphs",
+        *(str(KATHER / c) for c in classes),
+        "--out",
+        str(out),
+        "--mpp",
+        "0.495",
+        "--no-progress",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def local_pretrain(cfg, graph_dirs: list[Path]) -> tuple[float, dict]:
+    """(a) one site holding all graphs: the same stage-1/stage-2 epochs, no federation."""
+    from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments
+    from hmgdm_core.graph.cache import load_graph_dir
+    from hmgdm_core.train import build_model, make_optimizer, train_steps
+
+    fed = cfg.federation
+    graphs = [g for d in graph_dirs for g in load_graph_dir(d)]
+    t0 = time.perf_counter()
+    model = build_model(cfg, graph_dims(graphs))
+    model.stats.set(stats_from_moments(feature_moments(graphs)))
+    gen = torch.Generator().manual_seed(0)
+    for rnd in range(1, fed.total_rounds + 1):
+        stage = fed.stage_of(rnd)
+        train_steps(
+            model,
+            make_optimizer(model, cfg.train, stage),
+            graphs,
+            cfg.train,
+            stage=stage,
+            epochs=fed.local_epochs,
+            device=torch.device("cpu"),
+            generator=gen,
+        )
+    return time.perf_counter() - t0, model.state_dict()
+
+
+def deployment(cfg_text: str, caches: dict[str, Path], work: Path) -> tuple[float, list]:
+    """(b) a real SuperLink + 2 SuperNodes on 127.0.0.1; wall time from submit to final.pt."""
+    tls = make_certificates(work / "tls")
+    port = _port()
+    link = start_superlink(
+        port=port,
+        state_dir=work / "state",
+        tls=tls,
+        flwr_home=work / "home",
+        log_path=work / "superlink.log",
+    )
+    nodes = []
+    try:
+        for name, cache in caches.items():
+            key, pub = write_keypair(work / "keys" / name, name)
+            register_site(link.flwr_home, pub, name)
+            cmd = supernode_command(
+                superlink=f"127.0.0.1:{port}",
+                graphs=cache,
+                state_dir=work / "sites" / name,
+                root_cert=tls.ca_cert,
+                auth_key=key,
+                local_port=_port(),
+            )
+            with open(work / f"supernode_{name}.log", "wb") as log:
+                nodes.append(
+                    subprocess.Popen(cmd, env=supernode_env(), stdout=log, stderr=subprocess.STDOUT)
+                )
+        t0 = time.perf_counter()
+        run = submit_run(
+            link.flwr_home, {"config-toml": cfg_text, "run-dir": str(work / "run")}, work
+        )
+        run.communicate(timeout=1800)
+        wall = time.perf_counter() - t0
+    finally:
+        for p in nodes:
+            stop_tree(p)
+        link.stop()
+    final = torch.load(work / "run" / "final.pt", weights_only=False)
+    return wall, final["extra"]["federation"]
+
+
+def per_round(history: list) -> tuple[float, float]:
+    """Mean server-side round time and mean site training time per round."""
+    rounds = [h["seconds"] for h in history]
+    train = [h["train"]["seconds"] for h in history]
+    return sum(rounds) / len(rounds), sum(train) / len(train)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "debug.toml")
+    ap.add_argument("--rounds", type=int, default=3, help="stage-1 round + stage-2 rounds")
+    args = ap.parse_args()
+    fed_toml = (
+        f"\n[federation]\nstage1_rounds = 1\nstage2_rounds = {args.rounds - 1}\n"
+        "local_epochs = 1\nevaluate_every = 0\nwait_timeout_s = 120\n"
+    )
+    cfg_text = args.config.read_text() + fed_toml
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        caches = {n: _build(work / f"cache{n}", c) for n, c in SITES.items()}
+        cfg_path = work / "cfg.toml"
+        cfg_path.write_text(cfg_text)
+        cfg = load_config(cfg_path)
+
+        local_s, state = local_pretrain(cfg, list(caches.values()))
+        dep_wall, dep_hist = deployment(cfg_text, caches, work / "deploy")
+        t0 = time.perf_counter()
+        sim_final = simulate(caches["B"], work / "sim", sites=2, config=cfg_path)
+        sim_wall = time.perf_counter() - t0
+        sim_hist = torch.load(sim_final, weights_only=False)["extra"]["federation"]
+
+    dep_round, dep_train = per_round(dep_hist)
+    sim_round, sim_train = per_round(sim_hist)
+    dep_over, sim_over = dep_round - dep_train, sim_round - sim_train
+    names = list(state)
+    fed = cfg.federation
+    nbytes = lambda keys: sum(state[k].numel() * state[k].element_size() for k in keys)  # noqa: E731
+    up = nbytes(shared_names(names, fed.shared_prefixes("diffusion")))
+    down = up + nbytes(frozen_names(fed, "diffusion", names))
+    ratio = dep_over / ROUND_OF_TWO_MINUTES
+    print(f"local pretrain, {fed.total_rounds} epochs on all graphs: {local_s:8.1f} s")
+    print(
+        f"deployment (2 SuperNodes, TLS+auth), {fed.total_rounds} rounds: {dep_wall:8.1f} s "
+        f"wall, {dep_round:.1f} s/round of which sites trained {dep_train:.1f} s"
+    )
+    print(
+        f"simulation (2 virtual sites), wall incl. engine start: {sim_wall:8.1f} s, "
+        f"{sim_round:.2f} s/round of which training {sim_train:.2f} s"
+    )
+    print(f"fixed overhead per round: deployment {dep_over:.1f} s, simulation {sim_over:.2f} s")
+    print(f"deployment wall / local wall: {dep_wall / local_s:.1f}x")
+    print(
+        f"overhead for a {ROUND_OF_TWO_MINUTES:.0f} s round of local training: "
+        f"{100 * ratio:.1f}% (target <= 15%)"
+    )
+    print(f"bytes per stage-2 round per site: up {up:,} (shared), down {down:,} (shared+frozen)")
+    print(
+        json.dumps(
+            {
+                "local_s": round(local_s, 2),
+                "deploy_wall_s": round(dep_wall, 2),
+                "deploy_round_s": round(dep_round, 2),
+                "deploy_overhead_s": round(dep_over, 2),
+                "sim_wall_s": round(sim_wall, 2),
+                "sim_round_s": round(sim_round, 3),
+                "sim_overhead_s": round(sim_over, 3),
+                "overhead_ratio_120s_round": round(ratio, 4),
+                "bytes_up_per_round": up,
+                "bytes_down_per_round": down,
+                "rounds": fed.total_rounds,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""`hmgdm-client keygen` and `hmgdm-client join`: a site's identity key and its SuperNode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from hmgdm_core.exceptions import HmgdmError
+
+
+def write_keypair(out_dir: Path, name: str = "site") -> tuple[Path, Path]:
+    """An EC P-384 key pair in OpenSSH format, the form Flower's SuperNode auth loads."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    priv_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    for p in (priv_path, pub_path):
+        if p.exists():
+            raise HmgdmError(f"{p} already exists; a site keeps one key (or choose another --out)")
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    # Exclusive create with 0600: the private key never exists world-readable, not even briefly.
+    for path, data, mode in ((priv_path, private, 0o600), (pub_path, public + b"\n", 0o644)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    return priv_path, pub_path
+
+
+def keygen(
+    out: Path = typer.Option(..., "--out", help="Directory for site.key (secret) and site.pub."),
+) -> None:
+    """Create this site's key pair; send site.pub to the consortium operator, keep site.key."""
+    try:
+        priv, pub = write_keypair(out)
+    except HmgdmError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(f"private key: {priv} (keep it here)\npublic key:  {pub} (send to the operator)")
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    graphs: Path,
+    state_dir: Path,
+    root_cert: Path | None,
+    auth_key: Path | None,
+    local_port: int = 9094,
+    max_wait_s: float | None = None,
+    privacy_config: Path | None = None,
+) -> list[str]:
+    """The `flower-supernode` command line for this site (also used by tests and benchmarks)."""
+    import tomli_w
+
+    from client.privacy import PRIVACY_CONFIG_KEY, load_site_privacy
+
+    graphs, state_dir = Path(graphs).resolve(), Path(state_dir).resolve()
+    if not (graphs / "graphs").is_dir():
+        raise HmgdmError(f"{graphs}: not a graph cache (run hmgdm-client build-graphs first)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    node = {"graphs-dir": str(graphs), "state-dir": str(state_dir)}
+    if privacy_config is not None:
+        # Read now: a typo fails here, not in the middle of the consortium's first round.
+        load_site_privacy(privacy_config)
+        node[PRIVACY_CONFIG_KEY] = str(Path(privacy_config).resolve())
+    # A TOML file instead of an inline string: paths with spaces or quotes survive intact.
+    node_config = state_dir / "node_config.toml"
+    node_config.write_text(tomli_w.dumps(node))
+    cmd = [
+        str(Path(sys.executable).with_name("flower-supernode")),
+        "--superlink", superlink,
+        "--node-config", str(node_config),
+        "--isolation", "subprocess",
+        # The ClientApp runtime API only ever listens on loopback.
+        "--host", "127.0.0.1",
+        "--port", str(local_port),
+    ]  # fmt: skip
+    if root_cert is None:
+        cmd.append("--insecure")
+    else:
+        if not Path(root_cert).is_file():
+            raise HmgdmError(f"{root_cert}: CA certificate not found")
+        cmd += ["--root-certificates", str(root_cert)]
+    if auth_key is not None:
+        if not Path(auth_key).is_file():
+            raise HmgdmError(f"{auth_key}: private key not found (hmgdm-client keygen makes one)")
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    if max_wait_s is not None:
+        cmd += ["--max-wait-time", str(max_wait_s)]
+    return cmd
+
+
+def join(
+    superlink: str = typer.Option(..., "--superlink", help="The consortium's HOST:PORT."),
+    graphs: Path = typer.Option(..., "--graphs", help="This site's graph cache (build-graphs)."),
+    root_cert: Path | None = typer.Option(
+        None, "--root-cert", help="The consortium CA certificate (ca.crt); omit only for tests."
+    ),
+    auth_key: Path | None = typer.Option(
+        None, "--auth-key", help="This site's private key from keygen (site.key)."
+    ),
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", help="Site checkpoints and local weights [default: GRAPHS/federation]."
+    ),
+    local_port: int = typer.Option(9094, "--local-port", help="Loopback port for ClientApps."),
+    privacy_config: Path | None = typer.Option(
+        None,
+        "--privacy-config",
+        dir_okay=False,
+        help="This site's own privacy TOML; local DP uses its settings, never the server's.",
+    ),
+) -> None:
+    """Join the federation: run a SuperNode that trains on GRAPHS when the server asks.
+
+    Only model weights and scalar metrics leave this machine; graphs stay in GRAPHS.
+    """
+    try:
+        cmd = supernode_command(
+            superlink=superlink,
+            graphs=graphs,
+            state_dir=state_dir or Path(graphs) / "federation",
+            root_cert=root_cert,
+            auth_key=auth_key,
+            local_port=local_port,
+            privacy_config=privacy_config,
+        )
+    except HmgdmError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(f"joining {superlink} with graphs from {graphs} (Ctrl-C to leave)")
+    proc = subprocess.Popen(cmd, env=supernode_env())
+    try:
+        raise typer.Exit(proc.wait())
+    except KeyboardInterrupt:
+        # The SuperNode handles SIGINT itself and stops its ClientApps; wait for it.
+        proc.wait()
+        typer.echo("left the federation")
+
+
+def supernode_env() -> dict[str, str]:
+    """SuperNode environment: fast task polling; runtime dependency installation stays off."""
+    env = dict(os.environ)
+    # flower-supernode starts `flower-superexec` and `flwr-clientapp` by bare name.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
+    return env

@@ -1,0 +1,284 @@
+"""Aggregation around Flower's Message-API strategies: strategy choice from config (inside a
+central-DP wrapper when asked), reply validation, the minimum-replies rule, strategy state that
+survives a restart, per-round checkpoints and the run summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from hmgdm_core.atomic import save_torch
+from hmgdm_core.exceptions import CheckpointError
+from hmgdm_core.federation_config import FederationConfig
+from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
+from hmgdm_core.privacy.errors import PrivacyError
+from server.privacy import drop_invalid, validate_metrics, wrap_strategy
+
+log = logging.getLogger(__name__)
+
+ROUND_FILE = "round_{:04d}.pt"
+FORMAT = "hmgdm-federation-round/1"
+# What strategies carry between rounds: the optimiser moments of adaptive server strategies
+# (FedAdam and its FedOpt family) and the clipping norm adaptive clipping has learnt so far.
+_STATE_ATTRS = ("m_t", "v_t", "clipping_norm")
+REPEAT_OFFENDER = 2  # malformed replies after which a site is named in the run summary
+
+
+def make_strategy(fed: FederationConfig, privacy: PrivacyConfig | None = None) -> Strategy:
+    """The configured strategy, inside Flower's DP wrapper in central modes.
+
+    Node minimums are our min_replies (we wait for sites ourselves). Combinations that would
+    run with less protection than asked for are refused here, before any site is contacted.
+    """
+    privacy = privacy or PrivacyConfig()
+    if privacy.secure_aggregation:
+        raise PrivacyError(
+            "[privacy] secure_aggregation is not available in this ServerApp yet; unset it "
+            "rather than run without it"
+        )
+    common = dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0 if fed.evaluate_every else 0.0,
+        min_train_nodes=fed.min_replies,
+        min_evaluate_nodes=fed.min_replies if fed.evaluate_every else 0,
+        min_available_nodes=fed.min_replies,
+    )
+    # Central DP's noise is calibrated to an unweighted mean: sites send dp-weight = 1.
+    if privacy.mode in CENTRAL_MODES:
+        common["weighted_by_key"] = UNIFORM_WEIGHT_KEY
+    if fed.strategy == "fedprox":
+        strategy: Strategy = FedProx(**common, proximal_mu=fed.proximal_mu)
+    elif fed.strategy == "fedadam":
+        b1, b2 = fed.server_betas
+        strategy = FedAdam(**common, eta=fed.server_lr, beta_1=b1, beta_2=b2, tau=fed.server_tau)
+    else:
+        strategy = FedAvg(**common)
+    # Every site trains every round, so the noise is scaled for min_sites updates.
+    return wrap_strategy(strategy, privacy, num_sampled_clients=fed.min_sites)
+
+
+def _chain(strategy: Strategy) -> Iterator[Strategy]:
+    """The strategy and, for a DP wrapper, the strategies it wraps."""
+    while strategy is not None:
+        yield strategy
+        strategy = getattr(strategy, "strategy", None)
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """What the strategy carries between rounds (empty for plain FedAvg/FedProx)."""
+    state: dict[str, Any] = {}
+    for part in _chain(strategy):
+        for attr in _STATE_ATTRS:
+            value = getattr(part, attr, None)
+            if value is not None:
+                state[attr] = dict(value) if isinstance(value, dict) else value
+    return state
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    for attr, value in state.items():
+        part = next((p for p in _chain(strategy) if hasattr(p, attr)), None)
+        if part is None:
+            raise CheckpointError(
+                f"checkpoint holds {attr} of another strategy than {type(strategy).__name__}"
+            )
+        if isinstance(value, dict):
+            value = {k: np.asarray(v) for k, v in value.items()}
+        setattr(part, attr, value)
+
+
+@dataclass
+class RoundOutcome:
+    """One training round as the server saw it.
+
+    `replied`: sites whose update was used; `failed`: error or no reply (node -> reason);
+    `dropped`: malformed updates refused by validation (node -> reason).
+    """
+
+    arrays: ArrayRecord | None
+    metrics: MetricRecord | None
+    replied: list[int]
+    failed: dict[int, str] = field(default_factory=dict)
+    dropped: dict[int, str] = field(default_factory=dict)
+    site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def aggregated(self) -> bool:
+        return self.arrays is not None
+
+
+def aggregate_train(
+    strategy: Strategy,
+    server_round: int,
+    replies: Mapping[int, Message],
+    sent_to: Sequence[int],
+    min_replies: int,
+    *,
+    sent: ArrayRecord,
+    privacy: PrivacyConfig | None = None,
+) -> RoundOutcome:
+    """Aggregate a round only if at least `min_replies` sites sent a valid update.
+
+    Replies with an error are failures; replies whose arrays differ in names, shapes or dtypes
+    from `sent`, hold NaN/Inf or exceed `max_update_norm` are dropped. Flower's strategies
+    average whatever arrived (one reply suffices); a federation that promised each site its
+    update is mixed with at least `min_replies - 1` others must not.
+    """
+    ok = {node: m for node, m in replies.items() if not m.has_error()}
+    failed = {node: m.error.reason for node, m in replies.items() if m.has_error()}
+    for node in sent_to:
+        if node not in replies:
+            failed[node] = "no reply before the round timeout"
+    kept, dropped = drop_invalid(
+        ok, sent, privacy or PrivacyConfig(), weight_key=_weight_key(strategy)
+    )
+    outcome = RoundOutcome(None, None, sorted(kept), failed, dropped, _site_metrics(kept))
+    if len(kept) >= min_replies:
+        arrays, outcome.metrics = strategy.aggregate_train(
+            server_round, _common_metrics(kept.values())
+        )
+        outcome.arrays = None if arrays is None else _cast_like(arrays, sent)
+    return outcome
+
+
+def aggregate_evaluate(
+    strategy: Strategy, server_round: int, replies: Mapping[int, Message]
+) -> dict[str, float] | None:
+    """Mean held-out metrics of the replies without error and with a valid weight."""
+    key = _weight_key(strategy)
+    ok = [m for m in replies.values() if not m.has_error() and validate_metrics(m, key)[0]]
+    if not ok:
+        return None
+    return dict(strategy.aggregate_evaluate(server_round, _common_metrics(ok)) or {})
+
+
+def _weight_key(strategy: Strategy) -> str:
+    """The metric a strategy (or the one a DP wrapper wraps) weights each reply by."""
+    return next(p.weighted_by_key for p in _chain(strategy) if hasattr(p, "weighted_by_key"))
+
+
+def _common_metrics(replies: Iterable[Message]) -> list[Message]:
+    """The replies with only the metric names all of them share.
+
+    Flower's strategies refuse (raise) when sites report different metric names, e.g. a
+    local-DP site's epsilon; `_site_metrics` has kept each site's own values already.
+    """
+    replies = list(replies)
+    records = [next(iter(m.content.metric_records.items())) for m in replies]
+    common = set.intersection(*(set(record) for _, record in records))
+    for msg, (name, record) in zip(replies, records, strict=True):
+        msg.content[name] = MetricRecord({k: v for k, v in record.items() if k in common})
+    return replies
+
+
+def _cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """FedAdam returns float64; the global model keeps the dtypes it was sent in, or the next
+    round's replies (in the model's dtype) would all fail validation."""
+    return ArrayRecord(
+        {k: Array(v.numpy().astype(reference[k].numpy().dtype)) for k, v in arrays.items()}
+    )
+
+
+def _site_metrics(replies: Mapping[int, Message]) -> dict[int, dict[str, float]]:
+    """Each site's own scalar metrics (e.g. its local epsilon), before they are averaged."""
+    return {
+        node: {
+            k: float(v)
+            for record in m.content.metric_records.values()
+            for k, v in record.items()
+            if isinstance(v, int | float)
+        }
+        for node, m in replies.items()
+    }
+
+
+def save_round(run_dir: Path, server_round: int, payload: dict[str, Any]) -> Path:
+    """Write `round_NNNN.pt` atomically; it holds everything `--resume` needs."""
+    return save_torch(
+        {"format": FORMAT, "round": server_round, **payload},
+        Path(run_dir) / ROUND_FILE.format(server_round),
+    )
+
+
+def load_last_round(run_dir: Path) -> dict[str, Any] | None:
+    """The newest complete round checkpoint under `run_dir`, or None for a fresh run."""
+    import torch
+
+    rounds = sorted(
+        (int(m.group(1)), p)
+        for p in Path(run_dir).glob("round_*.pt")
+        if (m := re.fullmatch(r"round_(\d+)\.pt", p.name))
+    )
+    if not rounds:
+        return None
+    path = rounds[-1][1]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated file is a user-facing problem, not a crash
+        raise CheckpointError(f"{path}: unreadable round checkpoint ({err})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an hmgdm federation checkpoint")
+    return ckpt
+
+
+def malformed_counts(history: list[dict[str, Any]]) -> Counter[str]:
+    """Site -> how many of its updates validation refused over the run."""
+    return Counter(site for h in history for site in h.get("dropped", {}))
+
+
+def summary_table(history: list[dict[str, Any]], checkpoint: Path):
+    """Rounds (stage, sites used/asked, losses, time), then privacy and validation if any."""
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title="federated pretraining", caption=f"checkpoint: {checkpoint}")
+    for col in ("round", "stage", "sites", "train loss", "eval loss", "aggregated", "s"):
+        table.add_column(col, justify="right" if col in ("round", "s") else "left")
+
+    def loss(metrics: dict | None) -> str:
+        return f"{metrics['loss']:.4f}" if metrics and "loss" in metrics else "-"
+
+    for h in history:
+        asked = len(h["replied"]) + len(h["failed"]) + len(h.get("dropped", {}))
+        table.add_row(
+            str(h["round"]), h["stage"], f"{len(h['replied'])}/{asked}", loss(h.get("train")),
+            loss(h.get("eval")), "yes" if h["aggregated"] else "NO", f"{h.get('seconds', 0):.1f}",
+        )  # fmt: skip
+    privacy = privacy_table(history)
+    return table if privacy is None else Group(table, privacy)
+
+
+def privacy_table(history: list[dict[str, Any]]):
+    """Central epsilon, each site's last reported local epsilon, repeat malformed senders."""
+    from rich.table import Table
+
+    rows: list[tuple[str, str]] = []
+    central = [h["central_dp"] for h in history if "central_dp" in h]
+    if central:
+        eps, delta = central[-1]["epsilon"], central[-1]["delta"]
+        rows.append(("central DP epsilon (unit: one site)", f"{eps:.4f} at delta {delta:g}"))
+    local: dict[str, float] = {}
+    for h in history:
+        local.update(h.get("site_epsilon", {}))
+    rows += [(f"local DP epsilon: {site}", f"{eps:.4f}") for site, eps in sorted(local.items())]
+    rows += [
+        (f"malformed replies: {site}", f"{n} (repeat offender)")
+        for site, n in sorted(malformed_counts(history).items())
+        if n >= REPEAT_OFFENDER
+    ]
+    if not rows:
+        return None
+    table = Table("privacy and validation", "value", title_justify="left")
+    for row in rows:
+        table.add_row(*row)
+    return table

