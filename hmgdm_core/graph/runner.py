@@ -63,14 +63,14 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Path], list[SlideResult]]:
     return files, missing
 
 
-class _QueueProgress:
-    """Picklable tile-progress callback that forwards (slide, done, total) to the parent."""
+_progress_queue: mp.Queue | None = None  # set in each worker by _init_worker
 
-    def __init__(self, q: queue.Queue, slide_id: str) -> None:
-        self.q, self.slide_id = q, slide_id
 
-    def __call__(self, done: int, total: int) -> None:
-        self.q.put((self.slide_id, done, total))
+def _build_in_worker(*args, slide_id: str, **kwargs) -> SlideResult:
+    def report(done: int, total: int) -> None:
+        _progress_queue.put((slide_id, done, total))
+
+    return build_slide(*args, slide_id=slide_id, on_tile=report, **kwargs)
 
 
 @contextmanager
@@ -88,10 +88,12 @@ def _single_threaded_torch() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _init_worker() -> None:
+def _init_worker(progress: mp.Queue) -> None:
+    global _progress_queue
     import torch
 
     torch.set_num_threads(1)
+    _progress_queue = progress
 
 
 def build_graphs(
@@ -205,32 +207,27 @@ def _print_error(res: SlideResult) -> None:
 
 
 def _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish) -> None:
-    ctx = mp.get_context("spawn")  # fork after torch/openslide initialisation is unsafe
-    with ctx.Manager() as manager:
-        q = manager.Queue()
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-            pending = {
-                pool.submit(
-                    build_slide,
-                    f,
-                    out_dir,
-                    cfg,
-                    mpp=mpp,
-                    slide_id=sid,
-                    sha256=sha,
-                    on_tile=_QueueProgress(q, sid),
-                )
-                for f, sid, sha in todo
-            }
-            try:
-                while pending:
-                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                    _drain(q, on_tile)
-                    for fut in done:
-                        finish(fut.result())
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+    # Forking this process after torch/OpenSlide have started threads is unsafe; a fork server
+    # that imported the builder once forks workers without paying the seconds of imports each.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["hmgdm_core.graph.build"])
+    q = ctx.Queue()  # handed to workers at start-up: a Manager process would cost seconds
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)
+    ) as pool:
+        pending = {
+            pool.submit(_build_in_worker, f, out_dir, cfg, mpp=mpp, slide_id=sid, sha256=sha)
+            for f, sid, sha in todo
+        }
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(q, on_tile)
+                for fut in done:
+                    finish(fut.result())
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def _drain(q: queue.Queue, on_tile) -> None:

@@ -120,3 +120,18 @@ def test_bad_inputs_fail_alone_with_a_reason(tmp_path, data_dir):
         "missing",
     }
     assert not list((tmp_path / "out" / "graphs").glob(".*"))
+
+
+def test_parallel_workers_build_the_same_graphs(tmp_path, data_dir):
+    tiles = data_dir / "kather2016_tiles" / "02_STROMA"
+    one = build_graphs([tiles], tmp_path / "w1", CFG, mpp=0.495, show_progress=False)
+    two = build_graphs([tiles], tmp_path / "w2", CFG, mpp=0.495, workers=2, show_progress=False)
+
+    def key(results):
+        return sorted((r.slide_id, r.status, r.n_graphs, r.n_nodes, r.n_edges) for r in results)
+
+    assert key(one) == key(two) and len(one) == 3
+    for r in one:
+        a, _ = load_slide_graphs(graph_path(tmp_path / "w1", r.slide_id))
+        b, _ = load_slide_graphs(graph_path(tmp_path / "w2", r.slide_id))
+        assert all(torch.equal(x.x, y.x) for x, y in zip(a, b, strict=True))
