@@ -105,10 +105,14 @@ def test_interrupted_build_leaves_no_partial_graph_and_resumes(tmp_path, data_di
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = out / "graphs" / "cmu-1-small-region.pt"
     deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    # Interrupt while the second slide's archive is being written (its temp file exists).
+    def writing_second() -> bool:
+        return first.exists() and any((out / "graphs").glob(".tcga*.tmp"))
+
+    while not writing_second() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert proc.poll() is None, "build finished before it could be interrupted"
-    time.sleep(0.5)  # well inside the second slide
     os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
