@@ -102,7 +102,15 @@ def test_interrupted_build_leaves_no_partial_graph_and_resumes(tmp_path, data_di
         "0.5",
         "--no-progress",
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A runner that started us in the background (nohup, `cmd &`) ignores SIGINT, and an ignored
+    # signal is inherited: restore the default so the CLI sees Ctrl-C as a user would send it.
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     first = out / "graphs" / "cmu-1-small-region.pt"
     deadline = time.monotonic() + 120
 
