@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hmgdm_core.atomic import atomic_write
 from hmgdm_core.exceptions import HmgdmError
 
 CONNECTION = "hmgdm"  # the SuperLink connection name written to $FLWR_HOME/config.toml
@@ -165,11 +166,7 @@ def write_flower_config(
     doc = {"superlink": {"default": CONNECTION, CONNECTION: conn}}
     flwr_home = Path(flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
-    path = flwr_home / "config.toml"
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(doc))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(flwr_home / "config.toml", lambda p: p.write_text(tomli_w.dumps(doc)))
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:

@@ -10,6 +10,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HMGDM_DATA", REPO.parent / "shared" / "data")).resolve()
 
+# Config overrides for a model small enough that a test trains it in well under a second.
+TINY_MODEL = {
+    "model.hidden": 16,
+    "model.encoder_layers": 2,
+    "model.heads": 2,
+    "model.ae_hidden": 16,
+    "model.window_channels": 4,
+    "model.latent_dim": 4,
+    "model.edge_latent_dim": 2,
+    "model.self_attn_layers": 1,
+    "diffusion.timesteps": 50,
+    "train.max_nodes": 25,
+}
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

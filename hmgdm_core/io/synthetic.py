@@ -4,13 +4,13 @@ tile so a 20k x 20k slide never sits in memory; pixels are a seeded function of 
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from hmgdm_core.atomic import atomic_write
 
 _BACKGROUND = np.array([244.0, 244.0, 246.0])
 _STROMA = np.array([236.0, 172.0, 204.0])
@@ -140,9 +140,8 @@ def write_pyramidal_tiff(
             levels += 1
     compressionargs = {"level": quality} if compression == "jpeg" else None
     bigtiff = width * height * 3 > 2**31
-    fd, tmp = tempfile.mkstemp(suffix=".tif.part", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
             for level in range(levels):
                 d = 2**level
@@ -160,8 +159,5 @@ def write_pyramidal_tiff(
                     subfiletype=0 if level == 0 else 1,
                     metadata=None,
                 )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+
+    return atomic_write(path, write)

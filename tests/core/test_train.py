@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from hmgdm_core import pretrain as pretrain_mod
 from hmgdm_core.config import load_config
@@ -24,19 +25,10 @@ from hmgdm_core.train import (
 )
 
 TINY = {
-    "model.hidden": 16,
-    "model.encoder_layers": 2,
-    "model.heads": 2,
-    "model.ae_hidden": 16,
-    "model.window_channels": 4,
-    "model.latent_dim": 4,
-    "model.edge_latent_dim": 2,
-    "model.self_attn_layers": 1,
-    "diffusion.timesteps": 50,
+    **TINY_MODEL,
     "train.batch_size": 4,
     "train.autoencoder_epochs": 2,
     "train.epochs": 2,
-    "train.max_nodes": 25,
 }
 CPU = torch.device("cpu")
 

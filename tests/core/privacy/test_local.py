@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from opacus.accountants import RDPAccountant
 
 from hmgdm_core.config import load_config
@@ -15,18 +16,7 @@ from hmgdm_core.privacy.local import private_round, steps_for
 from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model, make_optimizer
 
-TINY = {
-    "model.hidden": 16,
-    "model.encoder_layers": 2,
-    "model.heads": 2,
-    "model.ae_hidden": 16,
-    "model.window_channels": 4,
-    "model.latent_dim": 4,
-    "model.edge_latent_dim": 2,
-    "model.self_attn_layers": 1,
-    "diffusion.timesteps": 50,
-    "train.max_nodes": 25,
-}
+TINY = TINY_MODEL
 CPU = torch.device("cpu")
 
 
