@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 from client.commands_fed import supernode_command, supernode_env, write_keypair
 from server.superlink import (
@@ -22,7 +23,6 @@ from server.superlink import (
     stop_tree,
 )
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 KATHER = DATA / "kather2016_tiles"
 
 
