@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from server.superlink import (  # noqa: E402
     submit_run,
 )
 
-KATHER = ROOT.parent / "shared" / "data" / "kather2016_tiles"
+KATHER = Path(os.environ.get("HMGDM_DATA", ROOT.parent / "shared" / "data")) / "kather2016_tiles"
 SITES = {"A": ("01_TUMOR", "02_STROMA", "03_COMPLEX"), "B": ("04_LYMPHO", "06_MUCOSA")}
 ROUND_OF_TWO_MINUTES = 120.0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,7 +33,7 @@ from hmgdm_core.model.graphmae import GraphMAE  # noqa: E402
 from hmgdm_core.studies.synthetic import CLASSES, synthetic_cohort  # noqa: E402
 from hmgdm_core.train import build_model, make_optimizer, make_scheduler, train_steps  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("HMGDM_DATA", REPO.parent / "shared" / "data"))
 # Same feature set for both; entity size differs so graphs stay a few hundred nodes.
 SYNTHETIC_GRAPHS = GraphConfig(mpp=1.0, entity_area_um2=64.0, window_size=16, edge_windows=False)
 REAL_GRAPHS = SYNTHETIC_GRAPHS.model_copy(update={"entity_area_um2": 100.0})

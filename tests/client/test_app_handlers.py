@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATA
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -20,7 +21,7 @@ from hmgdm_core.federation_config import shared_names
 from hmgdm_core.graph.cache import load_graph_dir
 from server.app import QUERY_STATS, frozen_names, initial_state
 
-KATHER = Path(__file__).resolve().parents[3] / "shared" / "data" / "kather2016_tiles"
+KATHER = DATA / "kather2016_tiles"
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
 
 
