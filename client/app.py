@@ -9,8 +9,9 @@ whose budget is spent answers with an error saying so, and the server goes on wi
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import asdict, dataclass
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -21,14 +22,21 @@ from flwr.common.constant import ErrorCode
 from torch_geometric.data import Data
 
 from client.privacy import privacy_mod, site_privacy
-from client.records import FROZEN, SHARED, load_into, pack_metrics, pack_state, unpack_config
+from client.records import (
+    FROZEN,
+    NUM_EXAMPLES,
+    SHARED,
+    load_into,
+    pack_metrics,
+    pack_state,
+    unpack_config,
+)
 from hmgdm_core.atomic import save_torch
 from hmgdm_core.config import HmgdmConfig
+from hmgdm_core.events import EVENTS_FILE, EventLog
 from hmgdm_core.exceptions import GraphDataError
 from hmgdm_core.privacy.config import PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyError
-
-app = ClientApp(mods=[privacy_mod])
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,38 @@ class Site:
         from hmgdm_core.privacy.ledger import LEDGER_NAME
 
         return self.state_dir / LEDGER_NAME
+
+
+def event_mod(msg: Message, context: Context, call_next) -> Message:
+    """One structured event per message this site handled: kind, round, outcome, seconds.
+
+    Written to the SuperNode's log and to STATE_DIR/events.jsonl, so a site's IT team can see
+    what the consortium asked of their machine without reading Flower's own logs.
+    """
+    t0 = time.monotonic()
+    reply = call_next(msg, context)
+    try:
+        site = Site.from_context(context)
+    except GraphDataError:
+        return reply  # the handler has already answered with this error
+    label = f"site-{site.partition[0]}" if site.partition else f"node-{context.node_id}"
+    config = msg.content.config_records.get("config", {})
+    metrics = {} if reply.has_error() else reply.content.metric_records.get("metrics", {})
+    EventLog(site.state_dir / EVENTS_FILE, log=log, site=label).emit(
+        "message",
+        level=WARNING if reply.has_error() else INFO,
+        type=msg.metadata.message_type,
+        round=config.get("server-round"),
+        status="error" if reply.has_error() else "ok",
+        reason=reply.error.reason if reply.has_error() else None,
+        loss=metrics.get("loss"),
+        examples=metrics.get(NUM_EXAMPLES),
+        seconds=round(time.monotonic() - t0, 2),
+    )
+    return reply
+
+
+app = ClientApp(mods=[privacy_mod, event_mod])
 
 
 @functools.lru_cache(maxsize=4)

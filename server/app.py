@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from client.records import FROZEN, pack_config, pack_state, unpack_state
 from hmgdm_core.config import HmgdmConfig, parse_section
+from hmgdm_core.events import EVENTS_FILE, EventLog
 from hmgdm_core.exceptions import ConfigError, HmgdmError
 from hmgdm_core.federation_config import FederationConfig, Stage, shared_names
 from hmgdm_core.privacy.config import CENTRAL_MODES
@@ -37,6 +38,7 @@ from server.strategy import (
     save_round,
     strategy_state,
 )
+from server.summary import run_summary, write_run_summary
 
 app = ServerApp()
 
@@ -172,6 +174,7 @@ def _run_round(
     run_key: str,
     rnd: int,
     state: dict[str, torch.Tensor],
+    events: EventLog,
     accountant: CentralAccountant | None = None,
 ) -> dict[str, Any]:
     """One training (+ evaluation) round; updates `state` in place when it is aggregated.
@@ -187,6 +190,7 @@ def _run_round(
     if accountant is not None:
         accountant.check_budget(len(list(grid.get_node_ids())))
     sites = site_names(grid)
+    events.emit("round_start", round=rnd, stage=stage, sites=sorted(sites.values()))
     t0 = time.monotonic()
     sent = pack_state(state, shared)
     config = pack_config(cfg, stage=stage, run=run_key)
@@ -196,16 +200,8 @@ def _run_round(
     outcome = aggregate_train(
         strategy, rnd, replies, sent_to, fed.min_replies, sent=sent, privacy=cfg.privacy
     )
-    record = _round_record(rnd, stage, outcome, sites)
-    if not outcome.aggregated:
-        log(
-            WARNING,
-            "round %d NOT aggregated: %d valid replies < min_replies %d",
-            rnd,
-            len(outcome.replied),
-            fed.min_replies,
-        )
-    else:
+    record = _round_record(rnd, stage, outcome, sites, events)
+    if outcome.aggregated:
         state.update(unpack_state(outcome.arrays))
         if accountant is not None:
             eps = accountant.record_round(len(outcome.replied))
@@ -221,14 +217,25 @@ def _run_round(
             if (ev := aggregate_evaluate(strategy, rnd, ev_replies)) is not None:
                 record["eval"] = ev
     record["seconds"] = time.monotonic() - t0
-    log(INFO, "round %d metrics: train %s eval %s", rnd, record["train"], record.get("eval"))
+    events.emit(
+        "round_end" if outcome.aggregated else "round_not_aggregated",
+        level=INFO if outcome.aggregated else WARNING,
+        round=rnd,
+        stage=stage,
+        replies=len(outcome.replied),
+        min_replies=fed.min_replies,
+        loss=record["train"].get("loss"),
+        eval_loss=record.get("eval", {}).get("loss"),
+        epsilon=record.get("central_dp", {}).get("epsilon"),
+        seconds=round(record["seconds"], 2),
+    )
     return record
 
 
 def _round_record(
-    rnd: int, stage: Stage, outcome: RoundOutcome, sites: dict[int, str]
+    rnd: int, stage: Stage, outcome: RoundOutcome, sites: dict[int, str], events: EventLog
 ) -> dict[str, Any]:
-    """What the run history keeps of a round, by site name; logs who took part and who not."""
+    """What the run history keeps of a round, by site name; one event per site asked."""
 
     def name(node: int) -> str:
         return sites.get(node, f"node-{node}")
@@ -246,15 +253,13 @@ def _round_record(
             name(n): m["epsilon"] for n, m in outcome.site_metrics.items() if "epsilon" in m
         },
     }
-    log(
-        INFO,
-        "round %d (%s): replies from %s%s%s",
-        rnd,
-        stage,
-        ", ".join(record["replied"]) or "none",
-        f"; missing {record['failed']}" if record["failed"] else "",
-        f"; dropped {record['dropped']}" if record["dropped"] else "",
-    )
+    for node in outcome.replied:
+        m = outcome.site_metrics.get(node, {})
+        events.emit("site_replied", round=rnd, site=name(node), loss=m.get("loss"),
+                    epsilon=m.get("epsilon"))  # fmt: skip
+    for kind, reasons in (("site_failed", record["failed"]), ("site_dropped", record["dropped"])):
+        for site, reason in reasons.items():
+            events.emit(kind, level=WARNING, round=rnd, site=site, reason=reason)
     return record
 
 
@@ -297,7 +302,9 @@ def _central_accountant(cfg: HmgdmConfig, ckpt: dict | None) -> CentralAccountan
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    started = time.monotonic()
     cfg, run_dir, resume = run_config_to_cfg(dict(context.run_config))
+    events = EventLog(run_dir / EVENTS_FILE, log=log)
     ckpt = load_last_round(run_dir) if resume else None
     if ckpt is not None:
         cfg = _resume_config(cfg, ckpt["config"], run_dir)
@@ -307,23 +314,33 @@ def main(grid: Grid, context: Context) -> None:
     # Built first: a privacy setting this server cannot honour is refused before sites wait.
     strategy = make_strategy(fed, cfg.privacy)
     accountant = _central_accountant(cfg, ckpt)
+    events.emit("run_start", run_dir=str(run_dir), rounds=fed.total_rounds,
+                resume_after=ckpt["round"] if ckpt else None)  # fmt: skip
     nodes = wait_for_sites(grid, fed.min_sites, fed.wait_timeout_s, fed.poll_interval_s)
-    log(INFO, "%d sites connected: %s", len(nodes), ", ".join(site_names(grid).values()))
+    events.emit("sites_connected", sites=sorted(site_names(grid).values()), count=len(nodes))
     if ckpt is not None:
         state, dims, history = ckpt["arrays"], ckpt["dims"], ckpt["history"]
         restore_strategy_state(strategy, ckpt["strategy"])
-        log(INFO, "resuming %s after round %d", run_dir, ckpt["round"])
         start = ckpt["round"] + 1
     else:
         dims, moments = _query_stats(grid, cfg, nodes)
         state, history, start = initial_state(cfg, dims, moments), [], 1
     # Sites key their private checkpoint by this, so a resumed run finds its local weights.
     run_key = "run-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+
+    def summarise(status: str, final: Path | None = None) -> None:
+        write_run_summary(run_dir, run_summary(
+            history, status=status, run_dir=run_dir, rounds_planned=fed.total_rounds,
+            wall_seconds=time.monotonic() - started, final=final,
+        ))  # fmt: skip
+
+    status = "finished"
     for rnd in range(start, fed.total_rounds + 1):
         try:
-            history.append(_run_round(grid, strategy, cfg, run_key, rnd, state, accountant))
+            history.append(_run_round(grid, strategy, cfg, run_key, rnd, state, events, accountant))
         except PrivacyBudgetExhausted as err:
-            log(WARNING, "central DP: %s; training stops before round %d", err, rnd)
+            events.emit("privacy_budget_exhausted", level=WARNING, round=rnd, reason=str(err))
+            status = f"stopped before round {rnd}: central DP budget spent"
             break
         payload = {
             "arrays": state,
@@ -334,6 +351,10 @@ def main(grid: Grid, context: Context) -> None:
             "run_config": dict(context.run_config),
             "history": history,
         }
-        save_round(run_dir, rnd, payload)
+        path = save_round(run_dir, rnd, payload)
+        summarise("running")
+        events.emit("checkpoint", round=rnd, path=str(path))
     final = save_final(run_dir / "final.pt", cfg, dims, state, history)
-    log(INFO, "federated pretraining finished: %s", final)
+    summarise(status, final)
+    events.emit("run_end", status=status, rounds=len(history), checkpoint=str(final),
+                seconds=round(time.monotonic() - started, 1))  # fmt: skip

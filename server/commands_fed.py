@@ -53,6 +53,7 @@ def start(
     in STATE/superlink.db across restarts. Ctrl-C stops the run and the SuperLink.
     """
     from hmgdm_core.config import load_config
+    from server.summary import print_run_summary
     from server.superlink import (
         TlsFiles,
         register_site,
@@ -106,6 +107,7 @@ def start(
         for line in run.stdout:
             typer.echo(line, nl=False)
         code = run.wait()
+        print_run_summary(run_dir)
     except HmgdmError as err:
         raise _fail(err) from None
     except KeyboardInterrupt:

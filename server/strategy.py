@@ -1,13 +1,12 @@
 """Aggregation around Flower's Message-API strategies: strategy choice from config (inside a
 central-DP wrapper when asked), reply validation, the minimum-replies rule, strategy state that
-survives a restart, per-round checkpoints and the run summary.
+survives a restart and per-round checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ FORMAT = "hmgdm-federation-round/1"
 # What strategies carry between rounds: the optimiser moments of adaptive server strategies
 # (FedAdam and its FedOpt family) and the clipping norm adaptive clipping has learnt so far.
 _STATE_ATTRS = ("m_t", "v_t", "clipping_norm")
-REPEAT_OFFENDER = 2  # malformed replies after which a site is named in the run summary
 
 
 def make_strategy(fed: FederationConfig, privacy: PrivacyConfig | None = None) -> Strategy:
@@ -229,56 +227,3 @@ def load_last_round(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an hmgdm federation checkpoint")
     return ckpt
-
-
-def malformed_counts(history: list[dict[str, Any]]) -> Counter[str]:
-    """Site -> how many of its updates validation refused over the run."""
-    return Counter(site for h in history for site in h.get("dropped", {}))
-
-
-def summary_table(history: list[dict[str, Any]], checkpoint: Path):
-    """Rounds (stage, sites used/asked, losses, time), then privacy and validation if any."""
-    from rich.console import Group
-    from rich.table import Table
-
-    table = Table(title="federated pretraining", caption=f"checkpoint: {checkpoint}")
-    for col in ("round", "stage", "sites", "train loss", "eval loss", "aggregated", "s"):
-        table.add_column(col, justify="right" if col in ("round", "s") else "left")
-
-    def loss(metrics: dict | None) -> str:
-        return f"{metrics['loss']:.4f}" if metrics and "loss" in metrics else "-"
-
-    for h in history:
-        asked = len(h["replied"]) + len(h["failed"]) + len(h.get("dropped", {}))
-        table.add_row(
-            str(h["round"]), h["stage"], f"{len(h['replied'])}/{asked}", loss(h.get("train")),
-            loss(h.get("eval")), "yes" if h["aggregated"] else "NO", f"{h.get('seconds', 0):.1f}",
-        )  # fmt: skip
-    privacy = privacy_table(history)
-    return table if privacy is None else Group(table, privacy)
-
-
-def privacy_table(history: list[dict[str, Any]]):
-    """Central epsilon, each site's last reported local epsilon, repeat malformed senders."""
-    from rich.table import Table
-
-    rows: list[tuple[str, str]] = []
-    central = [h["central_dp"] for h in history if "central_dp" in h]
-    if central:
-        eps, delta = central[-1]["epsilon"], central[-1]["delta"]
-        rows.append(("central DP epsilon (unit: one site)", f"{eps:.4f} at delta {delta:g}"))
-    local: dict[str, float] = {}
-    for h in history:
-        local.update(h.get("site_epsilon", {}))
-    rows += [(f"local DP epsilon: {site}", f"{eps:.4f}") for site, eps in sorted(local.items())]
-    rows += [
-        (f"malformed replies: {site}", f"{n} (repeat offender)")
-        for site, n in sorted(malformed_counts(history).items())
-        if n >= REPEAT_OFFENDER
-    ]
-    if not rows:
-        return None
-    table = Table("privacy and validation", "value", title_justify="left")
-    for row in rows:
-        table.add_row(*row)
-    return table

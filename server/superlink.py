@@ -439,11 +439,7 @@ def simulate(
     final = run_dir / "final.pt"
     if not final.is_file():
         raise HmgdmError(f"simulated federation did not finish; see {out_dir / 'run.log'}")
-    import torch
-    from rich.console import Console
+    from server.summary import print_run_summary
 
-    from server.strategy import summary_table
-
-    history = torch.load(final, map_location="cpu", weights_only=False)["extra"]["federation"]
-    Console().print(summary_table(history, final))
+    print_run_summary(run_dir)
     return final

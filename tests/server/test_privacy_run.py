@@ -21,9 +21,11 @@ from client.app import app as client_app
 from client.privacy import PRIVACY_CONFIG_KEY
 from client.records import SHARED
 from hmgdm_core.config import load_config
+from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from server.app import main
-from server.strategy import load_last_round, summary_table
+from server.strategy import load_last_round
+from server.summary import read_run_summary, summary_table
 
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
 Tamper = Callable[[Message], Message]
@@ -158,7 +160,25 @@ def test_bad_updates_are_dropped_and_a_spent_site_stops_while_the_run_completes(
         torch.testing.assert_close(final[k], torch.from_numpy(v.numpy()))
 
     console = Console(record=True, width=200)
-    console.print(summary_table(history, tmp_path / "run" / "final.pt"))
+    summary = read_run_summary(tmp_path / "run")
+    assert summary["status"] == "finished" and summary["rounds_aggregated"] == 3
+    assert summary["sites"]["A"] == {
+        "rounds_replied": 1, "rounds_failed": 2, "updates_dropped": 0,
+        "epsilon": pytest.approx(ledger.epsilon),
+    }  # fmt: skip
+    assert summary["sites"]["C"]["updates_dropped"] == 3 and summary["repeat_offenders"] == ["C"]
+    console.print(summary_table(summary))
+    events = read_events(tmp_path / "run" / EVENTS_FILE)
+    by_kind = {k: [(e["round"], e["site"]) for e in events if e["event"] == k]
+               for k in ("site_replied", "site_failed", "site_dropped")}  # fmt: skip
+    assert by_kind["site_dropped"] == [(1, "C"), (2, "C"), (3, "C")]
+    assert by_kind["site_failed"] == [(2, "A"), (3, "A")]
+    assert by_kind["site_replied"] == [(1, "A"), (1, "B"), (2, "B"), (3, "B")]
+    assert [e["round"] for e in events if e["event"] == "round_end"] == [1, 2, 3]
+    # The site's own log of what it was asked: round 1 trained, later rounds refused.
+    site_events = read_events(tmp_path / "A" / EVENTS_FILE)
+    site_a = [(e["type"], e["round"], e["status"]) for e in site_events if e["type"] == "train"]
+    assert site_a == [("train", 1, "ok"), ("train", 2, "error"), ("train", 3, "error")]
     rows = [" ".join(line.strip("│ ").split()) for line in console.export_text().splitlines()]
     assert f"local DP epsilon: A │ {ledger.epsilon:.4f}" in rows
     assert "malformed replies: C │ 3 (repeat offender)" in rows
