@@ -23,7 +23,9 @@ class TissueConfig(Section):
     """Tissue detection on a low-resolution thumbnail."""
 
     thumbnail_mpp: float = Field(8.0, gt=0, description="resolution of the detection thumbnail")
-    method: Literal["otsu_saturation", "otsu_od"] = "otsu_saturation"
+    method: Literal["otsu_saturation", "otsu_od"] = Field(
+        "otsu_saturation", description="Otsu threshold on saturation or on optical density"
+    )
     min_object_um2: float = Field(20_000.0, ge=0, description="smaller specks are dropped")
     min_hole_um2: float = Field(20_000.0, ge=0, description="holes smaller than this are filled")
     min_tile_fraction: float = Field(0.25, ge=0, le=1, description="tissue share to keep a tile")
@@ -48,7 +50,7 @@ class GraphConfig(Section):
         False, description="store an instance window per edge (triples the cache size)"
     )
     cnn_weights: Path | None = Field(None, description="local torchvision weights for CNN features")
-    tissue: TissueConfig = TissueConfig()
+    tissue: TissueConfig = Field(TissueConfig(), description="tissue detection ([graph.tissue])")
 
 
 class HmgdmConfig(Section):

@@ -38,19 +38,23 @@ class FederationConfig(Section):
     )
     round_timeout_s: float = Field(3600.0, gt=0, description="a round waits this long for replies")
     poll_interval_s: float = Field(0.2, gt=0, description="how often the server checks replies")
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = Field(
+        "fedavg", description="Flower strategy aggregating the sites' updates"
+    )
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
     server_lr: float = Field(0.01, gt=0, description="FedAdam server learning rate (eta)")
-    server_betas: tuple[float, float] = (0.9, 0.99)
+    server_betas: tuple[float, float] = Field((0.9, 0.99), description="FedAdam betas")
     server_tau: float = Field(1e-3, gt=0, description="FedAdam adaptivity (epsilon)")
-    aggregate: Aggregate = "encoder"
+    aggregate: Aggregate = Field(
+        "encoder", description="what is averaged: encoder, encoder+decoder or all"
+    )
     local_epochs: int = Field(1, ge=1, description="local epochs per round")
     local_steps: int | None = Field(None, ge=1, description="if set, steps per round, not epochs")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of a site's slides held out")
     evaluate_every: int = Field(
         1, ge=0, description="held-out loss every N rounds and after the last (0 = never)"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seeds the held-out split of each site")
     run_dir: Path = Field(Path("runs/federated"), description="server checkpoints go here")
 
     @model_validator(mode="after")

@@ -24,10 +24,10 @@ class ModelConfig(Section):
     kl_weight: float = Field(1e-3, ge=0, description="KL term weight of the entity VAE")
     hidden: int = Field(128, ge=8, description="GNN / decoder width (official: 256)")
     encoder_layers: int = Field(3, ge=1, description="GNN layers; also the decoder block count")
-    conv: Literal["gine", "gatv2"] = "gine"
+    conv: Literal["gine", "gatv2"] = Field("gine", description="GNN layer: GINE or GATv2")
     heads: int = Field(4, ge=1, description="attention heads in decoder and GATv2")
     self_attn_layers: int = Field(2, ge=0, description="Transformer stage before decode blocks")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in GNN and decoder")
     pos_frequencies: int = Field(8, ge=1, description="sinusoid frequencies per centroid axis")
     pos_scale_um: float = Field(200.0, gt=0, description="longest positional wavelength in µm")
     skip_connections: bool = Field(True, description="U-shaped skip; off = every block reads L")
@@ -43,17 +43,19 @@ class ModelConfig(Section):
 class DiffusionConfig(Section):
     """Dynamic entity masking and the DDPM noise process on masked latents."""
 
-    timesteps: int = Field(1000, ge=1, le=10_000)
-    schedule: Literal["sigmoid", "cosine"] = "sigmoid"
+    timesteps: int = Field(1000, ge=1, le=10_000, description="DDPM steps T")
+    schedule: Literal["sigmoid", "cosine"] = Field("sigmoid", description="beta schedule")
     beta_start: float = Field(1e-7, gt=0, lt=1, description="sigmoid schedule first beta")
     beta_end: float = Field(2e-3, gt=0, lt=1, description="sigmoid schedule last beta")
-    prediction: Literal["x0", "epsilon"] = "x0"
+    prediction: Literal["x0", "epsilon"] = Field("x0", description="what the decoder predicts")
     mask_ratio: tuple[float, float] = Field((0.5, 0.7), description="ratio drawn per graph")
     fixed_mask_ratio: bool = Field(False, description="ablation: always the range midpoint")
     fixed_timestep: int | None = Field(None, ge=0, description="ablation: one noise level")
-    masking: Literal["random", "bfs", "mixed"] = "mixed"
+    masking: Literal["random", "bfs", "mixed"] = Field(
+        "mixed", description="masked-subgraph shape: random, connected (BFS) or a coin per graph"
+    )
     bfs_seeds: int = Field(4, ge=1, description="BFS seeds per graph for connected masking")
-    edge_loss_weight: float = Field(1.0, ge=0)
+    edge_loss_weight: float = Field(1.0, ge=0, description="weight of the edge-latent loss")
 
     @model_validator(mode="after")
     def _check(self) -> DiffusionConfig:
@@ -68,15 +70,15 @@ class DiffusionConfig(Section):
 class TrainConfig(Section):
     """Optimisation of both stages; also what a federated client runs each round."""
 
-    seed: int = 0
+    seed: int = Field(0, description="seeds model init, batches, masks and noise")
     autoencoder_epochs: int = Field(2, ge=0, description="stage-1 epochs before diffusion")
     epochs: int = Field(10, ge=1, description="stage-2 (diffusion) epochs")
     batch_size: int = Field(16, ge=1, description="graphs per step (official: 32)")
     max_nodes: int = Field(2000, ge=2, description="bigger graphs: connected subgraph sampled")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (official: 1e-4)")
-    betas: tuple[float, float] = (0.95, 0.999)
-    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = Field((0.95, 0.999), description="AdamW betas")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of steps warming up")
     min_lr_fraction: float = Field(0.1, ge=0, le=1, description="cosine floor, share of peak")
-    grad_clip: float = Field(10.0, gt=0)
+    grad_clip: float = Field(10.0, gt=0, description="gradient norm clip (official: 10)")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")

@@ -23,12 +23,14 @@ class PrivacyConfig(Section):
     `local_dp`: each site runs DP-SGD with the patient as the privacy unit (server untrusted).
     """
 
-    mode: Mode = "none"
+    mode: Mode = Field(
+        "none", description="none, central, client_central or local_dp (see docs/privacy.md)"
+    )
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee")
     max_epsilon: float | None = Field(
         None, gt=0, description="a site refuses rounds that would exceed this epsilon"
     )
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="opacus accountant")
     # Local DP-SGD (mode = local_dp); the unit is one patient.
     noise_multiplier: float = Field(1.0, gt=0, description="DP-SGD noise std / clip_norm")
     clip_norm: float = Field(1.0, gt=0, description="per-patient gradient norm bound")
@@ -46,7 +48,9 @@ class PrivacyConfig(Section):
     central_noise_multiplier: float = Field(1.0, gt=0, description="noise std / central_clip_norm")
     central_clip_norm: float = Field(1.0, gt=0, description="bound on one site's update norm")
     adaptive_clipping: bool = Field(False, description="adapt central_clip_norm to a quantile")
-    target_clipped_quantile: float = Field(0.5, ge=0, le=1)
+    target_clipped_quantile: float = Field(
+        0.5, ge=0, le=1, description="adaptive clipping: share of updates left unclipped"
+    )
     clip_norm_lr: float = Field(0.2, gt=0, description="adaptive clipping learning rate")
     clipped_count_stddev: float | None = Field(
         None, gt=0, description="adaptive clipping count noise; default central_noise_multiplier"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from hmgdm_core.config import GraphConfig, load_config
+from hmgdm_core.config import GraphConfig, HmgdmConfig, load_config
 from hmgdm_core.exceptions import ConfigError
 
 
@@ -44,3 +46,20 @@ def test_every_shipped_config_loads():
     assert shipped, "configs/ holds no presets"
     for path in shipped:
         load_config(path)  # raises ConfigError naming the file and key on any drift
+
+
+def test_every_option_is_described_and_the_reference_is_current():
+    """docs/config.md is the one place every option is documented; it must match the code."""
+    from hmgdm_core.config_reference import _sections, reference_markdown
+
+    undocumented = [
+        f"{dotted}.{name}"
+        for dotted, cls in _sections(HmgdmConfig, "")
+        for name, field in cls.model_fields.items()
+        if not field.description
+    ]
+    assert not undocumented, f"options without a description: {undocumented}"
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    assert doc == reference_markdown(), (
+        "docs/config.md is stale: .venv/bin/python -m hmgdm_core.config_reference > docs/config.md"
+    )
