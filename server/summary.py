@@ -101,8 +101,7 @@ def summary_table(summary: dict[str, Any]):
     from rich.table import Table
 
     title = f"federated pretraining: {summary['status']}"
-    caption = f"checkpoint: {summary['final_checkpoint'] or '-'}; summary: {summary['run_dir']}"
-    rounds = Table(title=title, caption=caption)
+    rounds = Table(title=title, caption=f"checkpoint: {summary['final_checkpoint'] or '-'}")
     for col in ("round", "stage", "sites", "train loss", "eval loss", "aggregated", "s"):
         rounds.add_column(col, justify="right" if col in ("round", "s") else "left")
 

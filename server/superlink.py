@@ -206,6 +206,9 @@ class SuperLink:
         if self.proxy is not None:
             stop_tree(self.proxy, timeout)
         stop_tree(self.proc, timeout)
+        # Simulation workers (Ray) can be reparented while the tree shuts down, escaping the
+        # snapshot above; everything started for this SuperLink carries its FLWR_HOME.
+        _terminate(_processes_with_flwr_home(self.flwr_home), timeout)
 
 
 def stop_tree(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -219,16 +222,34 @@ def stop_tree(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         tree = []
-    for p in tree:
+    _terminate(tree, timeout)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+
+
+def _terminate(procs: list, timeout: float) -> None:
+    """SIGTERM, then SIGKILL what is still alive after `timeout`."""
+    import psutil
+
+    for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     psutil.wait_procs(alive, timeout=timeout)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout)
+
+
+def _processes_with_flwr_home(flwr_home: Path) -> list:
+    import psutil
+
+    home, found = str(Path(flwr_home).resolve()), []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.pid != os.getpid() and p.environ().get("FLWR_HOME") == home:
+                found.append(p)
+    return found
 
 
 def _free_port() -> int:

@@ -22,7 +22,7 @@ def test_simulated_hospitals_train_and_report(site_caches, tmp_path, capsys):
         overrides={"federation.local_steps": 1, "federation.stage2_rounds": 1},
     )  # fmt: skip
     table = capsys.readouterr().out
-    assert "federated pretraining" in table and str(final.name) in table
+    assert "federated pretraining: finished" in table and str(final.name) in table
     ckpt = load_checkpoint(final)  # what `hmgdm-client embed` loads
     history = ckpt.extra["federation"]
     assert [h["round"] for h in history] == [1, 2]

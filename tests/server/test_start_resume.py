@@ -3,6 +3,7 @@ two `hmgdm-client join`, the server killed after round 1, and `start --resume` f
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -72,7 +73,8 @@ def test_start_join_kill_resume(tmp_path, site_caches, federation_cleanup):
     resumed = start("--resume")
     assert resumed.wait(timeout=400) == 0, (tmp_path / "server1.log").read_text()[-3000:]
     log = (tmp_path / "server1.log").read_text()
-    assert "resuming" in log and "after round 1" in log
+    assert "event=run_start" in log and "resume_after=1" in log
+    assert "federated pretraining: finished" in log  # the summary table printed at the end
     last = load_last_round(run_dir)
     assert last["round"] == 3
     assert [h["round"] for h in last["history"]] == [1, 2, 3]
@@ -80,3 +82,6 @@ def test_start_join_kill_resume(tmp_path, site_caches, federation_cleanup):
     assert all(sorted(h["replied"]) == ["A", "B"] for h in last["history"])
     final = torch.load(run_dir / "final.pt", weights_only=False)
     assert final["format"] == "hmgdm-checkpoint/1" and final["epoch"] == 3
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_aggregated"] == 3
+    assert {n: s["rounds_replied"] for n, s in summary["sites"].items()} == {"A": 3, "B": 3}
