@@ -22,13 +22,15 @@ from torch_geometric.data import Data
 
 from client.privacy import privacy_mod, site_privacy
 from client.records import FROZEN, SHARED, load_into, pack_metrics, pack_state, unpack_config
+from client.secagg import secagg_mod
 from hmgdm_core.atomic import save_torch
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.exceptions import GraphDataError
 from hmgdm_core.privacy.config import PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyError
 
-app = ClientApp(mods=[privacy_mod])
+# secagg_mod first: a SecAgg+ round becomes a plain train message that privacy_mod then clips.
+app = ClientApp(mods=[secagg_mod, privacy_mod])
 
 
 @dataclass(frozen=True)
