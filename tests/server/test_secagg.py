@@ -1,5 +1,6 @@
 """SecAgg+ rounds on Flower's simulation engine: the masked mean equals the plain weighted mean
-within the protocol's quantisation error; combinations SecAgg+ cannot honour are refused."""
+within the protocol's quantisation error, local-DP sites whose budget is spent drop out with
+their reason; combinations SecAgg+ cannot honour are refused."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from opacus.accountants import RDPAccountant
 
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.config import PrivacyConfig
@@ -17,33 +19,47 @@ from server.superlink import simulate
 DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
 
 
+def _rdp(steps: int, sigma: float = 1.0, rate: float = 0.5) -> float:
+    acc = RDPAccountant()
+    acc.history = [(sigma, rate, steps)]
+    return acc.get_epsilon(delta=1e-5)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_secagg_mean_equals_the_plain_weighted_mean_within_quantisation(site_caches, tmp_path):
+def test_secagg_mean_equals_the_plain_mean_and_spent_sites_stop(site_caches, tmp_path):
+    """Round 1: three local-DP sites under SecAgg+; round 2: their budget (one DP-SGD step) is
+    spent, each refuses and says why, and the run still completes."""
     sites, clip, levels, max_weight = 3, 0.5, 2**22, 50.0
     simulate(
         site_caches["B"], tmp_path, sites=sites, config=DEBUG_TOML,
         overrides={
             "federation.local_steps": 1, "federation.stage1_rounds": 1,
-            "federation.stage2_rounds": 0, "federation.evaluate_every": 0,
+            "federation.stage2_rounds": 1, "federation.evaluate_every": 0,
             "privacy.secure_aggregation": True, "privacy.secagg_clipping_range": clip,
             "privacy.secagg_quantization_range": levels, "privacy.secagg_max_weight": max_weight,
+            "privacy.mode": "local_dp", "privacy.sample_rate": 0.5,
+            "privacy.max_epsilon": (_rdp(1) + _rdp(2)) / 2,
         },
     )  # fmt: skip
     assert "SecAgg+ mean of 3 masked updates" in (tmp_path / "run.log").read_text()
-    ckpt = load_last_round(tmp_path / "run")
-    record = ckpt["history"][0]
-    assert record["aggregated"] and len(record["replied"]) == sites and not record["failed"]
-    # What each site trained and its weight: from its private checkpoint, never sent.
+    first, second = load_last_round(tmp_path / "run")["history"]
+    assert first["aggregated"] and len(first["replied"]) == sites and not first["failed"]
+    assert list(first["site_epsilon"].values()) == pytest.approx([_rdp(1)] * sites, abs=1e-6)
+    assert not second["aggregated"] and not second["replied"] and len(second["failed"]) == sites
+    assert all("privacy budget exhausted" in why for why in second["failed"].values())
+
+    # What each site trained in round 1 and its weight: from its private checkpoint, never sent.
     local = [torch.load(p, weights_only=False) for p in sorted(tmp_path.glob("sites/*/run-*.pt"))]
-    assert len(local) == sites
+    assert len(local) == sites and all(s["round"] == 1 for s in local)
     names, weights = local[0]["sent"], [s["num_examples"] for s in local]
     plain = {
         k: sum(w * s["model"][k].double() for w, s in zip(weights, local, strict=True))
         / sum(weights)
         for k in names
     }
-    secure = {k: ckpt["arrays"][k].double() for k in names}
+    arrays = torch.load(tmp_path / "run" / "round_0001.pt", weights_only=False)["arrays"]
+    secure = {k: arrays[k].double() for k in names}
     # Each site's weighted update is stochastically rounded to a grid of step 2c/L: under one
     # step per site, so under n steps in the sum, divided by the sum of the quantised weights
     # q_i = round(w_i / W * L) / L; the weights' own rounding and the float32 result add a bit.
