@@ -23,8 +23,9 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from client.records import FROZEN, NUM_EXAMPLES, SECAGG_NAMES, SECAGG_NUM_SHARED
+from client.records import FROZEN, NUM_EXAMPLES, SECAGG_NAMES, SECAGG_NUM_SHARED, SHARED
 from hmgdm_core.config import HmgdmConfig
+from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
 from server.strategy import RoundOutcome
 
@@ -68,12 +69,13 @@ class _Prepared(LegacyFedAvg):
 class _Transport:
     """The Grid as the workflow sees it: our polling `exchange`, each site's error kept."""
 
-    def __init__(self, grid: Grid, exchange: Exchange, poll: float) -> None:
-        self.grid, self.exchange, self.poll = grid, exchange, poll
+    def __init__(self, grid: Grid, exchange: Exchange, fed: FederationConfig) -> None:
+        self.grid, self.exchange, self.fed = grid, exchange, fed
         self.errors: dict[int, str] = {}
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
-        replies = self.exchange(self.grid, list(messages), timeout or 3600.0, self.poll)
+        timeout = self.fed.round_timeout_s if timeout is None else timeout
+        replies = self.exchange(self.grid, list(messages), timeout, self.fed.poll_interval_s)
         for node, reply in replies.items():
             if reply.has_error():
                 self.errors[node] = reply.error.reason
@@ -86,7 +88,7 @@ class _Transport:
 def _fitins(msg: Message) -> FitIns:
     """A train message of the round as legacy fit instructions: shared then frozen arrays, the
     names in the config (legacy arrays have none)."""
-    shared, frozen = msg.content["arrays"], msg.content[FROZEN]
+    shared, frozen = msg.content[SHARED], msg.content[FROZEN]
     names = [*shared.keys(), *frozen.keys()]
     arrays = [r[n].numpy() for r in (shared, frozen) for n in r]
     config = dict(msg.content["config"])
@@ -128,14 +130,14 @@ def secagg_train(
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
         {WorkflowKey.CURRENT_ROUND: server_round}
     )
-    transport = _Transport(grid, exchange, fed.poll_interval_s)
+    transport = _Transport(grid, exchange, fed)
     workflow(privacy, fed.round_timeout_s)(transport, context)
 
     replied = sorted(proxy.node_id for proxy, _ in prepared.results)
     failed = {
-        node: transport.errors.get(node, "dropped out of secure aggregation")
-        for node, _ in ((p.node_id, f) for p, f in instructions)
-        if node not in replied
+        proxy.node_id: transport.errors.get(proxy.node_id, "dropped out of secure aggregation")
+        for proxy, _ in instructions
+        if proxy.node_id not in replied
     }
     site_metrics = {
         proxy.node_id: {k: float(v) for k, v in res.metrics.items() if _is_number(v)}
