@@ -1,8 +1,6 @@
-"""SecAgg+ on the client: Flower's `secaggplus_mod` around this app's own train handler.
-
-The protocol speaks the legacy fit records (unnamed arrays in, one weighted vector out); an
-adapter turns its training message into the app's usual train message and the reply into a fit
-result holding the site's *update* (trained - received), which the mod then masks.
+"""SecAgg+ on the client: Flower's `secaggplus_mod` around this app's own train handler, through
+an adapter from the legacy fit records it speaks to the usual train message and back, replying
+with the site's update (trained - received), which the mod then masks.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The ServerApp: ask sites for feature moments, build the global model, then run stage-1 and
-stage-2 rounds with a Flower strategy, checkpointing every round so `--resume` can continue.
-Malformed updates are dropped before aggregation; central DP spending is accounted per round.
+"""The ServerApp: pool feature moments, build the global model, run stage-1/2 rounds with a Flower
+strategy (SecAgg+ via server/secagg.py), checkpoint every round for `--resume`. Malformed updates
+are dropped before aggregation; central DP spending is accounted per round.
 """
 
 from __future__ import annotations
