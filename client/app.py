@@ -21,7 +21,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from torch_geometric.data import Data
 
-from client.privacy import privacy_mod, site_privacy
+from client.privacy import PATIENTS_KEY, patient_table, privacy_mod, site_privacy
 from client.records import (
     FROZEN,
     NUM_EXAMPLES,
@@ -31,6 +31,7 @@ from client.records import (
     pack_state,
     unpack_config,
 )
+from client.secagg import secagg_mod
 from hmgdm_core.atomic import save_torch
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.events import EVENTS_FILE, EventLog
@@ -46,12 +47,18 @@ class Site:
     graphs_dir: Path
     state_dir: Path
     partition: tuple[int, int] | None = None  # (id, count) when simulating sites from one cache
+    patients_csv: Path | None = None  # slide_id,patient_id: the privacy unit of local DP
 
     @classmethod
     def from_context(cls, context: Context) -> Site:
         node, run = context.node_config, context.run_config
         if "graphs-dir" in node:
-            return cls(Path(str(node["graphs-dir"])), Path(str(node["state-dir"])))
+            patients = node.get(PATIENTS_KEY)
+            return cls(
+                Path(str(node["graphs-dir"])),
+                Path(str(node["state-dir"])),
+                patients_csv=Path(str(patients)) if patients else None,
+            )
         # Simulation: virtual SuperNodes get partition ids, the graphs come from the run config.
         if not run.get("sim-graphs-dir"):
             raise GraphDataError(
@@ -124,7 +131,8 @@ def event_mod(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-app = ClientApp(mods=[privacy_mod, event_mod])
+# secagg_mod first: a SecAgg+ round becomes a plain train message that privacy_mod then clips.
+app = ClientApp(mods=[secagg_mod, privacy_mod, event_mod])
 
 
 @functools.lru_cache(maxsize=4)
@@ -222,7 +230,7 @@ def _train_round(
         return train_steps(model, optimizer, graphs, cfg.train, **common)
     metrics, _ = private_round(
         model, optimizer, graphs, cfg.train, privacy, ledger_path=site.ledger, server_round=rnd,
-        **common,
+        patients=patient_table(site.patients_csv, graphs), **common,
     )  # fmt: skip
     # How many patients the Poisson draw picked is what dividing by the expected batch size
     # hides; the server gets the site's graph count as its weight instead.

@@ -61,11 +61,13 @@ def supernode_command(
     local_port: int = 9094,
     max_wait_s: float | None = None,
     privacy_config: Path | None = None,
+    patients: Path | None = None,
 ) -> list[str]:
     """The `flower-supernode` command line for this site (also used by tests and benchmarks)."""
     import tomli_w
 
-    from client.privacy import PRIVACY_CONFIG_KEY, load_site_privacy
+    from client.privacy import PATIENTS_KEY, PRIVACY_CONFIG_KEY, load_site_privacy
+    from hmgdm_core.privacy.patients import read_patients
 
     graphs, state_dir = Path(graphs).resolve(), Path(state_dir).resolve()
     if not (graphs / "graphs").is_dir():
@@ -76,6 +78,9 @@ def supernode_command(
         # Read now: a typo fails here, not in the middle of the consortium's first round.
         load_site_privacy(privacy_config)
         node[PRIVACY_CONFIG_KEY] = str(Path(privacy_config).resolve())
+    if patients is not None:
+        read_patients(patients)  # the same early check
+        node[PATIENTS_KEY] = str(Path(patients).resolve())
     # A TOML file instead of an inline string: paths with spaces or quotes survive intact.
     node_config = state_dir / "node_config.toml"
     node_config.write_text(tomli_w.dumps(node))
@@ -122,6 +127,12 @@ def join(
         dir_okay=False,
         help="This site's own privacy TOML; local DP uses its settings, never the server's.",
     ),
+    patients: Path | None = typer.Option(
+        None,
+        "--patients",
+        dir_okay=False,
+        help="CSV slide_id,patient_id: local DP protects each patient, not each slide.",
+    ),
 ) -> None:
     """Join the federation: run a SuperNode that trains on GRAPHS when the server asks.
 
@@ -136,6 +147,7 @@ def join(
             auth_key=auth_key,
             local_port=local_port,
             privacy_config=privacy_config,
+            patients=patients,
         )
     except HmgdmError as err:
         raise typer.BadParameter(str(err)) from None

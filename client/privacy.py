@@ -1,12 +1,13 @@
-"""Client-side privacy: the site's own local-DP settings (`site_privacy`), `privacy_mod`
-(client-side clipping for central DP, equal weights) and the `hmgdm-client privacy-report`
-command that prints this site's privacy ledger.
+"""Client-side privacy: the site's own local-DP settings (`site_privacy`) and slide -> patient
+table (`patient_table`), `privacy_mod` (client-side clipping for central DP, equal weights) and
+the `hmgdm-client privacy-report` command that prints this site's privacy ledger.
 """
 
 from __future__ import annotations
 
 import json
-from logging import INFO
+from collections.abc import Iterable
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 # SuperNode node config: the site's own TOML with a [privacy] section (hmgdm-client join).
 PRIVACY_CONFIG_KEY = "privacy-config"
+# SuperNode node config: the site's slide_id,patient_id CSV (hmgdm-client join --patients).
+PATIENTS_KEY = "patients"
 
 
 def load_site_privacy(path: Path) -> PrivacyConfig:
@@ -63,6 +66,32 @@ def site_privacy(
     if site.mode == "local_dp" and run_privacy != site:
         log(INFO, "local DP: using this site's %s; the server's [privacy] is ignored", path)
     return site
+
+
+def patient_table(path: Path | None, graphs: Iterable) -> dict[str, str]:
+    """slide_id -> patient_id for local DP; without a table each slide is its own patient."""
+    from flwr.common import log
+
+    from hmgdm_core.privacy.patients import read_patients, unmapped
+
+    slides = {str(g.slide_id) for g in graphs}
+    if path is None:
+        log(
+            WARNING,
+            "local DP: no slide->patient table (hmgdm-client join --patients FILE); each of the "
+            "%d slides counts as its own patient, so a patient with k slides gets up to k x the "
+            "reported epsilon",
+            len(slides),
+        )
+        return {}
+    table = read_patients(path)
+    if missing := unmapped(slides, table):
+        log(
+            WARNING,
+            "local DP: %d slide(s) are not in %s and count as their own patient (e.g. %s)",
+            len(missing), path, ", ".join(missing[:3]),
+        )  # fmt: skip
+    return table
 
 
 def _privacy(msg: Message) -> PrivacyConfig:

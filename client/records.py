@@ -15,6 +15,9 @@ NUM_EXAMPLES = "num-examples"  # the weight FedAvg-style strategies read from ea
 SHARED = "arrays"  # parameters the strategy averages (the strategies' default key)
 FROZEN = "frozen"  # global parameters a site must use this round but does not send back
 CONFIG_KEY = "hmgdm-config"
+# SecAgg+ rounds carry unnamed legacy arrays: the names (shared, then frozen) travel in the config.
+SECAGG_NAMES = "secagg-names"  # JSON list of all array names, in order
+SECAGG_NUM_SHARED = "secagg-num-shared"  # how many of them (first) are trained and summed
 
 
 def pack_state(

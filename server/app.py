@@ -1,6 +1,6 @@
-"""The ServerApp: ask sites for feature moments, build the global model, then run stage-1 and
-stage-2 rounds with a Flower strategy, checkpointing every round so `--resume` can continue.
-Malformed updates are dropped before aggregation; central DP spending is accounted per round.
+"""The ServerApp: pool feature moments, build the global model, run stage-1/2 rounds with a Flower
+strategy (SecAgg+ via server/secagg.py), checkpoint every round for `--resume`. Malformed updates
+are dropped before aggregation; central DP spending is accounted per round.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from hmgdm_core.federation_config import FederationConfig, Stage, shared_names
 from hmgdm_core.privacy.config import CENTRAL_MODES
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
 from server.privacy import CentralAccountant
+from server.secagg import secagg_train
 from server.strategy import (
     RoundOutcome,
     aggregate_evaluate,
@@ -195,11 +196,14 @@ def _run_round(
     sent = pack_state(state, shared)
     config = pack_config(cfg, stage=stage, run=run_key)
     msgs = _with_frozen(strategy.configure_train(rnd, sent, config, grid), frozen)
-    sent_to = [m.metadata.dst_node_id for m in msgs]
-    replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
-    outcome = aggregate_train(
-        strategy, rnd, replies, sent_to, fed.min_replies, sent=sent, privacy=cfg.privacy
-    )
+    if cfg.privacy.secure_aggregation:
+        outcome = secagg_train(grid, msgs, rnd, cfg, sent, exchange)
+    else:
+        sent_to = [m.metadata.dst_node_id for m in msgs]
+        replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
+        outcome = aggregate_train(
+            strategy, rnd, replies, sent_to, fed.min_replies, sent=sent, privacy=cfg.privacy
+        )
     record = _round_record(rnd, stage, outcome, sites, events)
     if outcome.aggregated:
         state.update(unpack_state(outcome.arrays))

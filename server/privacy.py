@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.accountant import epsilon
 from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
@@ -44,13 +45,18 @@ def check_compatible(privacy: PrivacyConfig, strategy: Strategy) -> None:
             "[privacy] adaptive_clipping makes every site report in clear whether its update "
             "was clipped, which SecAgg+ does not cover; use fixed clipping with secure_aggregation"
         )
+    plain_mean = (
+        isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train
+    )
+    if secagg and not plain_mean:
+        raise PrivacyError(
+            f"[privacy] secure_aggregation computes a plain (weighted) mean of the updates; "
+            f"{type(strategy).__name__} needs more than that; use fedavg or fedprox"
+        )
     if privacy.mode not in CENTRAL_MODES:
         return
     # The noise is calibrated to one site's share C / n of an unweighted mean of clipped updates.
-    if (
-        not isinstance(strategy, FedAvg)
-        or type(strategy).aggregate_train is not FedAvg.aggregate_train
-    ):
+    if not plain_mean:
         raise PrivacyError(
             f"[privacy] mode {privacy.mode!r} needs plain averaging (fedavg or fedprox), not "
             f"{type(strategy).__name__}: its noise is calibrated to a mean of clipped updates"
@@ -60,6 +66,23 @@ def check_compatible(privacy: PrivacyConfig, strategy: Strategy) -> None:
             f"[privacy] mode {privacy.mode!r} needs every site weighted equally; build the "
             f"strategy with weighted_by_key={UNIFORM_WEIGHT_KEY!r} (sites send 1), not "
             f"{strategy.weighted_by_key!r}"
+        )
+
+
+def check_secure_aggregation(fed: FederationConfig, privacy: PrivacyConfig) -> None:
+    """Refuse SecAgg+ settings the protocol cannot honour for this federation."""
+    if not privacy.secure_aggregation:
+        return
+    if fed.min_replies < 2:
+        raise PrivacyError(
+            "[privacy] secure_aggregation needs [federation] min_replies >= 2: the sum of one "
+            "site's update is that update"
+        )
+    # Masked sums are taken modulo 2**32; each site adds up to quantization_range per coordinate.
+    if fed.min_sites * privacy.secagg_quantization_range >= 2**32:
+        raise PrivacyError(
+            f"[privacy] secagg_quantization_range {privacy.secagg_quantization_range} x "
+            f"{fed.min_sites} sites overflows SecAgg+'s 2**32 modulus; lower the range"
         )
 
 

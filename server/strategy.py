@@ -20,8 +20,12 @@ from hmgdm_core.atomic import save_torch
 from hmgdm_core.exceptions import CheckpointError
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
-from hmgdm_core.privacy.errors import PrivacyError
-from server.privacy import drop_invalid, validate_metrics, wrap_strategy
+from server.privacy import (
+    check_secure_aggregation,
+    drop_invalid,
+    validate_metrics,
+    wrap_strategy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +43,7 @@ def make_strategy(fed: FederationConfig, privacy: PrivacyConfig | None = None) -
     run with less protection than asked for are refused here, before any site is contacted.
     """
     privacy = privacy or PrivacyConfig()
-    if privacy.secure_aggregation:
-        raise PrivacyError(
-            "[privacy] secure_aggregation is not available in this ServerApp yet; unset it "
-            "rather than run without it"
-        )
+    check_secure_aggregation(fed, privacy)
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0 if fed.evaluate_every else 0.0,

@@ -62,6 +62,22 @@ class PrivacyConfig(Section):
         description="drop replies whose update norm exceeds this (needs individual updates)",
     )
     secure_aggregation: bool = Field(False, description="SecAgg+: the server sees only the sum")
+    # SecAgg+ (Flower's protocol): sites mask a quantised, weighted update; see docs/privacy.md.
+    secagg_clipping_range: float = Field(
+        1.0, gt=0, description="weighted update coordinates are clipped to +-this, then quantised"
+    )
+    secagg_quantization_range: int = Field(
+        2**22, ge=2, description="integer levels per coordinate (precision 2 * range / levels)"
+    )
+    secagg_max_weight: float = Field(
+        1000.0, gt=0, description="largest site weight (graphs); 1 in central modes (equal weights)"
+    )
+    secagg_share_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of the round's sites each site sends key shares to"
+    )
+    secagg_threshold: float = Field(
+        0.67, gt=0, le=1, description="share of those key shares needed to unmask (min 2 sites)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PrivacyConfig:

@@ -124,4 +124,6 @@ def test_incompatible_combinations_are_refused_at_start():
             check_compatible(privacy, strategy)
     check_compatible(PrivacyConfig(mode="central"), FedProx(weighted_by_key=UNIFORM_WEIGHT_KEY))
     check_compatible(PrivacyConfig(mode="client_central", secure_aggregation=True), uniform)
-    check_compatible(PrivacyConfig(mode="local_dp", secure_aggregation=True), FedAdam())
+    check_compatible(PrivacyConfig(mode="local_dp", secure_aggregation=True), FedAvg())
+    with pytest.raises(PrivacyError, match="plain"):
+        check_compatible(PrivacyConfig(mode="local_dp", secure_aggregation=True), FedAdam())

@@ -103,8 +103,6 @@ def test_central_modes_get_flowers_wrappers_and_impossible_settings_are_refused(
     fedadam = FederationConfig(min_sites=2, min_replies=2, strategy="fedadam")
     with pytest.raises(PrivacyError, match="plain averaging"):
         make_strategy(fedadam, PrivacyConfig(mode="central"))
-    with pytest.raises(PrivacyError, match="secure_aggregation is not available"):
-        make_strategy(FED, PrivacyConfig(mode="client_central", secure_aggregation=True))
 
 
 def test_central_mode_refuses_a_site_that_sends_no_equal_weight():
