@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from hmgdm_core.model.hmgdm import HMGDM
 Bag = Sequence[Data]  # the region graphs of one slide (one graph for a region dataset)
 Kind = Literal["classification", "survival"]
 FORMAT = "hmgdm-finetune/1"
+log = logging.getLogger(__name__)
 TRAINED_PREFIX = "encoder."  # backbone parameters fine-tuning may train (stage-1 stays frozen)
 
 
@@ -68,9 +70,13 @@ class SlideNet(nn.Module):
 
     def forward(self, batch: Batch, slide_of_graph: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         entities = self.backbone.node_embeddings(batch)  # (N, embed_dim)
-        slide = slide_of_graph[batch.batch]  # (N,) slide index of each entity
+        outputs, attention = self.pool_and_head(entities, slide_of_graph[batch.batch])
+        return outputs, attention, entities
+
+    def pool_and_head(self, entities: Tensor, slide: Tensor) -> tuple[Tensor, Tensor]:
+        """Outputs (slides, out) and attention (N,) from entity embeddings and their slide."""
         pooled, attention = self.pool(entities, batch=slide)
-        return self.head(pooled), attention, entities
+        return self.head(pooled), attention
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -209,7 +215,10 @@ def inner_split(
     n_splits = max(2, round(1 / cfg.val_fraction))
     try:
         return patient_folds(strata, groups, n_splits, seed)[0]
-    except LabelError:
+    except (LabelError, ValueError) as err:  # ValueError: every class smaller than n_splits
+        log.warning(
+            "no early-stopping split (%s): training all %d epochs", err, cfg.finetune_epochs
+        )
         return None
 
 
