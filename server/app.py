@@ -297,6 +297,11 @@ def _central_accountant(cfg: HmgdmConfig, ckpt: dict | None) -> CentralAccountan
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    if context.run_config.get("mode", "pretrain") == "downstream":
+        from server.downstream import run_downstream
+
+        run_downstream(grid, context)
+        return
     cfg, run_dir, resume = run_config_to_cfg(dict(context.run_config))
     ckpt = load_last_round(run_dir) if resume else None
     if ckpt is not None:

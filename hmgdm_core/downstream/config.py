@@ -26,3 +26,5 @@ class EvalConfig(Section):
     finetune_max_tiles: int = Field(16, ge=1, description="tiles sampled per slide per step")
     finetune_max_nodes: int = Field(500, ge=2, description="entities sampled per tile per step")
     val_fraction: float = Field(0.2, gt=0, lt=0.5, description="patients held out for early stop")
+    fed_rounds: int = Field(5, ge=1, description="rounds of federated fine-tuning (FedAvg)")
+    fed_local_epochs: int = Field(1, ge=1, description="local epochs per site per round")

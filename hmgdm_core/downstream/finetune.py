@@ -204,6 +204,13 @@ def make_net(backbone: HMGDM, task: Task, cfg: EvalConfig, seed: int) -> SlideNe
     )
 
 
+def slide_net_for(cfg: HmgdmConfig, dims: GraphDims, task: Task) -> SlideNet:
+    """The SlideNet every federation party builds identically from the run's config."""
+    from hmgdm_core.train import build_model
+
+    return make_net(build_model(cfg, dims), task, cfg.evaluation, cfg.evaluation.seed)
+
+
 def make_optimizer(net: SlideNet, cfg: EvalConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(net.trainable(), lr=cfg.finetune_lr)
 
