@@ -58,7 +58,8 @@ def _explain(slide, checkpoint, out, graphs, method, image, max_side) -> None:
         raise GraphDataError(
             f"{source}: cannot read the slide image to paint on ({err}); pass --image PATH"
         ) from None
-    radius = float(gcfg["entity_area_um2"]) ** 0.5
+    # One superpixel width, or one thumbnail pixel when a pixel spans several entities.
+    radius = max(float(gcfg["entity_area_um2"]) ** 0.5, mpp)
     fig = plot_importance(thumb, mpp, explanation, radius, title=str(meta["slide_id"]))
     png = save_figure(out, fig)
     csv = write_csv(Path(out).with_suffix(".csv"), explanation.table)
