@@ -15,7 +15,11 @@ def explain(
     out: Path = typer.Option(..., "--out", "-o", help="PNG to write (a CSV of entities beside)."),
     graphs: Path | None = typer.Option(None, "--graphs", "-g", help="Graph cache of the slide."),
     method: str = typer.Option(
-        "attention", "--method", "-m", help="attention (pooling weights) or gradient (x input)."
+        "auto",
+        "--method",
+        "-m",
+        help="attention (pooling weights), gradient (x input), or auto: attention for a "
+        "classifier, gradient x input for a Cox head.",
     ),
     image: Path | None = typer.Option(
         None, "--image", help="The slide image, if not at the path recorded when graphs were built."
@@ -39,14 +43,16 @@ def _explain(slide, checkpoint, out, graphs, method, image, max_side) -> None:
     from hmgdm_core.log import console
     from hmgdm_core.train import check_graph_dims
 
-    if method not in ("attention", "gradient"):
-        raise ConfigError(f"--method must be attention or gradient, not '{method}'")
+    if method not in ("auto", "attention", "gradient"):
+        raise ConfigError(f"--method must be auto, attention or gradient, not '{method}'")
     archive = Path(slide) if graphs is None else graph_path(graphs, slide)
     if not archive.is_file():
         raise GraphDataError(f"{archive}: no graph archive for slide '{slide}'")
     bag, meta = load_slide_graphs(archive)
     net, task, _ = load_slide_net(checkpoint)
     check_graph_dims(net.backbone, bag, str(archive))
+    if method == "auto":
+        method = "attention" if task.kind == "classification" else "gradient"
     explanation = entity_importance(net, task, bag, method)
     gcfg = meta["graph_config"]
     source = Path(image or meta["source"])

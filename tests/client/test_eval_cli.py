@@ -78,5 +78,5 @@ def test_explain_refuses_a_pretraining_checkpoint_and_a_bad_method(site, tmp_pat
     res = runner.invoke(app, [*base, "--checkpoint", str(site["ckpt"])])
     assert res.exit_code == 1 and "not a fine-tuned model" in res.output
     res = runner.invoke(app, [*base, "--checkpoint", str(site["ckpt"]), "--method", "shap"])
-    assert res.exit_code == 1 and "attention or gradient" in res.output
+    assert res.exit_code == 1 and "auto, attention or gradient" in res.output
     assert not (tmp_path / "x.png").exists()
