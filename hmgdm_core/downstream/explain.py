@@ -66,7 +66,11 @@ def entity_importance(
             "importance": importance.detach().double().numpy(),
         }
     )
-    label = task.classes[k] if task.kind == "classification" else f"risk {float(outputs[0, 0]):.3g}"
+    label = (
+        task.classes[k]
+        if task.kind == "classification"
+        else f"risk {float(outputs[0, 0].detach()):.3g}"
+    )
     return Explanation(table, label, method)
 
 

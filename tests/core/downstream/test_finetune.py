@@ -36,15 +36,6 @@ EVAL = EvalConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny graphs: two threads only contend (15x slower on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spread_cohort(spread: np.ndarray, seed: int = 0) -> list[list]:
     """One bag of two region graphs per slide; entity spacing scaled by 1 + 3 * spread."""
     bags = []
