@@ -7,7 +7,7 @@ DEMO_OUT ?= demo_out
 DATA ?= ../shared/data
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo readme-images test lint clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,8 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job end to end on the bundled real data (read in place, never copied):
 # a whole-slide image to tile graphs, then 3 simulated hospitals pretrain H-MGDM together on
-# real lung H&E images and the federated encoder is evaluated with a patient-grouped probe.
+# real lung H&E images and the federated encoder is evaluated with a patient-grouped probe;
+# then federated survival on real TCGA-LUSC clinical data, tissue source sites as hospitals.
 demo: setup
 	$(BIN)/hmgdm-client build-graphs $(DATA)/slides/cmu-1-small-region.svs --out $(DEMO_OUT)/wsi
 	$(BIN)/hmgdm-client build-graphs $(DATA)/lc25000_lung --mpp 1.0 --config configs/demo.toml \
@@ -38,6 +39,14 @@ demo: setup
 	$(BIN)/hmgdm-client evaluate classify --graphs $(DEMO_OUT)/lung \
 		--checkpoint $(DEMO_OUT)/federated/run/final.pt --labels $(DATA)/lc25000_lung/labels.csv \
 		--id-column path --patient-column group_id --out $(DEMO_OUT)/eval_lung
+	$(BIN)/hmgdm-server survival-clinical $(DATA)/tcga_survival/tcga_lusc_survival.csv \
+		--out $(DEMO_OUT)/survival_lusc
+
+# The README's figures, copied from a demo run (never drawn by hand).
+readme-images: demo
+	mkdir -p docs/img
+	cp $(DEMO_OUT)/eval_lung/confusion.png docs/img/lc25000_confusion.png
+	cp $(DEMO_OUT)/survival_lusc/km.png docs/img/tcga_lusc_km.png
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

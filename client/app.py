@@ -295,3 +295,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     num_graphs = int(metrics.pop("num_graphs"))
     return _reply(msg, pack_metrics(metrics, num_graphs))
+
+
+# Registers the downstream handlers (train.finetune, evaluate.downstream) on `app`.
+from client import downstream as _downstream  # noqa: E402, F401

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from client import commands_eval, commands_fed, commands_graphs, commands_train, privacy
+from client import (
+    commands_eval,
+    commands_explain,
+    commands_fed,
+    commands_graphs,
+    commands_train,
+    privacy,
+)
 from hmgdm_core.cli import new_app
 
 app = new_app(
@@ -16,4 +23,5 @@ app.command("join")(commands_fed.join)
 app.command("pretrain")(commands_train.pretrain)
 app.command("embed")(commands_train.embed)
 app.add_typer(commands_eval.evaluate, name="evaluate")
+app.command("explain")(commands_explain.explain)
 app.command("privacy-report")(privacy.privacy_report)

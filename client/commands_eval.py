@@ -1,4 +1,5 @@
-"""`hmgdm-client evaluate classify|survival`: frozen-encoder probes on a site's own labels."""
+"""`hmgdm-client evaluate classify|survival`: frozen-encoder probes or fine-tuning (encoder +
+attention pooling + head) on a site's own labels."""
 
 from __future__ import annotations
 
@@ -27,34 +28,73 @@ PATIENT_COLUMN = typer.Option(
     "patient_id", "--patient-column", help="Column naming the patient (folds never split one)."
 )
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+METHOD = typer.Option(
+    "probe",
+    "--method",
+    "-m",
+    help="probe: linear/Cox probe on frozen embeddings; finetune: encoder + gated attention "
+    "pooling + MLP head trained end to end (writes model.pt for `hmgdm-client explain`).",
+)
+METHODS = ("probe", "finetune")
 
 
 def _embed_and_label(graphs, checkpoint, labels, config, id_column, patient_column, device, task):
+    """(eval config, labels, rows): frozen slide embeddings (slides, hidden) for the probes."""
+    from hmgdm_core.pretrain import embed_graphs
+    from hmgdm_core.train import resolve_device
+
+    cfg, lab, data, ckpt = _load(
+        graphs, checkpoint, labels, config, id_column, patient_column, task
+    )
+    names, emb, _ = embed_graphs(ckpt.model, data, device=resolve_device(device))
+    row = {name: i for i, name in enumerate(names)}
+    return cfg, lab, emb.numpy()[[row[s] for s in lab.table["slide_id"]]], ckpt
+
+
+def _bags_and_label(graphs, checkpoint, labels, config, id_column, patient_column, task):
+    """(eval config, labels, rows, checkpoint): each row the region graphs of one slide."""
+    cfg, lab, data, ckpt = _load(
+        graphs, checkpoint, labels, config, id_column, patient_column, task
+    )
+    by_slide: dict[str, list] = {}
+    for g in data:
+        by_slide.setdefault(str(g.slide_id), []).append(g)
+    return cfg, lab, [by_slide[s] for s in lab.table["slide_id"]], ckpt
+
+
+def _load(graphs, checkpoint, labels, config, id_column, patient_column, task):
     from hmgdm_core.config import load_config
     from hmgdm_core.downstream.labels import read_labels
     from hmgdm_core.graph.cache import load_graph_dir
-    from hmgdm_core.pretrain import embed_graphs
-    from hmgdm_core.train import check_graph_dims, load_checkpoint, resolve_device
+    from hmgdm_core.train import check_graph_dims, load_checkpoint
 
     cfg = load_config(config).evaluation
     data = load_graph_dir(graphs)
-    model = load_checkpoint(checkpoint).model
-    check_graph_dims(model, data, str(graphs))
-    names, emb, _ = embed_graphs(model, data, device=resolve_device(device))
+    ckpt = load_checkpoint(checkpoint)
+    check_graph_dims(ckpt.model, data, str(graphs))
     lab = read_labels(
         labels,
-        names,
+        sorted({str(g.slide_id) for g in data}),
         n_folds=cfg.folds,
         task=task,
         id_column=id_column,
         patient_column=patient_column,
     )
-    row = {name: i for i, name in enumerate(names)}
-    x = emb.numpy()[[row[s] for s in lab.table["slide_id"]]]
-    return cfg, lab, x
+    return cfg, lab, data, ckpt
 
 
-def _run(fn) -> None:
+def _inputs(method, *args):
+    if method not in METHODS:
+        from hmgdm_core.exceptions import ConfigError
+
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not '{method}'")
+    if method == "probe":
+        return _embed_and_label(*args)
+    return _bags_and_label(*args[:-2], args[-1])
+
+
+def run_reporting_errors(fn) -> None:
+    """Run `fn`; a user error becomes one red line and exit code 1."""
     from hmgdm_core.exceptions import HmgdmError
     from hmgdm_core.log import console
 
@@ -75,18 +115,22 @@ def classify(
     id_column: str = ID_COLUMN,
     patient_column: str = PATIENT_COLUMN,
     device: str = DEVICE,
+    method: str = METHOD,
 ) -> None:
-    """Linear probe (logistic regression) on frozen slide embeddings: accuracy, macro-F1,
-    balanced accuracy and macro AUC per fold, and a confusion matrix."""
+    """Linear probe (logistic regression) on frozen slide embeddings, or fine-tuning: accuracy,
+    macro-F1, balanced accuracy and macro AUC per fold, and a confusion matrix."""
 
     def go() -> None:
         from hmgdm_core.downstream.classify import ProbeCV
+        from hmgdm_core.downstream.finetune_cv import FinetuneCV
         from hmgdm_core.log import console
 
-        cfg, lab, x = _embed_and_label(
-            graphs, checkpoint, labels, config, id_column, patient_column, device, "classification"
-        )
-        probe = ProbeCV(cfg).fit(x, lab.table["label"].to_numpy(), lab.groups)
+        cfg, lab, x, ckpt = _inputs(
+            method, graphs, checkpoint, labels, config, id_column, patient_column, device,
+            "classification",
+        )  # fmt: skip
+        probe = ProbeCV(cfg) if method == "probe" else FinetuneCV(ckpt.model, ckpt.cfg, cfg)
+        probe.fit(x, lab.table["label"].to_numpy(), lab.groups)
         files = probe.write(out)
         m = probe.metrics_
         console.print(
@@ -95,7 +139,7 @@ def classify(
         )
         console.print("wrote " + ", ".join(str(p) for p in files.values()))
 
-    _run(go)
+    run_reporting_errors(go)
 
 
 @evaluate.command("survival")
@@ -108,24 +152,33 @@ def survival(
     id_column: str = ID_COLUMN,
     patient_column: str = PATIENT_COLUMN,
     device: str = DEVICE,
+    method: str = METHOD,
 ) -> None:
-    """Cox probe (lifelines, PCA-reduced frozen embeddings): C-index per fold and pooled, and a
-    Kaplan-Meier plot of low vs high predicted risk with the log-rank p-value."""
+    """Cox probe (lifelines, PCA-reduced frozen embeddings) or deep Cox head fine-tuned on the
+    encoder: C-index per fold and pooled, and a Kaplan-Meier plot of low vs high predicted risk
+    with the log-rank p-value."""
 
     def go() -> None:
+        from hmgdm_core.downstream.finetune_cv import DeepCoxCV
         from hmgdm_core.downstream.survival import SurvivalCV
         from hmgdm_core.log import console
 
-        cfg, lab, x = _embed_and_label(
-            graphs, checkpoint, labels, config, id_column, patient_column, device, "survival"
-        )
+        cfg, lab, x, ckpt = _inputs(
+            method, graphs, checkpoint, labels, config, id_column, patient_column, device,
+            "survival",
+        )  # fmt: skip
         t = lab.table
-        cv = SurvivalCV(cfg).fit(x, t["time"].to_numpy(), t["event"].to_numpy(), lab.groups)
+        cv = SurvivalCV(cfg) if method == "probe" else DeepCoxCV(ckpt.model, ckpt.cfg, cfg)
+        cv.fit(x, t["time"].to_numpy(), t["event"].to_numpy(), lab.groups)
         files = cv.write(out)
-        console.print(f"{len(x)} slides: C-index {_pm(cv.metrics_['cindex'])}")
+        m = cv.metrics_
+        console.print(
+            f"{len(x)} slides: C-index {_pm(m['cindex'])} (pooled pairs {m['cindex_pooled']:.3f}), "
+            f"log-rank p {cv.km_.p_value_:.3g}"
+        )
         console.print("wrote " + ", ".join(str(p) for p in files.values()))
 
-    _run(go)
+    run_reporting_errors(go)
 
 
 def _pm(stat: dict) -> str:

@@ -62,6 +62,9 @@ def supernode_command(
     max_wait_s: float | None = None,
     privacy_config: Path | None = None,
     patients: Path | None = None,
+    labels: Path | None = None,
+    id_column: str = "slide_id",
+    patient_column: str = "patient_id",
 ) -> list[str]:
     """The `flower-supernode` command line for this site (also used by tests and benchmarks)."""
     import tomli_w
@@ -81,6 +84,12 @@ def supernode_command(
     if patients is not None:
         read_patients(patients)  # the same early check
         node[PATIENTS_KEY] = str(Path(patients).resolve())
+    if labels is not None:
+        if not Path(labels).is_file():
+            raise HmgdmError(f"{labels}: labels file not found")
+        # Read only by this site's ClientApp (federated fine-tuning and evaluation).
+        node["labels"] = str(Path(labels).resolve())
+        node["labels-id-column"], node["labels-patient-column"] = id_column, patient_column
     # A TOML file instead of an inline string: paths with spaces or quotes survive intact.
     node_config = state_dir / "node_config.toml"
     node_config.write_text(tomli_w.dumps(node))
@@ -133,6 +142,11 @@ def join(
         dir_okay=False,
         help="CSV slide_id,patient_id: local DP protects each patient, not each slide.",
     ),
+    labels: Path | None = typer.Option(
+        None, "--labels", dir_okay=False, help="This site's labels.csv for federated fine-tuning."
+    ),
+    id_column: str = typer.Option("slide_id", "--id-column", help="Column naming the slide."),
+    patient_column: str = typer.Option("patient_id", "--patient-column", help="Patient column."),
 ) -> None:
     """Join the federation: run a SuperNode that trains on GRAPHS when the server asks.
 
@@ -148,6 +162,9 @@ def join(
             local_port=local_port,
             privacy_config=privacy_config,
             patients=patients,
+            labels=labels,
+            id_column=id_column,
+            patient_column=patient_column,
         )
     except HmgdmError as err:
         raise typer.BadParameter(str(err)) from None

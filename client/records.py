@@ -18,6 +18,9 @@ CONFIG_KEY = "hmgdm-config"
 # SecAgg+ rounds carry unnamed legacy arrays: the names (shared, then frozen) travel in the config.
 SECAGG_NAMES = "secagg-names"  # JSON list of all array names, in order
 SECAGG_NUM_SHARED = "secagg-num-shared"  # how many of them (first) are trained and summed
+# Downstream messages (routed to @app.train("finetune") and @app.evaluate("downstream")).
+TRAIN_FINETUNE = "train.finetune"
+EVALUATE_DOWNSTREAM = "evaluate.downstream"
 
 
 def pack_state(
@@ -58,3 +61,16 @@ def pack_config(cfg: HmgdmConfig, **extra: int | float | str | bool) -> ConfigRe
 
 def unpack_config(record: ConfigRecord) -> HmgdmConfig:
     return HmgdmConfig.model_validate_json(str(record[CONFIG_KEY]))
+
+
+def pack_task(kind: str, classes: Iterable[str]) -> dict[str, str]:
+    """The downstream task as config entries: kind and the consortium's class names."""
+    classes = list(classes)
+    bad = [c for c in classes if "," in c or not c]
+    if bad:
+        raise ValueError(f"class names must be non-empty without commas: {bad}")
+    return {"task": kind, "classes": ",".join(classes)}
+
+
+def unpack_task(record: ConfigRecord) -> tuple[str, tuple[str, ...]]:
+    return str(record["task"]), tuple(c for c in str(record.get("classes", "")).split(",") if c)

@@ -306,6 +306,11 @@ def _central_accountant(cfg: HmgdmConfig, ckpt: dict | None) -> CentralAccountan
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    if context.run_config.get("mode", "pretrain") == "downstream":
+        from server.downstream import run_downstream
+
+        run_downstream(grid, context)
+        return
     started = time.monotonic()
     cfg, run_dir, resume = run_config_to_cfg(dict(context.run_config))
     events = EventLog(run_dir / EVENTS_FILE, log=log)

@@ -45,6 +45,16 @@ def start(
     port: int = typer.Option(9092, "--port", help="Port sites connect to."),
     state: Path = typer.Option(DEFAULT_STATE, "--state", help="SuperLink state, logs, runs."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no site auth (tests only)."),
+    finetune: Path | None = typer.Option(
+        None,
+        "--finetune",
+        help="Instead of pretraining: fine-tune this checkpoint on the sites' "
+        "labels (they join with --labels) and evaluate it federated.",
+    ),
+    task: str = typer.Option("classification", "--task", help="With --finetune: or survival."),
+    classes: str = typer.Option(
+        "", "--classes", help="With --finetune: the consortium's class names, comma-separated."
+    ),
 ) -> None:
     """Start the SuperLink, wait for the minimum of sites, run federated pretraining.
 
@@ -67,6 +77,7 @@ def start(
     try:
         cfg = load_config(config)
         fed = cfg.federation
+        downstream = _downstream_run_config(finetune, task, classes)
         tls = None if insecure else TlsFiles.in_dir(tls_dir).check()
         home = state / "flwr_home"
         link = start_superlink(
@@ -101,6 +112,7 @@ def start(
                 "config-toml": config.read_text() if config else "",
                 "run-dir": str(run_dir.resolve()),
                 "resume": resume,
+                **downstream,
             },
             state,
         )
@@ -118,6 +130,20 @@ def start(
             run.terminate()
         link.stop()
     raise typer.Exit(code)
+
+
+def _downstream_run_config(checkpoint: Path | None, task: str, classes: str) -> dict:
+    """Run config of a federated fine-tuning run (empty for pretraining)."""
+    if checkpoint is None:
+        return {}
+    if not Path(checkpoint).is_file():
+        raise HmgdmError(f"{checkpoint}: checkpoint not found")
+    if task not in ("classification", "survival"):
+        raise HmgdmError(f"--task must be classification or survival, not '{task}'")
+    if task == "classification" and not classes:
+        raise HmgdmError("--finetune with classification needs --classes A,B,...")
+    return {"mode": "downstream", "checkpoint": str(Path(checkpoint).resolve()), "task": task,
+            "classes": classes}  # fmt: skip
 
 
 def simulate(

@@ -414,6 +414,42 @@ def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.
     )
 
 
+def run_simulation(
+    graphs_dir: Path, out_dir: Path, *, sites: int, cfg, run_config: dict, echo: bool = False
+) -> Path:
+    """One run of this app on Flower's simulation engine with `sites` virtual sites over
+    partitions of one graph cache (a local simulation SuperLink, stopped on return).
+
+    Returns the run directory; the log is OUT/run.log.
+    """
+    import tomli_w
+
+    out_dir = Path(out_dir).resolve()
+    run_dir = out_dir / "run"
+    link = start_superlink(
+        port=_free_port(), state_dir=out_dir / "superlink", tls=None,
+        flwr_home=out_dir / "flwr_home", node_auth=False, log_path=out_dir / "superlink.log",
+        sim_sites=sites,
+    )  # fmt: skip
+    try:
+        run = submit_run(link.flwr_home, {
+            "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
+            "run-dir": str(run_dir),
+            "sim-graphs-dir": str(Path(graphs_dir).resolve()),
+            "sim-state-dir": str(out_dir / "sites"),
+            **run_config,
+        }, out_dir)  # fmt: skip
+        with open(out_dir / "run.log", "w") as log:
+            for line in run.stdout:
+                log.write(line)
+                if echo:
+                    sys.stdout.write(line)
+        run.wait()
+    finally:
+        link.stop()
+    return run_dir
+
+
 def simulate(
     graphs_dir: Path,
     out_dir: Path,
@@ -428,35 +464,13 @@ def simulate(
     Runs the same ServerApp/ClientApp as a deployment on Flower's simulation engine (a local
     simulation SuperLink, stopped on return). Returns the path of `final.pt`.
     """
-    import tomli_w
-
     from hmgdm_core.config import load_config
 
     out_dir = Path(out_dir).resolve()
     cfg = load_config(config, {
         "federation.min_sites": sites, "federation.min_replies": sites, **(overrides or {}),
     })  # fmt: skip
-    run_dir = out_dir / "run"
-    link = start_superlink(
-        port=_free_port(), state_dir=out_dir / "superlink", tls=None,
-        flwr_home=out_dir / "flwr_home", node_auth=False, log_path=out_dir / "superlink.log",
-        sim_sites=sites,
-    )  # fmt: skip
-    try:
-        run = submit_run(link.flwr_home, {
-            "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
-            "run-dir": str(run_dir),
-            "sim-graphs-dir": str(Path(graphs_dir).resolve()),
-            "sim-state-dir": str(out_dir / "sites"),
-        }, out_dir)  # fmt: skip
-        with open(out_dir / "run.log", "w") as log:
-            for line in run.stdout:
-                log.write(line)
-                if echo:
-                    sys.stdout.write(line)
-        run.wait()
-    finally:
-        link.stop()
+    run_dir = run_simulation(graphs_dir, out_dir, sites=sites, cfg=cfg, run_config={}, echo=echo)
     final = run_dir / "final.pt"
     if not final.is_file():
         raise HmgdmError(f"simulated federation did not finish; see {out_dir / 'run.log'}")
@@ -464,3 +478,42 @@ def simulate(
 
     print_run_summary(run_dir)
     return final
+
+
+def simulate_downstream(
+    graphs_dir: Path,
+    labels: Path,
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    task: str,
+    sites: int = 3,
+    config: Path | None = None,
+    overrides: dict | None = None,
+    id_column: str = "slide_id",
+    patient_column: str = "patient_id",
+    echo: bool = False,
+) -> Path:
+    """Federated fine-tuning + evaluation with `sites` simulated hospitals, each using the rows
+    of `labels` for its own slides. Returns the metrics JSON (per-site and pooled figures)."""
+    from hmgdm_core.config import load_config
+    from hmgdm_core.downstream.labels import read_labels
+    from server.downstream import RESULT_NAME
+
+    out_dir = Path(out_dir).resolve()
+    cfg = load_config(config, {
+        "federation.min_sites": sites, "federation.min_replies": sites, **(overrides or {}),
+    })  # fmt: skip
+    # The consortium agrees on the class list up front; here it is read off the one file.
+    lab = read_labels(labels, None, n_folds=2, task=task, id_column=id_column,
+                      patient_column=patient_column)  # fmt: skip
+    classes = sorted(set(lab.table["label"])) if task == "classification" else []
+    run_dir = run_simulation(graphs_dir, out_dir, sites=sites, cfg=cfg, echo=echo, run_config={
+        "mode": "downstream", "checkpoint": str(Path(checkpoint).resolve()), "task": task,
+        "classes": ",".join(classes), "sim-labels": str(Path(labels).resolve()),
+        "sim-labels-id-column": id_column, "sim-labels-patient-column": patient_column,
+    })  # fmt: skip
+    result = run_dir / RESULT_NAME
+    if not result.is_file():
+        raise HmgdmError(f"simulated downstream run did not finish; see {out_dir / 'run.log'}")
+    return result

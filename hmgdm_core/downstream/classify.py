@@ -82,27 +82,39 @@ class ProbeCV:
     def __init__(self, config: EvalConfig | None = None) -> None:
         self.config = config or EvalConfig()
 
+    description = "logistic regression on standardised embeddings"
+
     def fit(self, x: ArrayLike, y: ArrayLike, groups: ArrayLike) -> ProbeCV:
-        x, y = np.asarray(x, dtype=np.float64), np.asarray(y)  # (n, dim), (n,)
+        """`x`: embeddings (n, dim) here; what a subclass's `_fit_model` takes per row."""
+        x, y, groups = self._rows(x), np.asarray(y), np.asarray(groups)
         self.classes_ = np.unique(y)
         self.oof_proba_ = np.full((len(y), len(self.classes_)), np.nan)
         rows = []
         for fold, (train, test) in enumerate(
             patient_folds(y, groups, self.config.folds, self.config.seed)
         ):
-            model = make_probe(self.config).fit(x[train], y[train])
-            self.oof_proba_[test] = _proba_on(model, x[test], self.classes_)
+            model = self._fit_model(x[train], y[train], groups[train])
+            self.oof_proba_[test] = self._proba(model, x[test])
             metrics = classification_metrics(y[test], self.oof_proba_[test], self.classes_)
             rows.append({"fold": fold, "n_train": len(train), "n_test": len(test), **metrics})
         self.folds_ = pd.DataFrame(rows)
         self.metrics_ = {m: mean_std(self.folds_[m]) for m in METRICS}
         y_oof = self.classes_[np.argmax(self.oof_proba_, axis=1)]
         self.confusion_ = confusion_matrix(y, y_oof, labels=self.classes_)
-        self.model_ = make_probe(self.config).fit(x, y)
+        self.model_ = self._fit_model(x, y, groups)
         return self
 
+    def _rows(self, x: ArrayLike) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)  # (n, dim)
+
+    def _fit_model(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> Pipeline:
+        return make_probe(self.config).fit(x, y)
+
+    def _proba(self, model: Pipeline, x: np.ndarray) -> np.ndarray:
+        return _proba_on(model, x, self.classes_)
+
     def predict_proba(self, x: ArrayLike) -> np.ndarray:
-        return _proba_on(self.model_, np.asarray(x, dtype=np.float64), self.classes_)
+        return self._proba(self.model_, self._rows(x))
 
     def predict(self, x: ArrayLike) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(x), axis=1)]
@@ -119,7 +131,7 @@ class ProbeCV:
         out_dir = Path(out_dir)
         summary = {
             "task": "classification",
-            "probe": "logistic regression on standardised embeddings",
+            "probe": self.description,
             "folds": self.config.folds,
             "seed": self.config.seed,
             "classes": [str(c) for c in self.classes_],

@@ -8,7 +8,7 @@ from hmgdm_core.section import Section
 
 
 class EvalConfig(Section):
-    """Cross-validation and probe settings shared by classification and survival evaluation."""
+    """Cross-validation, probe and fine-tuning settings of classification and survival."""
 
     folds: int = Field(5, ge=2, description="k of the patient-grouped k-fold")
     seed: int = Field(0, description="seed of the fold assignment")
@@ -16,3 +16,15 @@ class EvalConfig(Section):
     probe_max_iter: int = Field(2000, ge=10, description="solver iterations of the probe")
     penalizer: float = Field(0.1, ge=0, description="L2 penalizer of the Cox probe (lifelines)")
     pca_components: int = Field(8, ge=1, description="PCA dimensions fed to the Cox probe")
+    finetune_epochs: int = Field(30, ge=1, description="max epochs of fine-tuning per fold")
+    finetune_patience: int = Field(5, ge=1, description="epochs without a better val loss")
+    finetune_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of fine-tuning")
+    finetune_batch_slides: int = Field(16, ge=1, description="slides per fine-tuning step")
+    finetune_hidden: int = Field(64, ge=4, description="width of attention pooling and head")
+    finetune_dropout: float = Field(0.1, ge=0, lt=1, description="dropout in pooling and head")
+    finetune_encoder: bool = Field(True, description="train the GNN encoder (else the head only)")
+    finetune_max_tiles: int = Field(16, ge=1, description="tiles sampled per slide per step")
+    finetune_max_nodes: int = Field(500, ge=2, description="entities sampled per tile per step")
+    val_fraction: float = Field(0.2, gt=0, lt=0.5, description="patients held out for early stop")
+    fed_rounds: int = Field(5, ge=1, description="rounds of federated fine-tuning (FedAvg)")
+    fed_local_epochs: int = Field(1, ge=1, description="local epochs per site per round")

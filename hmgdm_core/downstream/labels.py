@@ -48,13 +48,15 @@ def read_labels(
     task: Task | None = None,
     id_column: str = "slide_id",
     patient_column: str = "patient_id",
+    only_known: bool = False,
 ) -> Labels:
     """Read and validate a labels CSV; raise one LabelError listing every offending row.
 
     `known_slides` are the slide ids that have embeddings; labelled slides outside it are errors,
     known slides without a label are counted in `summary["unlabelled_slides"]`. `id_column` and
     `patient_column` let region datasets name theirs differently (LC25000: `path`, matched by
-    file stem, and `group_id`).
+    file stem, and `group_id`). `only_known` keeps just the rows of `known_slides` (a simulated
+    site reading the one labels file of all sites) and counts the others in the summary.
     """
     path = Path(path)
     try:
@@ -69,13 +71,19 @@ def read_labels(
     ids = raw[id_column].str.strip()
     if id_column == "path":  # a column of image paths (LC25000) names slides by file stem
         ids = ids.map(lambda p: Path(p).stem if p else p)
+    line = np.arange(len(raw)) + 2  # header is line 1
+    other_sites = 0
+    if only_known and known_slides is not None:
+        mine = ids.isin(set(known_slides)).to_numpy()
+        other_sites = int((~mine).sum())
+        raw, ids = raw[mine].reset_index(drop=True), ids[mine].reset_index(drop=True)
+        line = line[mine]
     table = pd.DataFrame({"slide_id": ids})
     if patient_column in raw.columns:
         patients = raw[patient_column].str.strip()
         table["patient_id"] = patients.where(patients != "", table["slide_id"])
     else:
         table["patient_id"] = table["slide_id"]
-    line = np.arange(len(raw)) + 2  # header is line 1
     problems: list[tuple[int, str]] = []
     problems += _check_ids(table["slide_id"], line, known_slides)
     if task == "classification":
@@ -94,7 +102,8 @@ def read_labels(
         more = len(problems) - _MAX_LISTED
         tail = f"\n  ... and {more} more" if more > 0 else ""
         raise LabelError(f"{path}: {len(problems)} bad row(s):\n{listed}{tail}")
-    return Labels(table=table, task=task, summary=_summary(table, task, known_slides))
+    summary = _summary(table, task, known_slides) | {"rows_of_other_sites": other_sites}
+    return Labels(table=table, task=task, summary=summary)
 
 
 def _infer_task(path: Path, columns: pd.Index, task: Task | None, id_column: str) -> Task:

@@ -136,16 +136,35 @@ class SurvivalCV:
     def _probe(self) -> CoxProbe:
         return CoxProbe(penalizer=self.config.penalizer, pca_components=self.config.pca_components)
 
+    @property
+    def description(self) -> str:
+        return (
+            f"lifelines CoxPHFitter(penalizer={self.config.penalizer}) "
+            f"on {self.config.pca_components} PCA components"
+        )
+
+    def _rows(self, x: ArrayLike) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)  # (n, dim)
+
+    def _fit_model(
+        self, x: np.ndarray, time: np.ndarray, event: np.ndarray, groups: np.ndarray
+    ) -> CoxProbe:
+        return self._probe().fit(x, time, event)
+
+    def _risk(self, model: CoxProbe, x: np.ndarray) -> np.ndarray:
+        return model.predict_risk(x)
+
     def fit(self, x: ArrayLike, time: ArrayLike, event: ArrayLike, groups: ArrayLike) -> SurvivalCV:
-        x = np.asarray(x, dtype=np.float64)  # (n, dim)
+        """`x`: embeddings (n, dim) here; what a subclass's `_fit_model` takes per row."""
+        x, groups = self._rows(x), np.asarray(groups)
         time, event = np.asarray(time, dtype=np.float64), np.asarray(event).astype(int)
         self.oof_risk_ = np.full(len(time), np.nan)
         rows, counts = [], []
         for fold, (train, test) in enumerate(
             patient_folds(event, groups, self.config.folds, self.config.seed)
         ):
-            probe = self._probe().fit(x[train], time[train], event[train])
-            self.oof_risk_[test] = probe.predict_risk(x[test])
+            model = self._fit_model(x[train], time[train], event[train], groups[train])
+            self.oof_risk_[test] = self._risk(model, x[test])
             counts.append(pair_counts(time[test], self.oof_risk_[test], event[test]))
             rows.append(
                 {
@@ -163,15 +182,15 @@ class SurvivalCV:
             "cindex_pooled": pooled_cindex(counts),
         }
         self.km_ = RiskGroupKM().fit(time, event, self.oof_risk_)
-        self.model_ = self._probe().fit(x, time, event)
+        self.model_ = self._fit_model(x, time, event, groups)
         return self
 
     def predict_risk(self, x: ArrayLike) -> np.ndarray:
-        return self.model_.predict_risk(x)
+        return self._risk(self.model_, self._rows(x))
 
     def score(self, x: ArrayLike, time: ArrayLike, event: ArrayLike) -> float:
-        """C-index of the all-rows probe (use `metrics_` for the cross-validated figures)."""
-        return self.model_.score(x, time, event)
+        """C-index of the all-rows model (use `metrics_` for the cross-validated figures)."""
+        return cindex(time, self.predict_risk(x), event)
 
     def plot(self, ax: Axes | None = None) -> Axes:
         return self.km_.plot(ax=ax)
@@ -181,8 +200,7 @@ class SurvivalCV:
         out_dir = Path(out_dir)
         summary = {
             "task": "survival",
-            "probe": f"lifelines CoxPHFitter(penalizer={self.config.penalizer}) "
-            f"on {self.config.pca_components} PCA components",
+            "probe": self.description,
             "folds": self.config.folds,
             "seed": self.config.seed,
             "metrics": self.metrics_,

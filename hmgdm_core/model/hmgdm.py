@@ -112,13 +112,18 @@ class HMGDM(nn.Module):
             return torch.zeros(data.num_nodes, dtype=torch.long, device=data.x.device), 1
         return batch, int(data.num_graphs)
 
+    def node_embeddings(self, data: Data) -> Tensor:
+        """Node embeddings (N, hidden) with gradients (what fine-tuning trains through)."""
+        batch, _ = self._batch_vec(data)
+        z, ze = self.latents(data)
+        h_in = torch.cat([z, self.pos_encoding(data.pos, batch)], dim=-1)
+        return self.encoder(h_in, data.edge_index, edge_attr=ze, batch=batch)[-1]
+
     @torch.no_grad()
     def encode(self, data: Data) -> tuple[Tensor, Tensor]:
         """Node embeddings (N, hidden) and graph embeddings (B, hidden): no masking, no noise."""
         batch, num_graphs = self._batch_vec(data)
-        z, ze = self.latents(data)
-        h_in = torch.cat([z, self.pos_encoding(data.pos, batch)], dim=-1)
-        node = self.encoder(h_in, data.edge_index, edge_attr=ze, batch=batch)[-1]
+        node = self.node_embeddings(data)
         return node, scatter(node, batch, dim=0, dim_size=num_graphs, reduce="mean")
 
     def forward(self, data: Data) -> tuple[Tensor, Tensor]:

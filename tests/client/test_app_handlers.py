@@ -127,3 +127,55 @@ def test_fedprox_term_keeps_shared_weights_closer_to_the_global_model(cache, tmp
         return sum(float((got[k] - server.state[k]).pow(2).sum()) for k in got)
 
     assert drift(1000.0) < drift(0.0)
+
+
+def test_downstream_replies_hold_only_head_weights_and_scalars(cache, tmp_path):
+    """train.finetune sends back exactly the trainable weights it was sent; evaluate.downstream
+    only scalars; neither carries slide ids, labels, paths or per-slide rows."""
+    from client.records import EVALUATE_DOWNSTREAM, TRAIN_FINETUNE, pack_task
+    from hmgdm_core.data import graph_dims
+    from hmgdm_core.downstream.finetune import Task, slide_net_for
+
+    graphs = load_graph_dir(cache)
+    slides = sorted({str(g.slide_id) for g in graphs})
+    labels = tmp_path / "labels.csv"
+    rows = ["slide_id,label"] + [f"{s},{'tumour' if i % 2 else 'complex'}" for i, s in
+                                 enumerate(slides)]  # fmt: skip
+    labels.write_text("\n".join(rows) + "\n")
+    cfg = load_config(DEBUG, overrides={"evaluation.folds": 2, "evaluation.finetune_hidden": 8})
+    task = Task("classification", ("complex", "tumour"))
+    net = slide_net_for(cfg, graph_dims(graphs), task)
+    state = net.state_dict()
+    shared = [n for n, p in net.named_parameters() if p.requires_grad]
+    frozen = [k for k in state if k not in shared and not k.startswith("backbone.decoder.")]
+    ctx = Context(
+        run_id=1, node_id=7, state=RecordDict(), run_config={},
+        node_config={"graphs-dir": str(cache), "state-dir": str(tmp_path / "s"),
+                     "labels": str(labels)},
+    )  # fmt: skip
+    replies = []
+    for kind in (TRAIN_FINETUNE, EVALUATE_DOWNSTREAM):
+        config = pack_config(cfg, **pack_task(task.kind, task.classes), **{"server-round": 1})
+        content = RecordDict({SHARED: pack_state(state, shared), FROZEN: pack_state(state, frozen),
+                              "config": config})  # fmt: skip
+        reply = app(Message(content, dst_node_id=7, message_type=kind), ctx)
+        assert not reply.has_error(), reply.error.reason
+        replies.append(reply)
+    trained = unpack_state(replies[0].content[SHARED])
+    assert sorted(trained) == sorted(shared)
+    assert any(not torch.equal(trained[k], state[k]) for k in trained)  # it trained
+    assert not replies[1].content.array_records
+    metrics = replies[1].content["metrics"]
+    assert set(metrics) >= {"accuracy", "macro-f1", "num-examples"}
+    forbidden = [str(cache).encode(), str(labels).encode(), b"tumour", b"complex",
+                 *(s.encode() for s in slides)]  # fmt: skip
+    node_rows = {g.num_nodes for g in graphs} | {sum(g.num_nodes for g in graphs), len(slides)}
+    for reply in replies:
+        assert not reply.content.config_records
+        for record in reply.content.metric_records.values():
+            assert all(isinstance(v, int | float) for v in record.values())
+        for record in reply.content.array_records.values():
+            for arr in record.values():
+                a = arr.numpy()
+                assert not (a.ndim == 2 and a.shape[0] in node_rows)
+                assert not any(s in a.tobytes() for s in forbidden)

@@ -27,3 +27,15 @@ def test_start_names_a_bad_config_key(tmp_path):
 def test_sites_add_reports_a_missing_key_file(tmp_path):
     res = CliRunner().invoke(app, ["sites", "add", str(tmp_path / "nope.pub")])
     assert res.exit_code == 2 and "public key not found" in res.output
+
+
+def test_start_finetune_checks_its_inputs_before_starting_anything(tmp_path):
+    runner = CliRunner()
+    base = ["start", "--insecure", "--state", str(tmp_path / "s")]
+    res = runner.invoke(app, [*base, "--finetune", str(tmp_path / "nope.pt")])
+    assert res.exit_code == 2 and "checkpoint not found" in res.output
+    ckpt = tmp_path / "final.pt"
+    ckpt.write_bytes(b"x")
+    res = runner.invoke(app, [*base, "--finetune", str(ckpt)])  # classification without classes
+    assert res.exit_code == 2 and "--classes" in res.output
+    assert not (tmp_path / "s" / "superlink.db").exists()

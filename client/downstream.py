@@ -1,0 +1,149 @@
+"""Federated downstream handlers of the ClientApp: fine-tune the slide head on this site's own
+labels (`train.finetune`) and evaluate the global head on this site's held-out patients
+(`evaluate.downstream`). Replies carry model arrays and scalars only: metrics, counts and, for
+survival, the concordance pair counts of the site's own patients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from client.app import Site, app
+from client.records import (
+    FROZEN,
+    SHARED,
+    load_into,
+    pack_metrics,
+    pack_state,
+    unpack_config,
+    unpack_task,
+)
+from hmgdm_core.config import HmgdmConfig
+from hmgdm_core.downstream.finetune import Bag, Task
+from hmgdm_core.downstream.labels import Labels
+from hmgdm_core.exceptions import LabelError
+
+
+def task_from_config(config: ConfigRecord) -> Task:
+    return Task(*unpack_task(config))
+
+
+@dataclass(frozen=True)
+class SiteCohort:
+    """This site's labelled slides split by patient: train rows and held-out test rows."""
+
+    bags: list[Bag]
+    labels: Labels
+    train: np.ndarray
+    test: np.ndarray
+
+    def target(self, task: Task) -> np.ndarray:
+        t = self.labels.table
+        if task.kind == "classification":
+            return np.searchsorted(task.classes, t["label"].to_numpy())
+        return np.stack([t["time"].to_numpy(float), t["event"].to_numpy(float)], axis=1)
+
+
+def site_cohort(site: Site, context: Context, cfg: HmgdmConfig, task: Task) -> SiteCohort:
+    """Read the site's labels (node config `labels`, or `sim-labels` in simulation), keep the
+    site's own slides, and hold out the first patient-grouped fold for evaluation."""
+    from hmgdm_core.downstream.labels import read_labels
+    from hmgdm_core.downstream.splits import patient_folds
+
+    node, run = context.node_config, context.run_config
+    prefix = "" if "labels" in node else "sim-"
+    source = node if "labels" in node else run
+    path = str(source.get(f"{prefix}labels", "") or "")
+    if not path:
+        raise LabelError(
+            "this site has no labels: start it with `hmgdm-client join --labels labels.csv`"
+        )
+    by_slide: dict[str, list] = {}
+    for g in site.graphs():
+        by_slide.setdefault(str(g.slide_id), []).append(g)
+    labels = read_labels(
+        path,
+        by_slide,
+        n_folds=cfg.evaluation.folds,
+        task=task.kind,
+        id_column=str(source.get(f"{prefix}labels-id-column", "slide_id")),
+        patient_column=str(source.get(f"{prefix}labels-patient-column", "patient_id")),
+        only_known=site.partition is not None,
+    )
+    if task.kind == "classification":
+        unknown = set(labels.table["label"]) - set(task.classes)
+        if unknown:
+            raise LabelError(f"{path}: classes {sorted(unknown)} are not the consortium's")
+    train, test = patient_folds(
+        labels.strata, labels.groups, cfg.evaluation.folds, cfg.evaluation.seed
+    )[0]
+    return SiteCohort([by_slide[s] for s in labels.table["slide_id"]], labels, train, test)
+
+
+def _site_net(msg: Message, context: Context):
+    config = msg.content["config"]
+    cfg, task = unpack_config(config), task_from_config(config)
+    site = Site.from_context(context)
+    cohort = site_cohort(site, context, cfg, task)
+    from hmgdm_core.data import graph_dims
+    from hmgdm_core.downstream.finetune import slide_net_for
+
+    net = slide_net_for(cfg, graph_dims([g for bag in cohort.bags for g in bag]), task)
+    load_into(net, *(msg.content[k] for k in (SHARED, FROZEN) if k in msg.content.array_records))
+    return cfg, task, cohort, net
+
+
+@app.train("finetune")
+def finetune(msg: Message, context: Context) -> Message:
+    """Local epochs of the slide head (+ encoder) on this site's training patients."""
+    from hmgdm_core.downstream.finetune import (
+        class_weights,
+        make_optimizer,
+        targets_tensor,
+        train_epochs,
+    )
+
+    cfg, task, cohort, net = _site_net(msg, context)
+    ev, rnd = cfg.evaluation, int(msg.content["config"]["server-round"])
+    y = cohort.target(task)[cohort.train]
+    weight = class_weights(y, task.out_channels) if task.kind == "classification" else None
+    loss = train_epochs(
+        net, make_optimizer(net, ev), [cohort.bags[i] for i in cohort.train],
+        targets_tensor(task, y), task, ev, epochs=ev.fed_local_epochs,
+        generator=torch.Generator().manual_seed(ev.seed * 100_003 + rnd), weight=weight,
+    )  # fmt: skip
+    state = net.state_dict()
+    content = RecordDict(
+        {
+            "metrics": pack_metrics({"loss": loss}, len(cohort.train)),
+            SHARED: pack_state(state, list(msg.content[SHARED].keys())),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate("downstream")
+def evaluate_downstream(msg: Message, context: Context) -> Message:
+    """The global head on this site's held-out patients: classification metrics, or the
+    concordance pair counts of the site's own patients (pooled by summing at the server)."""
+    from hmgdm_core.downstream.classify import classification_metrics
+    from hmgdm_core.downstream.concordance import pair_counts
+    from hmgdm_core.downstream.finetune import predict
+
+    _, task, cohort, net = _site_net(msg, context)
+    test = cohort.test
+    out = predict(net, [cohort.bags[i] for i in test])
+    y = cohort.target(task)[test]
+    if task.kind == "classification":
+        proba = torch.softmax(out, dim=1).double().numpy()
+        metrics = classification_metrics(y, proba, np.arange(len(task.classes)))
+        metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
+    else:
+        counts = pair_counts(y[:, 0], out[:, 0].double().numpy(), y[:, 1])
+        metrics = {**vars(counts), "events": float(y[:, 1].sum())}
+    reply = RecordDict({"metrics": pack_metrics(metrics, len(test))})
+    return Message(content=reply, reply_to=msg)

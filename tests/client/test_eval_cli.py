@@ -1,0 +1,82 @@
+"""`evaluate classify --method finetune` and `explain` end to end on real Kather 2016 tiles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import DATA, TINY_MODEL
+from typer.testing import CliRunner
+
+from client.cli import app
+from hmgdm_core.config import load_config
+from hmgdm_core.graph.cache import load_graph_dir
+from hmgdm_core.train import build_model, graph_dims, save_checkpoint
+
+KATHER = DATA / "kather2016_tiles"
+CLASSES = {"01_TUMOR": "tumour", "03_COMPLEX": "tumour", "02_STROMA": "other", "04_LYMPHO": "other"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    cmd = [str(Path(sys.executable).with_name("hmgdm-client")), "build-graphs",
+           *(str(KATHER / c) for c in CLASSES), "--out", str(root / "graphs"), "--mpp", "0.495",
+           "--no-progress"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    graphs = load_graph_dir(root / "graphs")
+    cfg = load_config(None, TINY_MODEL)
+    save_checkpoint(root / "ckpt.pt", model=build_model(cfg, graph_dims(graphs)), cfg=cfg, epoch=0)
+    rows = [
+        {"slide_id": p.stem, "label": label}
+        for folder, label in CLASSES.items()
+        for p in sorted((KATHER / folder).glob("*.tif"))
+    ]
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    (root / "eval.toml").write_text(
+        "[evaluation]\nfolds = 2\nfinetune_epochs = 3\nfinetune_hidden = 8\nval_fraction = 0.25\n"
+    )
+    return {"root": root, "graphs": root / "graphs", "ckpt": root / "ckpt.pt"}
+
+
+def test_finetune_writes_the_probe_outputs_and_a_model_that_explain_paints(site, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "ft"
+    res = runner.invoke(app, [
+        "evaluate", "classify", "--graphs", str(site["graphs"]), "--checkpoint", str(site["ckpt"]),
+        "--labels", str(site["root"] / "labels.csv"), "--out", str(out),
+        "--config", str(site["root"] / "eval.toml"), "--method", "finetune",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == ["other", "tumour"] and "fine-tuned" in metrics["probe"]
+    folds = pd.read_csv(out / "folds.csv")
+    assert len(folds) == 2 and (folds["n_test"] > 0).all()
+    assert (out / "confusion.png").stat().st_size > 1000
+
+    slide = next(iter(sorted((KATHER / "01_TUMOR").glob("*.tif")))).stem
+    png = tmp_path / "explain.png"
+    res = runner.invoke(app, [
+        "explain", slide, "--graphs", str(site["graphs"]), "--checkpoint", str(out / "model.pt"),
+        "--out", str(png),
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    entities = pd.read_csv(png.with_suffix(".csv"))
+    n_nodes = sum(g.num_nodes for g in load_graph_dir(site["graphs"]) if g.slide_id == slide)
+    assert len(entities) == n_nodes and entities["importance"].sum() == pytest.approx(1.0)
+    assert png.stat().st_size > 1000
+
+
+def test_explain_refuses_a_pretraining_checkpoint_and_a_bad_method(site, tmp_path):
+    runner = CliRunner()
+    slide = next(iter(sorted((KATHER / "02_STROMA").glob("*.tif")))).stem
+    base = ["explain", slide, "--graphs", str(site["graphs"]), "--out", str(tmp_path / "x.png")]
+    res = runner.invoke(app, [*base, "--checkpoint", str(site["ckpt"])])
+    assert res.exit_code == 1 and "not a fine-tuned model" in res.output
+    res = runner.invoke(app, [*base, "--checkpoint", str(site["ckpt"]), "--method", "shap"])
+    assert res.exit_code == 1 and "auto, attention or gradient" in res.output
+    assert not (tmp_path / "x.png").exists()
