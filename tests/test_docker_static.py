@@ -95,7 +95,10 @@ def test_hadolint_catches_what_we_rely_on_it_for(tmp_path):
 def test_image_is_slim_non_root_with_writable_flower_home(name):
     ins = instructions(DOCKER / name)
     froms = [a for i, a in ins if i == "FROM"]
-    assert froms == ["python:3.11-slim"], froms
+    # The base is a build argument (docker/local-base.sh makes a stand-in offline) whose
+    # default stays the slim official image; ARGs before FROM are the only ones FROM sees.
+    assert froms == ["${BASE_IMAGE}"], froms
+    assert ins[0] == ("ARG", "BASE_IMAGE=python:3.11-slim"), ins[0]
     users = [a for i, a in ins if i == "USER"]
     assert users, f"{name}: no USER, the container would run as root"
     uid = users[-1].split(":")[0]
@@ -126,6 +129,12 @@ def test_torch_is_pinned_to_the_makefile_version_and_variant_is_a_build_arg(name
     assert torch_runs, f"{name}: torch is never installed explicitly"
     for run in torch_runs:
         assert '"torch==${TORCH_VERSION}"' in run and "${TORCH_INDEX_URL}" in run, run
+    # A local wheel (TORCH_WHEEL, offline builders) is installed together with the pin, so pip
+    # refuses one of another version; the default (empty) downloads from the index.
+    assert args.get("TORCH_WHEEL") == ""
+    (wheel_run,) = [a for a in torch_runs if "${TORCH_WHEEL}" in a]
+    assert '"/wheels/${TORCH_WHEEL}" "torch==${TORCH_VERSION}"' in wheel_run
+    assert "--mount=type=bind,source=docker/wheels,target=/wheels" in wheel_run
     # The project itself: editable, so `flwr run` finds pyproject.toml next to the code.
     assert any("pip install --no-cache-dir -e ." in a for a in pip_runs)
 
@@ -139,11 +148,15 @@ def test_copied_files_exist_and_pass_the_dockerignore(name):
         if line.startswith("!")
     ]
     for ins_name, args in ins:
-        if ins_name != "COPY":
+        if ins_name == "COPY":
+            *sources, _dest = args.split()
+        elif ins_name == "RUN":
+            # Bind mounts read the build context too; a missing source fails every build.
+            sources = re.findall(r"--mount=type=bind,source=([^,\s]+)", args)
+        else:
             continue
-        *sources, _dest = args.split()
         for src in sources:
-            assert (REPO / src).exists(), f"{name}: COPY {src} does not exist"
+            assert (REPO / src).exists(), f"{name}: {src} (COPY or bind mount) does not exist"
             assert any(src == a or src.startswith(a + "/") for a in allowed), (
                 f"{name}: {src} is excluded by .dockerignore"
             )
@@ -307,3 +320,42 @@ def test_compose_commands_are_real_cli_commands_wired_together():
             path = option(join, opt)
             assert any(path == d or path.startswith(d + "/") for d in mounts.values()), (name, opt)
         assert "keygen" in " ".join(command_tokens(services[f"keygen-{name[-1]}"]))
+
+
+# ---- compose.demo.yml ------------------------------------------------------------------------
+
+
+def test_demo_override_changes_only_commands_and_they_are_real_cli_commands(tmp_path):
+    """The demo runs compose.yml's services, volumes, TLS and keys as they are: it may only swap
+    commands, each a valid hmgdm command; hospitals join exactly as in compose.yml minus local DP.
+    """
+    demo = yaml.safe_load((DOCKER / "compose.demo.yml").read_text())["services"]
+    services = compose()["services"]
+    apps = cli_apps()
+    for name, svc in demo.items():
+        assert name in services, f"compose.demo.yml: {name} is not a compose.yml service"
+        assert set(svc) == {"command"}, f"compose.demo.yml: {name} overrides more than command"
+        (argv,) = hmgdm_argvs(svc)
+        resolve(Invocation("docker/compose.demo.yml", " ".join(argv), argv), apps)
+        for ref in re.findall(r"/opt/hmgdm/(configs/[\w.-]+\.toml)", " ".join(argv)):
+            assert (REPO / ref).is_file(), f"compose.demo.yml: {name}: {ref} does not exist"
+    for name in HOSPITALS:
+        (prod,) = hmgdm_argvs(services[name])
+        (argv,) = hmgdm_argvs(demo[name])
+        i = prod.index("--privacy-config")
+        assert argv == prod[:i] + prod[i + 2 :], name
+    cli = _compose_cli()
+    assert cli, "no compose CLI: apt-get install docker-compose (or the compose v2 plugin)"
+    env = {**os.environ, "HOSPITAL_A_SLIDES": str(tmp_path), "HOSPITAL_B_SLIDES": str(tmp_path)}
+    env.pop("SLIDES_MPP", None)
+    files = ["-f", str(DOCKER / "compose.yml"), "-f", str(DOCKER / "compose.demo.yml")]
+    ok = subprocess.run(
+        [*cli, *files, "config"], capture_output=True, text=True, env=env, check=False
+    )
+    assert ok.returncode == 0, ok.stderr
+    merged = yaml.safe_load(ok.stdout)["services"]
+    graphs = command_tokens(merged["graphs-a"])
+    assert option(tuple(graphs), "--mpp") == "0.495"
+    assert "/opt/hmgdm/configs/debug.toml" in command_tokens(merged["superlink"])
+    probe = merged["superlink"]["healthcheck"]["test"]
+    assert probe == services["superlink"]["healthcheck"]["test"]
