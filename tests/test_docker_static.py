@@ -136,7 +136,12 @@ def test_torch_is_pinned_to_the_makefile_version_and_variant_is_a_build_arg(name
     assert '"/wheels/${TORCH_WHEEL}" "torch==${TORCH_VERSION}"' in wheel_run
     assert "--mount=type=bind,source=docker/wheels,target=/wheels" in wheel_run
     # The project itself: editable, so `flwr run` finds pyproject.toml next to the code.
-    assert any("pip install --no-cache-dir -e ." in a for a in pip_runs)
+    assert any("pip install --no-cache-dir --no-deps -e ." in a for a in pip_runs)
+    # ... after its dependencies, installed from pyproject.toml before the code is copied in.
+    runs = [(i, a) for i, a in ins if i in {"RUN", "COPY"}]
+    deps = next(k for k, (i, a) in enumerate(runs) if "-r /tmp/requirements.txt" in a)
+    code = next(k for k, (i, a) in enumerate(runs) if i == "COPY" and a.startswith("hmgdm_core"))
+    assert "pyproject.toml" in runs[deps][1] and deps < code
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
