@@ -12,6 +12,8 @@ from typing import Literal
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+import hmgdm_core.privacy._opacus  # noqa: F401  (drops the log handler opacus adds)
+
 Step = tuple[float, float, int]
 Accountant = Literal["rdp", "prv"]
 

@@ -17,6 +17,7 @@ from opacus.optimizers.optimizer import _generate_noise
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
+import hmgdm_core.privacy._opacus  # noqa: F401  (drops the log handler opacus adds)
 from hmgdm_core.privacy.errors import PrivacyError
 
 B = TypeVar("B")

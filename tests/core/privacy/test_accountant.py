@@ -35,3 +35,16 @@ def test_noise_for_budget_stays_within_the_target():
     sigma = noise_for_budget(target_epsilon=3.0, delta=1e-5, sample_rate=0.05, steps=400)
     spent = epsilon([(sigma, 0.05, 400)], delta=1e-5)
     assert 2.95 <= spent <= 3.0
+
+
+def test_importing_the_privacy_code_leaves_the_root_logger_alone():
+    """opacus' import-time basicConfig would print every Flower log line twice in app processes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, hmgdm_core.privacy.accountant, hmgdm_core.privacy.dpsgd, opacus;"
+        "print(len(logging.getLogger().handlers))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
