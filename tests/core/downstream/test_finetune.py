@@ -15,7 +15,9 @@ from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments
 from hmgdm_core.downstream.config import EvalConfig
 from hmgdm_core.downstream.finetune import (
     Task,
+    class_weights,
     fit_early_stopping,
+    inner_split,
     load_slide_net,
     predict,
     targets_tensor,
@@ -97,12 +99,11 @@ def test_early_stopping_returns_the_epoch_with_the_lowest_validation_loss(classe
     assert info["best_epoch"] == int(np.argmin(val_losses))
     assert len(set(np.round(val_losses, 6))) > 1  # the choice was not trivial
     # Recompute on the same held-out slides (same split seed): the kept weights give the min.
-    from hmgdm_core.downstream.finetune import inner_split
-
-    _, val = inner_split(index, np.arange(len(y)), cfg, 3)
-    loss = task_loss(predict(net, [bags[i] for i in val]), targets_tensor(task, index)[val], task)
-    # Class weights of the training rows are part of the recorded loss; compare unweighted ratio.
-    assert float(loss) == pytest.approx(min(val_losses), rel=0.25)
+    train, val = inner_split(index, np.arange(len(y)), cfg, 3)
+    weight = class_weights(index[train], 2)  # the recorded loss weights classes as in training
+    outputs = predict(net, [bags[i] for i in val])
+    loss = task_loss(outputs, targets_tensor(task, index)[val], task, weight)
+    assert float(loss) == pytest.approx(min(val_losses), rel=1e-5)
 
 
 def test_deep_cox_head_ranks_a_known_hazard_and_not_shuffled_times(tmp_path):
