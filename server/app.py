@@ -193,10 +193,14 @@ def _run_round(
     msgs = _with_frozen(strategy.configure_train(rnd, sent, config, grid), frozen)
     sent_to = [m.metadata.dst_node_id for m in msgs]
     replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
+    traffic = {
+        "bytes_down": sum(_array_bytes(m) for m in msgs),
+        "bytes_up": sum(_array_bytes(m) for m in replies.values() if not m.has_error()),
+    }
     outcome = aggregate_train(
         strategy, rnd, replies, sent_to, fed.min_replies, sent=sent, privacy=cfg.privacy
     )
-    record = _round_record(rnd, stage, outcome, sites)
+    record = _round_record(rnd, stage, outcome, sites) | traffic
     if not outcome.aggregated:
         log(
             WARNING,
@@ -223,6 +227,11 @@ def _run_round(
     record["seconds"] = time.monotonic() - t0
     log(INFO, "round %d metrics: train %s eval %s", rnd, record["train"], record.get("eval"))
     return record
+
+
+def _array_bytes(msg: Message) -> int:
+    """Bytes of model arrays a message carries (what dominates the traffic of a round)."""
+    return sum(rec.count_bytes() for rec in msg.content.array_records.values())
 
 
 def _round_record(

@@ -6,7 +6,7 @@ import typer
 
 from hmgdm_core import __version__
 from hmgdm_core.cli import new_app
-from server import commands_fed
+from server import commands_fed, commands_study
 
 app = new_app(
     "hmgdm-server",
@@ -28,3 +28,4 @@ app.command("certs")(commands_fed.certs)
 app.command("start")(commands_fed.start)
 app.command("simulate")(commands_fed.simulate)
 app.add_typer(commands_fed.sites, name="sites")
+app.add_typer(commands_study.study, name="study")
