@@ -46,9 +46,10 @@ def quantity_partition(n: int, sites: int, alpha: float, seed: int) -> np.ndarra
     _check(n, sites)
     rng = np.random.default_rng(seed)
     share = rng.dirichlet(np.full(sites, alpha))
-    # Every site gets one item first, the rest follow the drawn shares.
-    sizes = 1 + np.floor(share * (n - sites)).astype(int)
-    sizes[np.argmax(share)] += n - sizes.sum()
+    # Every site gets one item first, the rest follow the drawn shares (largest remainders).
+    exact = share * (n - sites)
+    sizes = 1 + np.floor(exact).astype(int)
+    sizes[np.argsort(np.floor(exact) - exact)[: n - sizes.sum()]] += 1
     site = np.repeat(np.arange(sites), sizes)
     return site[np.argsort(rng.permutation(n))]
 

@@ -40,6 +40,15 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return agg
 
 
+_PROTOCOL = {
+    "accuracy": "Accuracy of the linear probe on frozen embeddings, the same grouped folds for "
+    "every cell; worst site = the weakest hospital (local-only: its own encoder; others: "
+    "out-of-fold accuracy on its images).",
+    "cindex": "C-index of Cox regression on clinical covariates, the same patient folds for "
+    "every cell; sites = tissue source sites; worst site = the weakest site's own Cox model.",
+}
+
+
 def _fmt(value: float, digits: int = 3) -> str:
     return "–" if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
@@ -137,9 +146,7 @@ def write_report(out: Path, results: pd.DataFrame, title: str) -> pd.DataFrame:
         save_figure(out / name, ax.figure)
     text = "\n".join([
         f"# Study: {title}", "",
-        f"{len(results)} runs (cell x seed); {metric} of the linear probe on frozen embeddings, "
-        "same grouped folds for every cell; mean ± std over seeds; worst site = the weakest "
-        "hospital (local-only: its own encoder; others: out-of-fold accuracy on its images).",
+        f"{len(results)} runs (cell x seed); mean ± std over seeds. " + _PROTOCOL[metric],
         "", markdown_table(summary), "",
         *[f"![{name[:-4]}]({name})" for name in plots], "",
     ])  # fmt: skip

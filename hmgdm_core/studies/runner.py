@@ -52,6 +52,8 @@ class Cell:
 
     @property
     def key(self) -> str:
+        if self.sites == 0:  # survival: the real tissue source sites
+            return f"tss-{self.regime}-seed{self.seed}"
         noise = f"-z{self.noise:g}" if self.noise is not None else ""
         return f"s{self.sites}-{self.partition.name}-{self.regime}{noise}-seed{self.seed}"
 
