@@ -30,8 +30,8 @@ def run(
 ) -> None:
     """Run every unfinished cell of the study, then write results.csv, report.md and plots.
 
-    Federated cells run on Flower's simulation engine; each virtual site gets [resources] of the
-    Ray cluster (RAY_ADDRESS joins an existing cluster). Finished cells are never rerun.
+    Federated cells run on Flower's simulation engine; each virtual site gets the study's
+    resources from Ray (RAY_ADDRESS joins an existing cluster). Finished cells are never rerun.
     """
     from rich.console import Console
 

@@ -13,6 +13,7 @@ from hmgdm_core.studies.config import StudyConfig, load_study
 from hmgdm_core.studies.report import write_report
 from hmgdm_core.studies.runner import RESULT, cells, run_study
 
+MODEL = {**TINY_MODEL, "train.max_nodes": 200, "train.batch_size": 4}
 TINY = StudyConfig.model_validate(
     {
         "name": "tiny",
@@ -21,7 +22,8 @@ TINY = StudyConfig.model_validate(
         "regimes": ["local", "centralized"],
         "seeds": [0, 1],
         "cohort": {"per_class": 8},
-        "training": {"stage1_rounds": 1, "stage2_rounds": 2, "local_steps": 4, "model": TINY_MODEL},
+        # Crops of 200 entities (not TINY_MODEL's 25) so pretraining can see the arrangement.
+        "training": {"stage1_rounds": 1, "stage2_rounds": 2, "local_steps": 4, "model": MODEL},
         "probe": {"folds": 3},
     }
 )
