@@ -19,6 +19,12 @@ ORDER = ("local", "centralized", "fedavg", "fedprox", "central_dp", "local_dp",
          "random_init", "graphmae", "raw")  # fmt: skip
 
 
+_FAMILY_COLOUR = {
+    "local": "tab:orange", "centralized": "tab:green", "fedavg": "tab:blue", "fedprox": "tab:blue",
+    "central_dp": "tab:purple", "local_dp": "tab:purple",
+}  # fmt: skip
+
+
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """One row per cell: metrics as mean and std over seeds, in regime order."""
     metric = "cindex" if results["accuracy"].isna().all() else "accuracy"
@@ -113,8 +119,11 @@ def plot_regimes(summary: pd.DataFrame, metric: str):
         for r in summary.itertuples()
     ]
     x = np.arange(len(summary))
-    ax.bar(x, summary["utility"], yerr=summary["utility_std"].fillna(0), color="tab:blue")
+    colours = [_FAMILY_COLOUR.get(r, "tab:grey") for r in summary["regime"]]
+    ax.bar(x, summary["utility"], yerr=summary["utility_std"].fillna(0), color=colours)
+    ax.scatter(x, summary["worst"], marker="v", color="black", zorder=3, label="worst site")
     ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+    ax.legend(loc="lower right", fontsize=8)
     ax.set(ylabel=metric, title="federated vs centralized vs local (mean ± std over seeds)")
     return ax
 
