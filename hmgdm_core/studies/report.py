@@ -105,7 +105,13 @@ def plot_epsilon(results: pd.DataFrame, metric: str):
                 regime, (1, level), xycoords=("axes fraction", "data"), ha="right", va="bottom"
             )
     if len(dp):
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        # Ticks at the epsilons reached: log-axis labels like 3x10^1 4x10^1 would overlap.
+        eps = sorted(dp.groupby(["regime", "noise"])["epsilon"].mean())
+        ax.set_xticks(eps, [f"{e:.3g}" for e in eps])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend()
     ax.set(xlabel="epsilon (δ as configured)", ylabel=metric, title="utility vs privacy")
     return ax
