@@ -26,6 +26,7 @@ from torch_geometric.data import Data
 from hmgdm_core.atomic import save_torch, write_csv, write_json
 from hmgdm_core.config import HmgdmConfig, load_config
 from hmgdm_core.downstream.classify import ProbeCV
+from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.studies import cohort as cohorts
 from hmgdm_core.studies import encoders
 from hmgdm_core.studies.config import DP_REGIMES, FEDERATED, PartitionSpec, Regime, StudyConfig
@@ -168,7 +169,10 @@ def _prepare(cfg: StudyConfig, cell: Cell, out: Path, data: Path | None) -> Spli
     cohort = (
         cohorts.synthetic(c.per_class) if c.kind == "synthetic" else cohorts.lc25000(c.images, data)
     )
-    site = cell.partition.assign(cohort.labels, cell.sites, cell.seed)
+    try:
+        site = cell.partition.assign(cohort.labels, cell.sites, cell.seed)
+    except ValueError as err:
+        raise ConfigError(f"study cohort: {err}; use fewer sites or more images") from None
     graphs = cohorts.build_graphs(
         cohort.images, cohort.mpp, c.graph, sites=site, stain=cell.partition.stain
     )
