@@ -111,6 +111,7 @@ def run_study(
     """Run every unfinished cell of `cfg` into OUT/cells/<cell>/, then write OUT/results.csv."""
     out = Path(out)
     console = console or Console(stderr=True)
+    _check_same_protocol(cfg, out / "study.json")
     write_json(out / "study.json", cfg.model_dump(mode="json"))
     grid, run = cells(cfg), StudyRun()
     prepared: dict[str, Split] = {}
@@ -138,6 +139,23 @@ def run_study(
     run.results = collect(out, grid)
     write_csv(out / "results.csv", run.results)
     return run
+
+
+# What finished cells were computed with: a rerun may add sites, partitions, regimes, noise
+# levels or seeds to the grid, never change these under the cells already done.
+_PROTOCOL = ("cohort", "training", "probe")
+
+
+def _check_same_protocol(cfg: StudyConfig, previous: Path) -> None:
+    if not previous.is_file():
+        return
+    old, new = json.loads(previous.read_text()), cfg.model_dump(mode="json")
+    changed = [k for k in _PROTOCOL if old.get(k) != new[k]]
+    if changed:
+        raise ConfigError(
+            f"{previous.parent}: finished cells used a different [{'], ['.join(changed)}]; "
+            "keep the original values or choose a new --out"
+        )
 
 
 def collect(out: Path, grid: list[Cell]) -> pd.DataFrame:

@@ -60,6 +60,13 @@ def test_rerun_does_no_work(study):
     assert second.results.equals(first.results)
 
 
+def test_rerun_with_another_protocol_is_refused(study):
+    out = study[0]
+    other = TINY.model_copy(update={"probe": TINY.probe.model_copy(update={"folds": 4})})
+    with pytest.raises(ConfigError, match=r"different \[probe\]; keep the original"):
+        run_study(other, out)
+
+
 def test_centralized_not_worse_than_local_mean(study):
     table = study[1].results
     means = table.groupby("regime")["accuracy"].mean()
