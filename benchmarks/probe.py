@@ -13,12 +13,10 @@ Usage: python benchmarks/probe.py [--quick] [--lc-images N]. Last line: one JSON
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hmgdm_core.config import GraphConfig, load_config  # noqa: E402
-from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments  # noqa: E402
-from hmgdm_core.model.graphmae import GraphMAE  # noqa: E402
+from hmgdm_core.studies.cohort import build_graphs, lc25000_subset  # noqa: E402
+from hmgdm_core.studies.encoders import (  # noqa: E402
+    embeddings,
+    graphmae_from,
+    hmgdm_from,
+    raw_features,
+    stage1_model,
+)
 from hmgdm_core.studies.synthetic import CLASSES, synthetic_cohort  # noqa: E402
-from hmgdm_core.train import build_model, make_optimizer, make_scheduler, train_steps  # noqa: E402
 
 DATA = Path(os.environ.get("HMGDM_DATA", REPO.parent / "shared" / "data"))
 # Same feature set for both; entity size differs so graphs stay a few hundred nodes.
@@ -50,84 +53,22 @@ MODEL = {
     "train.max_nodes": 400,
     "train.lr": 2e-3,
 }
-CPU = torch.device("cpu")
 
 
-def _graph(args):
-    from hmgdm_core.graph.region import region_graph
-
-    image, mpp, cfg = args
-    if isinstance(image, str):
-        from PIL import Image
-
-        image = np.asarray(Image.open(image).convert("RGB"))
-    return region_graph(image, mpp=mpp, cfg=cfg)
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
-def build_graphs(images: list, mpp: float, cfg: GraphConfig, workers: int = 2) -> list:
-    with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
-        return list(pool.map(_graph, [(im, mpp, cfg) for im in images], chunksize=8))
-
-
-def _fit(model, graphs, cfg, stage, epochs, seed, optimizer=None):
-    gen = torch.Generator().manual_seed(seed)
-    optimizer = optimizer or make_optimizer(model, cfg.train, stage)
-    steps = epochs * -(-len(graphs) // cfg.train.batch_size)
-    sched = make_scheduler(optimizer, cfg.train, steps)
-    out = train_steps(
-        model,
-        optimizer,
-        graphs,
-        cfg.train,
-        stage=stage,
-        steps=steps,
-        device=CPU,
-        generator=gen,
-        scheduler=sched,
-    )
-    print(
-        f"  {type(model).__name__} {stage}: {steps} steps, loss {out['loss']:.4f}, "
-        f"{out['num_graphs'] / out['seconds']:.1f} graphs/s",
-        flush=True,
-    )
+def _steps(graphs, cfg, epochs: int) -> int:
+    return epochs * -(-len(graphs) // cfg.train.batch_size)
 
 
 def pretrain_all(graphs, *, ae_epochs: int, epochs: int, seed: int = 0) -> dict:
     """The three learned encoders, sharing one trained stage-1 autoencoder."""
     cfg = load_config(overrides={**MODEL, "train.seed": seed})
-    base = build_model(cfg, graph_dims(graphs))
-    base.stats.set(stats_from_moments(feature_moments(graphs)))
-    _fit(base, graphs, cfg, "autoencoder", ae_epochs, seed)
-    hmgdm = copy.deepcopy(base)
-    _fit(hmgdm, graphs, cfg, "diffusion", epochs, seed)
-    mae = GraphMAE(backbone=copy.deepcopy(base))
-    opt = torch.optim.AdamW(
-        mae.parameters(),
-        lr=cfg.train.lr,
-        betas=cfg.train.betas,
-        weight_decay=cfg.train.weight_decay,
-    )
-    _fit(mae, graphs, cfg, "diffusion", epochs, seed, optimizer=opt)
-    return {"hmgdm": hmgdm, "random_init": base, "graphmae": mae}
-
-
-@torch.no_grad()
-def embeddings(model, graphs) -> np.ndarray:
-    from torch_geometric.data import Batch
-
-    model.eval()
-    out = [
-        model.encode(Batch.from_data_list(graphs[i : i + 64]))[1] for i in range(0, len(graphs), 64)
-    ]
-    return torch.cat(out).numpy()
-
-
-def raw_features(graphs) -> np.ndarray:
-    return torch.stack([g.x.mean(0) for g in graphs]).numpy()
+    base = stage1_model(graphs, cfg, _steps(graphs, cfg, ae_epochs), seed)
+    steps = _steps(graphs, cfg, epochs)
+    return {
+        "hmgdm": hmgdm_from(base, graphs, cfg, steps, seed),
+        "random_init": base,
+        "graphmae": graphmae_from(base, graphs, cfg, steps, seed),
+    }
 
 
 def probe(X, y, splits) -> tuple[float, float]:
@@ -170,16 +111,8 @@ def real(lc_images: int, ae_epochs: int, epochs: int) -> tuple[dict, dict]:
     from sklearn.model_selection import GroupKFold, LeaveOneOut
 
     root = DATA / "lc25000_lung"
-    table = pd.read_csv(root / "labels.csv")
     # A seeded subset of whole groups per class keeps near-duplicates together, bounds run time.
-    rng, picked = np.random.default_rng(0), []
-    for _, rows in table.groupby("label"):
-        groups = rows.group_id.unique()
-        rng.shuffle(groups)
-        cum = np.cumsum(rows.groupby("group_id").size()[groups].to_numpy())
-        chosen = groups[: int(np.searchsorted(cum, lc_images // 3)) + 1]
-        picked.append(rows[rows.group_id.isin(chosen)])
-    keep = pd.concat(picked)
+    keep = lc25000_subset(pd.read_csv(root / "labels.csv"), lc_images)
     graphs = build_graphs([str(root / p) for p in keep.path], mpp=1.0, cfg=REAL_GRAPHS)
     ok = [i for i, g in enumerate(graphs) if g is not None]
     graphs, keep = [graphs[i] for i in ok], keep.iloc[ok]

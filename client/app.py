@@ -140,10 +140,14 @@ def _load_graphs(graphs_dir: Path, partition: tuple[int, int] | None) -> list[Da
     # Cached: simulation reuses its worker processes across rounds, so graphs load once.
     from hmgdm_core.graph.cache import load_graph_dir
 
-    graphs = load_graph_dir(graphs_dir)
     if partition is None:
-        return graphs
+        return load_graph_dir(graphs_dir)
     pid, n = partition
+    own = Path(graphs_dir) / f"site-{pid}"
+    if own.is_dir():
+        # A study wrote each virtual site its own cache (label or quantity skew, stain shift).
+        return load_graph_dir(own)
+    graphs = load_graph_dir(graphs_dir)
     slides = sorted({str(g.slide_id) for g in graphs})
     if len(slides) >= n:
         mine = set(slides[pid::n])

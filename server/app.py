@@ -198,6 +198,7 @@ def _run_round(
     msgs = _with_frozen(strategy.configure_train(rnd, sent, config, grid), frozen)
     if cfg.privacy.secure_aggregation:
         outcome = secagg_train(grid, msgs, rnd, cfg, sent, exchange)
+        replies = {}
     else:
         sent_to = [m.metadata.dst_node_id for m in msgs]
         replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
@@ -205,6 +206,9 @@ def _run_round(
             strategy, rnd, replies, sent_to, fed.min_replies, sent=sent, privacy=cfg.privacy
         )
     record = _round_record(rnd, stage, outcome, sites, events)
+    record["bytes_down"] = sum(_array_bytes(m) for m in msgs)
+    # SecAgg+ replies travel inside its workflow, uncounted here: bytes_up stays 0 then.
+    record["bytes_up"] = sum(_array_bytes(m) for m in replies.values() if not m.has_error())
     if outcome.aggregated:
         state.update(unpack_state(outcome.arrays))
         if accountant is not None:
@@ -234,6 +238,11 @@ def _run_round(
         seconds=round(record["seconds"], 2),
     )
     return record
+
+
+def _array_bytes(msg: Message) -> int:
+    """Bytes of model arrays a message carries (what dominates the traffic of a round)."""
+    return sum(rec.count_bytes() for rec in msg.content.array_records.values())
 
 
 def _round_record(

@@ -6,7 +6,7 @@ import typer
 
 from hmgdm_core import __version__
 from hmgdm_core.cli import new_app
-from server import commands_eval, commands_fed
+from server import commands_eval, commands_fed, commands_study
 
 app = new_app(
     "hmgdm-server",
@@ -30,3 +30,4 @@ app.command("simulate")(commands_fed.simulate)
 app.command("finetune")(commands_eval.finetune)
 app.command("survival-clinical")(commands_eval.survival_clinical)
 app.add_typer(commands_fed.sites, name="sites")
+app.add_typer(commands_study.study, name="study")

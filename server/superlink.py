@@ -145,20 +145,33 @@ def make_certificates(out_dir: Path, host: str = "localhost", days: int = 365) -
     return files
 
 
+# One CPU per virtual site (Flower's default of 2 serialises sites on small machines).
+DEFAULT_SIM_BACKEND = {"client-resources": {"num-cpus": 1, "num-gpus": 0.0}}
+
+
 def write_flower_config(
-    flwr_home: Path, address: str, root_cert: Path | None, sim_sites: int | None = None
+    flwr_home: Path,
+    address: str,
+    root_cert: Path | None,
+    sim_sites: int | None = None,
+    sim_backend: dict | None = None,
 ) -> Path:
     """Point `flwr` (run, log, supernode register) at our SuperLink as its default connection.
 
-    With `sim_sites`, the connection is a simulation federation of that many virtual sites.
+    With `sim_sites`, the connection is a simulation federation of that many virtual sites on
+    the Ray backend configured by `sim_backend`: "client-resources" (num-cpus, an integer in
+    Flower 1.42, and num-gpus, a fraction packs several sites on one card) per virtual site, and
+    optionally "init-args" (num-cpus / num-gpus Ray may use here). Ray runs as many sites at
+    once as fit; that, not the number of sites, bounds memory.
     """
     import tomli_w
 
     conn: dict[str, object] = {"address": address}
     if sim_sites:
-        # One CPU per virtual site (Flower's default of 2 serialises sites on small machines).
-        resources = {"num-cpus": 1, "num-gpus": 0.0}
-        conn["options"] = {"num-supernodes": sim_sites, "backend": {"client-resources": resources}}
+        conn["options"] = {
+            "num-supernodes": sim_sites,
+            "backend": sim_backend or DEFAULT_SIM_BACKEND,
+        }
     if root_cert is None:
         conn["insecure"] = True
     else:
@@ -283,6 +296,7 @@ def start_superlink(
     log_path: Path | None = None,
     ready_timeout: float = 60.0,
     sim_sites: int | None = None,
+    sim_backend: dict | None = None,
 ) -> SuperLink:
     """Start a SuperLink with a persistent state DB; sites connect to `host:port`.
 
@@ -318,7 +332,7 @@ def start_superlink(
     if sim_sites:
         cmd.append("--simulation")
     address = f"{link_host}:{link_port}"
-    write_flower_config(flwr_home, address, tls.ca_cert if tls else None, sim_sites)
+    write_flower_config(flwr_home, address, tls.ca_cert if tls else None, sim_sites, sim_backend)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     env = flwr_env(flwr_home)
     proc = subprocess.Popen(
@@ -415,7 +429,14 @@ def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.
 
 
 def run_simulation(
-    graphs_dir: Path, out_dir: Path, *, sites: int, cfg, run_config: dict, echo: bool = False
+    graphs_dir: Path,
+    out_dir: Path,
+    *,
+    sites: int,
+    cfg,
+    run_config: dict,
+    echo: bool = False,
+    backend: dict | None = None,
 ) -> Path:
     """One run of this app on Flower's simulation engine with `sites` virtual sites over
     partitions of one graph cache (a local simulation SuperLink, stopped on return).
@@ -429,7 +450,7 @@ def run_simulation(
     link = start_superlink(
         port=_free_port(), state_dir=out_dir / "superlink", tls=None,
         flwr_home=out_dir / "flwr_home", node_auth=False, log_path=out_dir / "superlink.log",
-        sim_sites=sites,
+        sim_sites=sites, sim_backend=backend,
     )  # fmt: skip
     try:
         run = submit_run(link.flwr_home, {
@@ -458,11 +479,16 @@ def simulate(
     config: Path | None = None,
     overrides: dict | None = None,
     echo: bool = False,
+    backend: dict | None = None,
+    summary: bool = True,
 ) -> Path:
     """Federated pretraining of `sites` simulated hospitals over partitions of one graph cache.
 
     Runs the same ServerApp/ClientApp as a deployment on Flower's simulation engine (a local
-    simulation SuperLink, stopped on return). Returns the path of `final.pt`.
+    simulation SuperLink, stopped on return). A cache with `site-K/` sub-caches gives virtual
+    site K its own graphs; otherwise sites split the slides round-robin. `backend` sets what
+    each virtual site gets from Ray (see `write_flower_config`); Ray joins the cluster named by
+    `RAY_ADDRESS` when set. Returns the path of `final.pt`.
     """
     from hmgdm_core.config import load_config
 
@@ -470,10 +496,14 @@ def simulate(
     cfg = load_config(config, {
         "federation.min_sites": sites, "federation.min_replies": sites, **(overrides or {}),
     })  # fmt: skip
-    run_dir = run_simulation(graphs_dir, out_dir, sites=sites, cfg=cfg, run_config={}, echo=echo)
+    run_dir = run_simulation(
+        graphs_dir, out_dir, sites=sites, cfg=cfg, run_config={}, echo=echo, backend=backend
+    )
     final = run_dir / "final.pt"
     if not final.is_file():
         raise HmgdmError(f"simulated federation did not finish; see {out_dir / 'run.log'}")
+    if not summary:
+        return final
     from server.summary import print_run_summary
 
     print_run_summary(run_dir)

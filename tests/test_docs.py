@@ -38,6 +38,7 @@ NOT_RUN = {
     ("hmgdm-server", "sites", "add"): "needs a running SuperLink",
     ("hmgdm-server", "sites", "list"): "needs a running SuperLink",
     ("hmgdm-server", "simulate"): "starts Ray and trains; tests/server/test_simulation.py runs it",
+    ("hmgdm-server", "study", "run"): "a grid of trainings; tests/server/test_study_sim.py runs it",
 }
 
 

@@ -1,1 +1,2 @@
-"""Studies: seeded synthetic cohorts and (later) multi-site partitions of real data."""
+"""Benchmark studies: seeded synthetic cohorts, multi-site partitions (label / quantity skew,
+stain shift), the encoders and baselines compared, and the resumable grid runner and report."""
