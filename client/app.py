@@ -21,6 +21,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from torch_geometric.data import Data
 
+from client.faults import fault_mod
 from client.privacy import PATIENTS_KEY, patient_table, privacy_mod, site_privacy
 from client.records import (
     FROZEN,
@@ -132,7 +133,8 @@ def event_mod(msg: Message, context: Context, call_next) -> Message:
 
 
 # secagg_mod first: a SecAgg+ round becomes a plain train message that privacy_mod then clips.
-app = ClientApp(mods=[secagg_mod, privacy_mod, event_mod])
+# fault_mod (simulation only) sits outside privacy_mod: a broken site skips the clipping too.
+app = ClientApp(mods=[secagg_mod, fault_mod, privacy_mod, event_mod])
 
 
 @functools.lru_cache(maxsize=4)

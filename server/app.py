@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -320,9 +320,26 @@ def main(grid: Grid, context: Context) -> None:
 
         run_downstream(grid, context)
         return
-    started = time.monotonic()
     cfg, run_dir, resume = run_config_to_cfg(dict(context.run_config))
     events = EventLog(run_dir / EVENTS_FILE, log=log)
+    try:
+        pretrain(grid, context, cfg, run_dir, resume, events)
+    except Exception as err:
+        # The run's own record says why it ended; Flower's log has the traceback.
+        events.emit("run_failed", level=ERROR, reason=f"{type(err).__name__}: {err}")
+        raise
+
+
+def pretrain(
+    grid: Grid,
+    context: Context,
+    cfg: HmgdmConfig,
+    run_dir: Path,
+    resume: bool,
+    events: EventLog,
+) -> Path:
+    """Stage-1 then stage-2 rounds from round 1 or after the last checkpoint; `final.pt`."""
+    started = time.monotonic()
     ckpt = load_last_round(run_dir) if resume else None
     if ckpt is not None:
         cfg = _resume_config(cfg, ckpt["config"], run_dir)
@@ -376,3 +393,4 @@ def main(grid: Grid, context: Context) -> None:
     summarise(status, final)
     events.emit("run_end", status=status, rounds=len(history), checkpoint=str(final),
                 seconds=round(time.monotonic() - started, 1))  # fmt: skip
+    return final

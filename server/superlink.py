@@ -481,6 +481,7 @@ def simulate(
     echo: bool = False,
     backend: dict | None = None,
     summary: bool = True,
+    faults: str = "",
 ) -> Path:
     """Federated pretraining of `sites` simulated hospitals over partitions of one graph cache.
 
@@ -488,7 +489,8 @@ def simulate(
     simulation SuperLink, stopped on return). A cache with `site-K/` sub-caches gives virtual
     site K its own graphs; otherwise sites split the slides round-robin. `backend` sets what
     each virtual site gets from Ray (see `write_flower_config`); Ray joins the cluster named by
-    `RAY_ADDRESS` when set. Returns the path of `final.pt`.
+    `RAY_ADDRESS` when set. `faults` ("2:nan,3:shape") makes those virtual sites send corrupted
+    updates (client/faults.py), to exercise validation. Returns the path of `final.pt`.
     """
     from hmgdm_core.config import load_config
 
@@ -496,8 +498,9 @@ def simulate(
     cfg = load_config(config, {
         "federation.min_sites": sites, "federation.min_replies": sites, **(overrides or {}),
     })  # fmt: skip
+    run_config = {"sim-faults": faults} if faults else {}
     run_dir = run_simulation(
-        graphs_dir, out_dir, sites=sites, cfg=cfg, run_config={}, echo=echo, backend=backend
+        graphs_dir, out_dir, sites=sites, cfg=cfg, run_config=run_config, echo=echo, backend=backend
     )
     final = run_dir / "final.pt"
     if not final.is_file():

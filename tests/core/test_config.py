@@ -40,12 +40,17 @@ def test_overrides_and_stable_hash(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    from pathlib import Path
+    """Presets are hmgdm configs, configs/studies/ holds study configs; both load without drift."""
+    from hmgdm_core.studies.config import load_study
 
-    shipped = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.toml"))
-    assert shipped, "configs/ holds no presets"
-    for path in shipped:
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    presets, studies = sorted(configs.glob("*.toml")), sorted(configs.glob("studies/*.toml"))
+    assert presets and studies
+    for path in presets:
         load_config(path)  # raises ConfigError naming the file and key on any drift
+    for path in studies:
+        load_study(path)
+    assert sorted(configs.rglob("*.toml")) == sorted(presets + studies)
 
 
 def test_every_option_is_described_and_the_reference_is_current():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.exceptions import HmgdmError
 from server.strategy import load_last_round
 from server.superlink import (
@@ -111,7 +112,11 @@ def test_two_sites_average_weighted_by_graphs_and_outsiders_are_refused(federati
     proc = submit_run(fed.home, {"config-toml": toml, "run-dir": str(fed.root / "r3")}, fed.root)
     out, _ = proc.communicate(timeout=240)
     assert "only 2 of the required 3 sites connected" in out, out[-2000:]
-    assert not (fed.root / "r3").exists()
+    # No checkpoint, only the run's event record saying why it failed.
+    assert not list((fed.root / "r3").glob("*.pt"))
+    events = read_events(fed.root / "r3" / EVENTS_FILE)
+    (failed,) = [e for e in events if e["event"] == "run_failed"]
+    assert "only 2 of the required 3 sites connected" in failed["reason"]
 
 
 def test_a_site_killed_mid_round_is_left_out_and_can_rejoin(federation, site_caches):

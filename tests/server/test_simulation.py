@@ -16,20 +16,31 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
 
 
-def test_simulated_hospitals_train_and_report(site_caches, tmp_path, capsys):
+def test_simulated_hospitals_train_and_report_and_broken_updates_are_dropped(
+    site_caches, tmp_path, capsys
+):
+    # Five virtual sites; three send a NaN, a wrong-shape and an oversized update every round.
     final = simulate(
-        site_caches["B"], tmp_path, sites=3, config=DEBUG_TOML,
-        overrides={"federation.local_steps": 1, "federation.stage2_rounds": 1},
+        site_caches["B"], tmp_path, sites=5, config=DEBUG_TOML, faults="2:nan,3:shape,4:huge",
+        overrides={"federation.local_steps": 1, "federation.stage2_rounds": 1,
+                   "federation.min_replies": 2, "privacy.max_update_norm": 100.0},
     )  # fmt: skip
     table = capsys.readouterr().out
     assert "federated pretraining: finished" in table and str(final.name) in table
     ckpt = load_checkpoint(final)  # what `hmgdm-client embed` loads
     history = ckpt.extra["federation"]
     assert [h["round"] for h in history] == [1, 2]
-    assert all(len(h["replied"]) == 3 and h["aggregated"] for h in history)
+    for h in history:
+        assert h["aggregated"] and len(h["replied"]) == 2 and not h["failed"]
+        reasons = sorted(h["dropped"].values())
+        assert len(reasons) == 3, h["dropped"]
+        assert any("NaN" in r for r in reasons)
+        assert any("expected float32" in r for r in reasons)
+        assert any("exceeds max_update_norm" in r for r in reasons)
     assert all(torch.isfinite(torch.tensor(h["eval"]["loss"])) for h in history)
-    # Three virtual sites kept three private checkpoints; nothing of the engine is left running.
-    assert len(list((tmp_path / "sites").glob("site-*/run-*.pt"))) == 3
+    assert all(torch.isfinite(p).all() for p in ckpt.model.state_dict().values())
+    # Every virtual site kept its private checkpoint; nothing of the engine is left running.
+    assert len(list((tmp_path / "sites").glob("site-*/run-*.pt"))) == 5
     assert not _processes_using(tmp_path)
 
 
