@@ -152,12 +152,15 @@ def simulate(
     sites: int = typer.Option(3, "--sites", min=1, help="Simulated hospitals."),
     config: Path | None = typer.Option(None, "--config", "-c", help="hmgdm TOML config."),
     verbose_run: bool = typer.Option(False, "--stream", help="Print the run's log live."),
+    faults: str = typer.Option(
+        "", "--faults", help='Sites that send broken updates, e.g. "2:nan,3:shape,4:huge".'
+    ),
 ) -> None:
     """Federated pretraining with simulated hospitals on this machine (Flower simulation)."""
     from server.superlink import simulate as run_simulation
 
     try:
-        run_simulation(graphs, out, sites=sites, config=config, echo=verbose_run)
+        run_simulation(graphs, out, sites=sites, config=config, echo=verbose_run, faults=faults)
     except HmgdmError as err:
         raise _fail(err) from None
 
