@@ -84,17 +84,22 @@ def parse_section(cls: type[S], data: dict, source: Path | str = "<config>") -> 
         raise ConfigError(_format_validation_error(source, err)) from None
 
 
+def read_toml(path: Path, what: str = "config file") -> dict:
+    """A TOML file as a dict; a one-line ConfigError naming the file when missing or invalid."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
 def load_config(path: Path | str | None = None, overrides: dict | None = None) -> HmgdmConfig:
     """Load a TOML config (all defaults when `path` is None), then apply nested `overrides`."""
     data: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        data = read_toml(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -335,17 +335,25 @@ def save_checkpoint(
     )
 
 
-def load_checkpoint(path: Path, *, cfg: HmgdmConfig | None = None) -> Checkpoint:
-    """Rebuild the model from a checkpoint; with `cfg`, its model sections must match."""
-    path = Path(path)
+def read_checkpoint(path: Path, fmt: str, what: str) -> dict:
+    """The saved dict of format `fmt`; a one-line CheckpointError naming the file otherwise."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except Exception as err:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not an hmgdm checkpoint (format {CHECKPOINT_FORMAT})")
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise CheckpointError(f"{path}: {what}")
+    return blob
+
+
+def load_checkpoint(path: Path, *, cfg: HmgdmConfig | None = None) -> Checkpoint:
+    """Rebuild the model from a checkpoint; with `cfg`, its model sections must match."""
+    path = Path(path)
+    blob = read_checkpoint(
+        path, CHECKPOINT_FORMAT, f"not an hmgdm checkpoint (format {CHECKPOINT_FORMAT})"
+    )
     stored = HmgdmConfig.model_validate(blob["config"])
     if cfg is not None:
         for section in ("model", "diffusion"):

@@ -29,7 +29,7 @@ from hmgdm_core.downstream.config import EvalConfig
 from hmgdm_core.downstream.deepcox import cox_partial_nll
 from hmgdm_core.downstream.mil import GatedAttentionPool
 from hmgdm_core.downstream.splits import patient_folds
-from hmgdm_core.exceptions import CheckpointError, LabelError
+from hmgdm_core.exceptions import LabelError
 from hmgdm_core.model.hmgdm import HMGDM
 
 Bag = Sequence[Data]  # the region graphs of one slide (one graph for a region dataset)
@@ -292,20 +292,13 @@ def save_slide_net(
 
 def load_slide_net(path: Path | str) -> tuple[SlideNet, Task, HmgdmConfig]:
     """Rebuild a model written by `save_slide_net`; a clear error for any other file."""
-    from hmgdm_core.train import build_model
+    from hmgdm_core.train import build_model, read_checkpoint
 
     path = Path(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
-    except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not a fine-tuned model ({FORMAT}); write one with "
-            "`hmgdm-client evaluate classify|survival --method finetune`"
-        )
+    blob = read_checkpoint(
+        path, FORMAT, f"not a fine-tuned model ({FORMAT}); write one with "
+        "`hmgdm-client evaluate classify|survival --method finetune`",
+    )  # fmt: skip
     backbone_cfg = HmgdmConfig.model_validate(blob["config"])
     cfg = EvalConfig.model_validate(blob["evaluation"])
     task = Task(blob["task"]["kind"], tuple(blob["task"]["classes"]))

@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import tomllib
 from pydantic import Field, model_validator
 
-from hmgdm_core.config import GraphConfig, parse_section
+from hmgdm_core.config import GraphConfig, parse_section, read_toml
 from hmgdm_core.downstream.config import EvalConfig
-from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.section import Section
 from hmgdm_core.studies.partition import dirichlet_partition, iid_partition, quantity_partition
 
@@ -137,10 +135,4 @@ class StudyConfig(Section):
 def load_study(path: Path | str) -> StudyConfig:
     """Read and validate a study TOML; a one-line ConfigError naming the file and key."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: study config not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return parse_section(StudyConfig, data, path)
+    return parse_section(StudyConfig, read_toml(path, "study config"), path)
