@@ -30,3 +30,13 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         raise FileNotFoundError(f"real test data not found at {DATA}; set HMGDM_DATA")
     return DATA
+
+
+@pytest.fixture
+def task_identity():
+    """What Flower's app processes set before Messages are built; these tests build them here."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None

@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import DATA
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
 from client.records import FROZEN, SHARED, pack_config, pack_state, unpack_state
@@ -35,11 +34,8 @@ def cache(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+# Flower Messages need a task identity outside a real app process.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class Server:

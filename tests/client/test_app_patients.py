@@ -11,7 +11,6 @@ import pytest
 import tomli_w
 from conftest import TINY_MODEL
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 import hmgdm_core.privacy.local as local
@@ -31,11 +30,8 @@ SLIDES = {"s0": "P1", "s1": "P1", "s2": "P2", "s3": "P2", "s4": "P3", "s5": "P3"
 SIGMA, PER_STEP, STEPS = 1.0, 1.5, 2
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+# Flower Messages need a task identity outside a real app process.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 import tomli_w
 import tomllib
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.commands_fed import supernode_command
 from client.privacy import PRIVACY_CONFIG_KEY, privacy_mod, site_privacy
@@ -23,11 +22,8 @@ from server.app import QUERY_STATS
 SERVER_LOCAL_DP = PrivacyConfig(mode="local_dp", noise_multiplier=0.01, max_epsilon=1e6)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+# Flower Messages need a task identity outside a real app process.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _site_file(tmp_path, **privacy):

@@ -10,19 +10,14 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.privacy import privacy_mod
 from client.records import CONFIG_KEY, FROZEN, SHARED
 from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, PrivacyConfig
 from server.privacy import wrap_strategy
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+# Flower Messages need a task identity outside a real app process.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class Grid:

@@ -12,19 +12,14 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
 )
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
 from server.privacy import CentralAccountant, wrap_strategy
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+# Flower Messages need a task identity outside a real app process.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _uniform() -> FedAvg:

@@ -13,7 +13,6 @@ import pytest
 import tomli_w
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 from rich.console import Console
 
@@ -31,11 +30,8 @@ DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
 Tamper = Callable[[Message], Message]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+# Flower Messages need a task identity outside a real app process.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class InProcessGrid:

@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
-from flwr.supercore.task_identity import TaskIdentity
 
 from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyError
 from server.privacy import check_compatible, drop_invalid, validate_reply
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+# Flower Messages need a task identity outside a real app process.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _record(**arrays: np.ndarray) -> ArrayRecord:

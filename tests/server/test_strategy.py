@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.records import SHARED, pack_metrics, pack_state, unpack_state
 from hmgdm_core.exceptions import CheckpointError
@@ -20,13 +19,8 @@ from server.strategy import (
     strategy_state,
 )
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    # Messages read the run id from the process's task identity, set by Flower at runtime.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+# Flower Messages need a task identity outside a real app process.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class Tiny(torch.nn.Module):

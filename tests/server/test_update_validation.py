@@ -13,7 +13,6 @@ from flwr.serverapp.strategy import (
     FedAvg,
     FedProx,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.records import SHARED, pack_metrics, pack_state
 from hmgdm_core.federation_config import FederationConfig
@@ -25,11 +24,8 @@ FED = FederationConfig(min_sites=2, min_replies=2)
 NAMES = ["encoder.weight", "encoder.bias"]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+# Flower Messages need a task identity outside a real app process.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
