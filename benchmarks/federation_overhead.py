@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.commands_fed import supernode_command, supernode_env, write_keypair  # noqa: E402
+from client.commands_fed import supernode_command, write_keypair  # noqa: E402
+from client.flower_env import flower_env  # noqa: E402
 from hmgdm_core.config import load_config  # noqa: E402
 from hmgdm_core.federation_config import shared_names  # noqa: E402
 from server.app import frozen_names  # noqa: E402
@@ -139,7 +140,7 @@ def deployment(cfg_text: str, caches: dict[str, Path], work: Path) -> tuple[floa
                 local_port=_port(),
             )
             with open(work / f"supernode_{name}.log", "wb") as log:
-                env = supernode_env() | {"OMP_NUM_THREADS": str(SITE_THREADS)}
+                env = flower_env() | {"OMP_NUM_THREADS": str(SITE_THREADS)}
                 nodes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         t0 = time.perf_counter()
         run = submit_run(
@@ -156,11 +157,12 @@ def deployment(cfg_text: str, caches: dict[str, Path], work: Path) -> tuple[floa
 
 
 def per_round(history: list) -> tuple[float, float]:
-    """Mean server-side round time and mean site training time per diffusion round."""
+    """Mean server-side round time and mean training time of the round's slowest site (a round
+    cannot end before it), per diffusion round."""
     rounds = [h for h in history if h["stage"] == "diffusion"] or history
     return (
         sum(h["seconds"] for h in rounds) / len(rounds),
-        sum(h["train"]["seconds"] for h in rounds) / len(rounds),
+        sum(max(h["site_seconds"].values()) for h in rounds) / len(rounds),
     )
 
 
@@ -173,10 +175,12 @@ def main() -> None:
         help="local training per round to aim for (sets local_steps from a timed step)",
     )  # fmt: skip
     ap.add_argument("--skip-sim", action="store_true", help="no simulation-engine comparison")
+    ap.add_argument("--keep", type=Path, help="keep logs, site events and checkpoints here")
     args = ap.parse_args()
     base = args.config.read_text() if args.config else ""
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         caches = {n: _build(work / f"cache{n}", c) for n, c in SITES.items()}
         from hmgdm_core.graph.cache import load_graph_dir
 

@@ -220,7 +220,6 @@ def _train_round(
     config: ConfigRecord,
 ) -> dict[str, float]:
     """The round's local training: DP-SGD under the site's ledger, or the plain training step."""
-    from hmgdm_core.privacy.local import private_round
     from hmgdm_core.train import make_optimizer, resolve_device, train_steps
 
     stage, rnd, fed = str(config["stage"]), int(config["server-round"]), cfg.federation
@@ -234,6 +233,9 @@ def _train_round(
     optimizer = make_optimizer(model, cfg.train, stage)
     if privacy.mode != "local_dp":
         return train_steps(model, optimizer, graphs, cfg.train, **common)
+    # Imported only here: opacus and scipy add seconds to every message's fresh process.
+    from hmgdm_core.privacy.local import private_round
+
     metrics, _ = private_round(
         model, optimizer, graphs, cfg.train, privacy, ledger_path=site.ledger, server_round=rnd,
         patients=patient_table(site.patients_csv, graphs), **common,

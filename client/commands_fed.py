@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from client.flower_env import flower_env
 from hmgdm_core.exceptions import HmgdmError
 
 
@@ -65,8 +66,13 @@ def supernode_command(
     labels: Path | None = None,
     id_column: str = "slide_id",
     patient_column: str = "patient_id",
+    warm: bool = True,
 ) -> list[str]:
-    """The `flower-supernode` command line for this site (also used by tests and benchmarks)."""
+    """The command that runs this site's SuperNode (also used by tests and benchmarks).
+
+    `warm` (default): with the warm ClientApp launcher of `client.site_runtime`; otherwise a
+    plain `flower-supernode` that starts every ClientApp as a cold `flwr-clientapp` process.
+    """
     import tomli_w
 
     from client.privacy import PATIENTS_KEY, PRIVACY_CONFIG_KEY, load_site_privacy
@@ -94,10 +100,8 @@ def supernode_command(
     node_config = state_dir / "node_config.toml"
     node_config.write_text(tomli_w.dumps(node))
     cmd = [
-        str(Path(sys.executable).with_name("flower-supernode")),
         "--superlink", superlink,
         "--node-config", str(node_config),
-        "--isolation", "subprocess",
         # The ClientApp runtime API only ever listens on loopback.
         "--host", "127.0.0.1",
         "--port", str(local_port),
@@ -114,7 +118,11 @@ def supernode_command(
         cmd += ["--auth-supernode-private-key", str(auth_key)]
     if max_wait_s is not None:
         cmd += ["--max-wait-time", str(max_wait_s)]
-    return cmd
+    if not warm:
+        return [str(Path(sys.executable).with_name("flower-supernode")), *cmd,
+                "--isolation", "subprocess"]  # fmt: skip
+    launcher = [sys.executable, "-m", "client.site_runtime", "--runtime-port", str(local_port)]
+    return [*launcher, "--", *cmd]
 
 
 def join(
@@ -169,19 +177,10 @@ def join(
     except HmgdmError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(f"joining {superlink} with graphs from {graphs} (Ctrl-C to leave)")
-    proc = subprocess.Popen(cmd, env=supernode_env())
+    proc = subprocess.Popen(cmd, env=flower_env())
     try:
         raise typer.Exit(proc.wait())
     except KeyboardInterrupt:
         # The SuperNode handles SIGINT itself and stops its ClientApps; wait for it.
         proc.wait()
         typer.echo("left the federation")
-
-
-def supernode_env() -> dict[str, str]:
-    """SuperNode environment: fast task polling; runtime dependency installation stays off."""
-    env = dict(os.environ)
-    # flower-supernode starts `flower-superexec` and `flwr-clientapp` by bare name.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
-    return env

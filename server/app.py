@@ -265,11 +265,15 @@ def _round_record(
         "site_epsilon": {
             name(n): m["epsilon"] for n, m in outcome.site_metrics.items() if "epsilon" in m
         },
+        # Each site's own training time: the slowest one bounds the round (stragglers).
+        "site_seconds": {
+            name(n): m["seconds"] for n, m in outcome.site_metrics.items() if "seconds" in m
+        },
     }
     for node in outcome.replied:
         m = outcome.site_metrics.get(node, {})
         events.emit("site_replied", round=rnd, site=name(node), loss=m.get("loss"),
-                    epsilon=m.get("epsilon"))  # fmt: skip
+                    epsilon=m.get("epsilon"), seconds=m.get("seconds"))  # fmt: skip
     for kind, reasons in (("site_failed", record["failed"]), ("site_dropped", record["dropped"])):
         for site, reason in reasons.items():
             events.emit(kind, level=WARNING, round=rnd, site=site, reason=reason)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.flower_env import flower_env
 from hmgdm_core.atomic import atomic_write
 from hmgdm_core.exceptions import HmgdmError
 
@@ -183,16 +184,8 @@ def write_flower_config(
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for `flwr` and Flower processes: our FLWR_HOME, no runtime `uv sync`."""
-    env = dict(os.environ)
-    # flower-superlink starts `flower-superexec` (and that `flwr-serverapp`) by bare name.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
-    # Sites and operator install the environment beforehand (air-gapped hospitals).
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    # SuperExec polls for new tasks every second by default; a round pays that twice per hop.
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
-    return env
+    """Environment for `flwr` and Flower processes: ours (see flower_env) with our FLWR_HOME."""
+    return flower_env() | {"FLWR_HOME": str(Path(flwr_home).resolve())}
 
 
 def flower_bin(name: str) -> str:

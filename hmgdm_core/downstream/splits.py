@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sklearn.model_selection import StratifiedGroupKFold
 
 from hmgdm_core.exceptions import LabelError
 
@@ -22,6 +21,10 @@ def patient_folds(
     strata, groups = np.asarray(strata), np.asarray(groups)
     if strata.shape != groups.shape or strata.ndim != 1:
         raise ValueError(f"strata {strata.shape} and groups {groups.shape}: need equal 1-D shapes")
+    # Imported here: the ClientApp imports this module on every Flower message (one process
+    # each), and scikit-learn would add about a second to each of them.
+    from sklearn.model_selection import StratifiedGroupKFold
+
     n_groups = len(np.unique(groups))
     if n_groups < n_folds:
         raise LabelError(f"only {n_groups} patients, fewer than {n_folds} folds")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import DATA
 
-from client.commands_fed import supernode_command, supernode_env, write_keypair
+from client.commands_fed import supernode_command, write_keypair
+from client.flower_env import flower_env
 from server.superlink import (
     SuperLink,
     TlsFiles,
@@ -86,7 +87,7 @@ class Federation:
 
     def spawn(self, cmd: list[str], log: Path) -> subprocess.Popen:
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(cmd, env=supernode_env(), stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, env=flower_env(), stdout=out, stderr=subprocess.STDOUT)
         self.nodes.append(proc)
         return proc
 
