@@ -30,6 +30,7 @@ from client.records import (
     load_into,
     pack_metrics,
     pack_state,
+    record_names,
     unpack_config,
 )
 from client.secagg import secagg_mod
@@ -259,7 +260,7 @@ def train(msg: Message, context: Context) -> Message:
         )
         graphs, _ = site.split(fed.eval_fraction, fed.seed)
         model = _site_model(site, cfg, msg, graphs)
-        shared = list(msg.content[SHARED].keys())
+        shared = record_names(msg.content[SHARED])
         if float(config.get("proximal-mu", 0.0)) > 0:
             _add_proximal_term(model, float(config["proximal-mu"]), set(shared))
         metrics = _train_round(site, model, graphs, cfg, privacy, config)

@@ -19,6 +19,7 @@ from client.records import (
     load_into,
     pack_metrics,
     pack_state,
+    record_names,
     unpack_config,
     unpack_task,
 )
@@ -120,7 +121,7 @@ def finetune(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "metrics": pack_metrics({"loss": loss}, len(cohort.train)),
-            SHARED: pack_state(state, list(msg.content[SHARED].keys())),
+            SHARED: pack_state(state, record_names(msg.content[SHARED])),
         }
     )
     return Message(content=content, reply_to=msg)

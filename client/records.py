@@ -4,6 +4,8 @@ scalar results as MetricRecords, the run's HmgdmConfig as a ConfigRecord string.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -15,6 +17,7 @@ NUM_EXAMPLES = "num-examples"  # the weight FedAvg-style strategies read from ea
 SHARED = "arrays"  # parameters the strategy averages (the strategies' default key)
 FROZEN = "frozen"  # global parameters a site must use this round but does not send back
 CONFIG_KEY = "hmgdm-config"
+PACKED = "packed:"  # an ArrayRecord key holding several tensors: "packed:" + [[name, shape], ...]
 # SecAgg+ rounds carry unnamed legacy arrays: the names (shared, then frozen) travel in the config.
 SECAGG_NAMES = "secagg-names"  # JSON list of all array names, in order
 SECAGG_NUM_SHARED = "secagg-num-shared"  # how many of them (first) are trained and summed
@@ -26,14 +29,69 @@ EVALUATE_DOWNSTREAM = "evaluate.downstream"
 def pack_state(
     state: Mapping[str, torch.Tensor], names: Iterable[str] | None = None
 ) -> ArrayRecord:
-    """Tensors (all, or only `names`) as an ArrayRecord, in a stable name order."""
+    """Tensors (all, or only `names`) as one contiguous Array per dtype, in a stable name order.
+
+    Flower moves every Array as its own object, one request per hop (SuperLink, SuperNode,
+    ClientApp and back), so a model of 60 tensors costs 60 round trips where one does. The key
+    records each tensor's name and shape: the record describes itself, and a site that sends
+    back the names it received produces the same key, so per-key checks compare like with like.
+    """
     keys = list(state) if names is None else list(names)
-    return ArrayRecord({k: Array(state[k].detach().cpu().contiguous().numpy()) for k in keys})
+    groups: dict[torch.dtype, list[str]] = {}
+    for k in keys:
+        groups.setdefault(state[k].dtype, []).append(k)
+    record = {}
+    for group in groups.values():
+        layout = json.dumps([[k, list(state[k].shape)] for k in group], separators=(",", ":"))
+        flat = torch.cat([state[k].detach().cpu().reshape(-1) for k in group])
+        record[PACKED + layout] = Array(flat.contiguous().numpy())
+    return ArrayRecord(record)
+
+
+def _layout(key: str) -> list[tuple[str, list[int]]]:
+    """(name, shape) of the tensors packed under `key`; a plain key is one unpacked tensor."""
+    return [tuple(item) for item in json.loads(key[len(PACKED) :])] if is_packed(key) else []
+
+
+def is_packed(key: str) -> bool:
+    return key.startswith(PACKED)
+
+
+def describe(key: str) -> str:
+    """A record key as a person reads it: the tensor name, or how many tensors it packs."""
+    return f"{len(_layout(key))} packed tensors" if is_packed(key) else f"'{key}'"
+
+
+def record_layout(record: ArrayRecord) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of each tensor a record carries, in order, without copying any data."""
+    return [
+        (name, tuple(shape))
+        for key, array in record.items()
+        for name, shape in (_layout(key) or [(key, array.shape)])
+    ]
+
+
+def record_names(record: ArrayRecord) -> list[str]:
+    return [name for name, _ in record_layout(record)]
 
 
 def unpack_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ArrayRecord as CPU tensors keyed by parameter name."""
-    return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
+    """An ArrayRecord (packed by `pack_state`, or one array per name) as CPU tensors by name."""
+    state = {}
+    for key, array in record.items():
+        value = torch.from_numpy(array.numpy().copy())
+        if not is_packed(key):
+            state[key] = value
+            continue
+        layout = _layout(key)
+        sizes = [math.prod(shape) for _, shape in layout]
+        if value.ndim != 1 or value.numel() != sum(sizes):
+            raise ValueError(
+                f"{describe(key)}: {list(value.shape)} values for a layout of {sum(sizes)}"
+            )
+        for (name, shape), part in zip(layout, value.split(sizes), strict=True):
+            state[name] = part.reshape(shape)
+    return state
 
 
 def load_into(model: torch.nn.Module, *records: ArrayRecord) -> None:

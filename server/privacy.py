@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from client.records import describe, record_layout
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.accountant import epsilon
 from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
@@ -210,19 +211,27 @@ def validate_reply(
     the update norm, so one such reply would crash the round in mode 'central'.
     """
     if list(arrays.keys()) != list(reference_arrays.keys()):
-        missing = sorted(set(reference_arrays.keys()) - set(arrays.keys()))
-        extra = sorted(set(arrays.keys()) - set(reference_arrays.keys()))
-        return False, f"array names differ from those sent (missing {missing}, unexpected {extra})"
+        got, sent = dict(record_layout(arrays)), dict(record_layout(reference_arrays))
+        missing, extra = sorted(set(sent) - set(got)), sorted(set(got) - set(sent))
+        if missing or extra:
+            return False, (
+                f"array names differ from those sent (missing {missing}, unexpected {extra})"
+            )
+        for name, shape in sent.items():
+            if got[name] != shape:
+                return False, f"'{name}' is {list(got[name])}, expected {list(shape)}"
+        return False, "the tensors come back in another order than sent"
     squared = 0.0
     for name in reference_arrays:
         got, ref = arrays[name], reference_arrays[name]
         if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
             return False, (
-                f"'{name}' is {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}"
+                f"{describe(name)} is {got.dtype}{list(got.shape)}, "
+                f"expected {ref.dtype}{list(ref.shape)}"
             )
         value = got.numpy()
         if not np.isfinite(value).all():
-            return False, f"'{name}' holds NaN or Inf"
+            return False, f"{describe(name)} holds NaN or Inf"
         squared += float(np.square(value.astype(np.float64) - ref.numpy()).sum())
     norm = squared**0.5
     if max_norm is not None and norm > max_norm:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from client.app import app as client_app
 from client.privacy import PRIVACY_CONFIG_KEY
-from client.records import SHARED
+from client.records import SHARED, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
@@ -152,8 +152,8 @@ def test_bad_updates_are_dropped_and_a_spent_site_stops_while_the_run_completes(
     assert history[0]["site_epsilon"] == {"A": pytest.approx(ledger.epsilon)}
     # Round 3 was aggregated from B alone: the global encoder is B's update.
     final = load_last_round(tmp_path / "run")["arrays"]
-    for k, v in grid.train_replies["B"][-1].content[SHARED].items():
-        torch.testing.assert_close(final[k], torch.from_numpy(v.numpy()))
+    for k, v in unpack_state(grid.train_replies["B"][-1].content[SHARED]).items():
+        torch.testing.assert_close(final[k], v)
 
     console = Console(record=True, width=200)
     summary = read_run_summary(tmp_path / "run")
