@@ -2,8 +2,11 @@
 SuperNode auth, 2 SuperNodes) vs Flower's simulation engine, same graphs and epochs.
 
 Run: .venv/bin/python benchmarks/federation_overhead.py [--rounds 2] [--round-seconds 120]
+     [--compare-cold] [--skip-sim] [--keep DIR]
 At the default model size, each site trains about --round-seconds per round (steps from a
-timed step); the ratio is the fixed per-round overhead over that training time.
+timed step); the ratio is the fixed per-round overhead (round time minus the slowest site's
+training time) over that training time. Sites run hmgdm's SuperNode (warm ClientApp launcher);
+--compare-cold repeats the deployment with Flower's stock cold ClientApp processes.
 Last output line: one JSON object with the figures.
 """
 
@@ -115,8 +118,12 @@ def local_pretrain(cfg, graph_dirs: list[Path]) -> tuple[float, dict]:
     return time.perf_counter() - t0, model.state_dict()
 
 
-def deployment(cfg_text: str, caches: dict[str, Path], work: Path) -> tuple[float, list]:
-    """(b) a real SuperLink + 2 SuperNodes on 127.0.0.1; wall time from submit to final.pt."""
+def deployment(
+    cfg_text: str, caches: dict[str, Path], work: Path, warm: bool = True
+) -> tuple[float, list]:
+    """(b) a real SuperLink + 2 SuperNodes on 127.0.0.1; wall time from submit to final.pt.
+
+    `warm=False`: Flower's stock SuperNode, a cold `flwr-clientapp` process per message."""
     tls = make_certificates(work / "tls")
     port = _port()
     link = start_superlink(
@@ -138,6 +145,7 @@ def deployment(cfg_text: str, caches: dict[str, Path], work: Path) -> tuple[floa
                 root_cert=tls.ca_cert,
                 auth_key=key,
                 local_port=_port(),
+                warm=warm,
             )
             with open(work / f"supernode_{name}.log", "wb") as log:
                 env = flower_env() | {"OMP_NUM_THREADS": str(SITE_THREADS)}
@@ -175,6 +183,10 @@ def main() -> None:
         help="local training per round to aim for (sets local_steps from a timed step)",
     )  # fmt: skip
     ap.add_argument("--skip-sim", action="store_true", help="no simulation-engine comparison")
+    ap.add_argument(
+        "--compare-cold", action="store_true",
+        help="also run the deployment with Flower's cold ClientApp processes",
+    )  # fmt: skip
     ap.add_argument("--keep", type=Path, help="keep logs, site events and checkpoints here")
     args = ap.parse_args()
     base = args.config.read_text() if args.config else ""
@@ -205,6 +217,11 @@ def main() -> None:
         local_s, state = local_pretrain(cfg, list(caches.values()))
         print(f"local pretrain done: {local_s:.1f} s", flush=True)
         dep_wall, dep_hist = deployment(cfg_text, caches, work / "deploy")
+        cold_hist = (
+            deployment(cfg_text, caches, work / "deploy_cold", warm=False)[1]
+            if args.compare_cold
+            else None
+        )
         sim_wall, sim_hist = None, None
         if not args.skip_sim:
             t0 = time.perf_counter()
@@ -228,6 +245,10 @@ def main() -> None:
         f"wall, {dep_round:.1f} s/round of which sites trained {dep_train:.1f} s"
     )
     figures = {}
+    if cold_hist is not None:
+        cold_round, cold_train = per_round(cold_hist)
+        figures["cold_overhead_s"] = round(cold_round - cold_train, 2)
+        print(f"fixed overhead per round, Flower's cold ClientApps: {figures['cold_overhead_s']} s")
     if sim_hist is not None:
         sim_round, sim_train = per_round(sim_hist)
         figures = {"sim_wall_s": round(sim_wall, 2), "sim_round_s": round(sim_round, 3),
