@@ -118,20 +118,19 @@ def _wait_for_port(port: int, node: subprocess.Popen, timeout: float = 60.0) -> 
 def run_site(supernode_args: Sequence[str], runtime_port: int) -> int:
     """Run the SuperNode and its launcher until the SuperNode exits; its exit code is ours."""
     bin_dir = Path(sys.executable).parent
+    # Own sessions: a terminal's Ctrl-C reaches only this process, which passes it on once.
     node = subprocess.Popen(
-        [str(bin_dir / "flower-supernode"), *supernode_args, "--isolation", "process"]
+        [str(bin_dir / "flower-supernode"), *supernode_args, "--isolation", "process"],
+        start_new_session=True,
     )
+    signal.signal(signal.SIGTERM, lambda signum, _frame: node.send_signal(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: node.send_signal(signum))
     _wait_for_port(runtime_port, node)
     launcher = subprocess.Popen(
         [sys.executable, "-m", "client.site_runtime", "--launcher",
-         "--runtime-port", str(runtime_port), "--parent-pid", str(node.pid)]
+         "--runtime-port", str(runtime_port), "--parent-pid", str(node.pid)],
+        start_new_session=True,
     )  # fmt: skip
-
-    def forward(signum: int, _frame) -> None:
-        node.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
     code = node.wait()
     # The launcher follows its parent SuperNode out (Flower's parent-process monitor).
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,10 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     yield
     TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the only address tests ever use)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

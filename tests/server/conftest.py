@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA, free_port
 
 from client.commands_fed import supernode_command, write_keypair
 from client.flower_env import flower_env
@@ -25,12 +24,6 @@ from server.superlink import (
 )
 
 KATHER = DATA / "kather2016_tiles"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_cache(out: Path, *classes: str) -> Path:
