@@ -46,7 +46,7 @@ demo: setup
 readme-images: demo
 	mkdir -p docs/img
 	cp $(DEMO_OUT)/eval_lung/confusion.png docs/img/lc25000_confusion.png
-	cp $(DEMO_OUT)/survival_lusc/km.png docs/img/tcga_lusc_km.png
+	cp $(DEMO_OUT)/survival_lusc/run/km.png docs/img/tcga_lusc_km.png
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -429,7 +429,7 @@ def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.
 
 
 def run_simulation(
-    graphs_dir: Path,
+    graphs_dir: Path | None,
     out_dir: Path,
     *,
     sites: int,
@@ -439,7 +439,7 @@ def run_simulation(
     backend: dict | None = None,
 ) -> Path:
     """One run of this app on Flower's simulation engine with `sites` virtual sites over
-    partitions of one graph cache (a local simulation SuperLink, stopped on return).
+    partitions of one graph cache, if any (a local simulation SuperLink, stopped on return).
 
     Returns the run directory; the log is OUT/run.log.
     """
@@ -456,7 +456,7 @@ def run_simulation(
         run = submit_run(link.flwr_home, {
             "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
             "run-dir": str(run_dir),
-            "sim-graphs-dir": str(Path(graphs_dir).resolve()),
+            "sim-graphs-dir": str(Path(graphs_dir).resolve()) if graphs_dir else "",
             "sim-state-dir": str(out_dir / "sites"),
             **run_config,
         }, out_dir)  # fmt: skip
