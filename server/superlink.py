@@ -391,7 +391,13 @@ def wait_for_online(flwr_home: Path, minimum: int, timeout: float, poll: float =
     """Block until `minimum` registered sites are online; a clear error after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
-        online = sum(1 for n in list_sites(flwr_home) if n.get("status") == "online")
+        try:
+            online = sum(1 for n in list_sites(flwr_home) if n.get("status") == "online")
+        except HmgdmError as err:
+            # A SuperLink that just started may accept connections before its API answers.
+            if "unavailable" not in str(err) or time.monotonic() > deadline:
+                raise
+            online = 0
         if online >= minimum:
             return online
         if time.monotonic() > deadline:
