@@ -23,6 +23,9 @@ SECAGG_NUM_SHARED = "secagg-num-shared"  # how many of them (first) are trained 
 QUERY_ENTITY_MOMENTS = "query.entity_moments"
 TRAIN_FINETUNE = "train.finetune"
 EVALUATE_DOWNSTREAM = "evaluate.downstream"
+# Federated Cox on clinical tables (@app.query("cox")): config `phase`, arrays in COX_ARRAYS.
+QUERY_COX = "query.cox"
+COX_ARRAYS = "cox"
 
 
 def pack_state(

@@ -16,13 +16,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.app import app
+from client.records import COX_ARRAYS as ARRAYS
 from hmgdm_core.downstream.fedcox import Site, site_cox_stats, site_moments
 from hmgdm_core.downstream.fedsurvival import GROUPS, evaluate_site
 from hmgdm_core.exceptions import LabelError
 
 CLINICAL_KEY = "clinical"  # node config: this site's clinical table (TCGA survival CSV format)
 SIM_CLINICAL_DIR = "sim-clinical-dir"  # run config: site-K.csv per virtual site K
-ARRAYS = "cox"  # the reply's ArrayRecord
 PHASES = ("moments", "newton", "evaluate")
 
 

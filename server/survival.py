@@ -12,17 +12,17 @@ from logging import INFO
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from client.survival import ARRAYS
+from client.records import COX_ARRAYS as ARRAYS
+from client.records import QUERY_COX
 from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.fedcox import CoxStats, FederatedCox, Moments
 from hmgdm_core.downstream.fedsurvival import GROUPS, SiteEvaluation, write_survival_report
 from hmgdm_core.downstream.tcga import COVARIATES
 
-QUERY_COX = f"{MessageType.QUERY}.cox"
 TIES = "efron"
 PAIR_FIELDS = ("concordant", "discordant", "tied_risk", "comparable")
 

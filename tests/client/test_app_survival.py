@@ -10,12 +10,13 @@ from conftest import DATA
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import app
-from client.survival import ARRAYS, CLINICAL_KEY
+from client.records import COX_ARRAYS as ARRAYS
+from client.records import QUERY_COX
+from client.survival import CLINICAL_KEY
 from hmgdm_core.downstream.concordance import linear_risk, pair_counts
 from hmgdm_core.downstream.fedcox import site_cox_stats
 from hmgdm_core.downstream.tcga import COVARIATES, read_tcga_survival
 from hmgdm_core.exceptions import LabelError
-from server.survival import QUERY_COX
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 LUSC = DATA / "tcga_survival" / "tcga_lusc_survival.csv"
