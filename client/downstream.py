@@ -45,7 +45,9 @@ class SiteCohort:
     def target(self, task: Task) -> np.ndarray:
         t = self.labels.table
         if task.kind == "classification":
-            return np.searchsorted(task.classes, t["label"].to_numpy())
+            # The consortium's class order (as the operator listed it) is the head's output order.
+            index = {c: i for i, c in enumerate(task.classes)}
+            return np.array([index[c] for c in t["label"]], dtype=np.int64)
         return np.stack([t["time"].to_numpy(float), t["event"].to_numpy(float)], axis=1)
 
 
