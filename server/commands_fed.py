@@ -129,7 +129,8 @@ def start(
         for line in run.stdout:
             typer.echo(line, nl=False)
         code = run.wait()
-        print_run_summary(run_dir)
+        if not downstream:  # a downstream run reports in its own files, not the round summary
+            print_run_summary(run_dir)
     except HmgdmError as err:
         raise _fail(err) from None
     except KeyboardInterrupt:
