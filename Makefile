@@ -28,8 +28,9 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job end to end on the bundled real data (read in place, never copied):
 # a whole-slide image to tile graphs, then 3 simulated hospitals pretrain H-MGDM together on
-# real lung H&E images and the federated encoder is evaluated with a patient-grouped probe;
-# then federated survival on real TCGA-LUSC clinical data, tissue source sites as hospitals.
+# real lung H&E images and the federated encoder is evaluated with a patient-grouped probe,
+# fine-tuned federated (head only) and explained on one image; then federated survival on
+# real TCGA-LUSC clinical data, tissue source sites as hospitals.
 demo: setup
 	$(BIN)/hmgdm-client build-graphs $(DATA)/slides/cmu-1-small-region.svs --out $(DEMO_OUT)/wsi
 	$(BIN)/hmgdm-client build-graphs $(DATA)/lc25000_lung --mpp 1.0 --config configs/demo.toml \
@@ -39,6 +40,12 @@ demo: setup
 	$(BIN)/hmgdm-client evaluate classify --graphs $(DEMO_OUT)/lung \
 		--checkpoint $(DEMO_OUT)/federated/run/final.pt --labels $(DATA)/lc25000_lung/labels.csv \
 		--id-column path --patient-column group_id --out $(DEMO_OUT)/eval_lung
+	$(BIN)/hmgdm-server finetune --graphs $(DEMO_OUT)/lung --labels $(DATA)/lc25000_lung/labels.csv \
+		--checkpoint $(DEMO_OUT)/federated/run/final.pt --task classification --sites 3 \
+		--config configs/demo.toml --id-column path --patient-column group_id \
+		--out $(DEMO_OUT)/finetune_lung
+	$(BIN)/hmgdm-client explain lungaca1000 --graphs $(DEMO_OUT)/lung \
+		--checkpoint $(DEMO_OUT)/finetune_lung/run/finetuned.pt --out $(DEMO_OUT)/explain/lungaca1000.png
 	$(BIN)/hmgdm-server survival-clinical $(DATA)/tcga_survival/tcga_lusc_survival.csv \
 		--out $(DEMO_OUT)/survival_lusc
 
@@ -46,7 +53,8 @@ demo: setup
 readme-images: demo
 	mkdir -p docs/img
 	cp $(DEMO_OUT)/eval_lung/confusion.png docs/img/lc25000_confusion.png
-	cp $(DEMO_OUT)/survival_lusc/km.png docs/img/tcga_lusc_km.png
+	cp $(DEMO_OUT)/survival_lusc/run/km.png docs/img/tcga_lusc_km.png
+	cp $(DEMO_OUT)/explain/lungaca1000.png docs/img/lc25000_explain.png
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -306,5 +306,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _reply(msg, pack_metrics(metrics, num_graphs))
 
 
-# Registers the downstream handlers (train.finetune, evaluate.downstream) on `app`.
+# Registers the downstream handlers (train.finetune, evaluate.downstream, query.cox) on `app`.
 from client import downstream as _downstream  # noqa: E402, F401
+from client import survival as _survival  # noqa: E402, F401

@@ -66,6 +66,7 @@ def supernode_command(
     labels: Path | None = None,
     id_column: str = "slide_id",
     patient_column: str = "patient_id",
+    clinical: Path | None = None,
     warm: bool = True,
 ) -> list[str]:
     """The command that runs this site's SuperNode (also used by tests and benchmarks).
@@ -96,6 +97,12 @@ def supernode_command(
         # Read only by this site's ClientApp (federated fine-tuning and evaluation).
         node["labels"] = str(Path(labels).resolve())
         node["labels-id-column"], node["labels-patient-column"] = id_column, patient_column
+    if clinical is not None:
+        from client.survival import CLINICAL_KEY
+        from hmgdm_core.downstream.tcga import read_tcga_survival
+
+        read_tcga_survival(clinical)  # a malformed table fails here, not in the first round
+        node[CLINICAL_KEY] = str(Path(clinical).resolve())
     # A TOML file instead of an inline string: paths with spaces or quotes survive intact.
     node_config = state_dir / "node_config.toml"
     node_config.write_text(tomli_w.dumps(node))
@@ -155,6 +162,12 @@ def join(
     ),
     id_column: str = typer.Option("slide_id", "--id-column", help="Column naming the slide."),
     patient_column: str = typer.Option("patient_id", "--patient-column", help="Patient column."),
+    clinical: Path | None = typer.Option(
+        None,
+        "--clinical",
+        dir_okay=False,
+        help="This site's clinical survival table (TCGA CSV format) for federated Cox.",
+    ),
 ) -> None:
     """Join the federation: run a SuperNode that trains on GRAPHS when the server asks.
 
@@ -173,6 +186,7 @@ def join(
             labels=labels,
             id_column=id_column,
             patient_column=patient_column,
+            clinical=clinical,
         )
     except HmgdmError as err:
         raise typer.BadParameter(str(err)) from None

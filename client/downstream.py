@@ -1,5 +1,6 @@
-"""Federated downstream handlers of the ClientApp: fine-tune the slide head on this site's own
-labels (`train.finetune`) and evaluate the global head on this site's held-out patients
+"""Federated downstream handlers of the ClientApp: entity-embedding moments for the head's input
+standardisation (`query.entity_moments`), fine-tune the slide head on this site's own labels
+(`train.finetune`) and evaluate the global head on this site's held-out patients
 (`evaluate.downstream`). Replies carry model arrays and scalars only: metrics, counts and, for
 survival, the concordance pair counts of the site's own patients.
 """
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.app import Site, app
 from client.records import (
@@ -45,7 +46,9 @@ class SiteCohort:
     def target(self, task: Task) -> np.ndarray:
         t = self.labels.table
         if task.kind == "classification":
-            return np.searchsorted(task.classes, t["label"].to_numpy())
+            # The consortium's class order (as the operator listed it) is the head's output order.
+            index = {c: i for i, c in enumerate(task.classes)}
+            return np.array([index[c] for c in t["label"]], dtype=np.int64)
         return np.stack([t["time"].to_numpy(float), t["event"].to_numpy(float)], axis=1)
 
 
@@ -96,6 +99,21 @@ def _site_net(msg: Message, context: Context):
     net = slide_net_for(cfg, graph_dims([g for bag in cohort.bags for g in bag]), task)
     load_into(net, *(msg.content[k] for k in (SHARED, FROZEN) if k in msg.content.array_records))
     return cfg, task, cohort, net
+
+
+@app.query("entity_moments")
+def entity_moments(msg: Message, context: Context) -> Message:
+    """Count, sum and sum of squares of the global encoder's entity embeddings over this
+    site's training patients: the server pools them into the head's input standardisation."""
+    _, _, cohort, net = _site_net(msg, context)
+    n, total, total_sq = net.entity_moments([cohort.bags[i] for i in cohort.train])
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"entities": n}),
+            "moments": pack_state({"total": total, "total_sq": total_sq}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
 
 
 @app.train("finetune")

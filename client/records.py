@@ -21,9 +21,14 @@ PACKED = "packed:"  # an ArrayRecord key holding several tensors: "packed:" + [[
 # SecAgg+ rounds carry unnamed legacy arrays: the names (shared, then frozen) travel in the config.
 SECAGG_NAMES = "secagg-names"  # JSON list of all array names, in order
 SECAGG_NUM_SHARED = "secagg-num-shared"  # how many of them (first) are trained and summed
-# Downstream messages (routed to @app.train("finetune") and @app.evaluate("downstream")).
+# Downstream messages (routed to @app.query("entity_moments"), @app.train("finetune") and
+# @app.evaluate("downstream")).
+QUERY_ENTITY_MOMENTS = "query.entity_moments"
 TRAIN_FINETUNE = "train.finetune"
 EVALUATE_DOWNSTREAM = "evaluate.downstream"
+# Federated Cox on clinical tables (@app.query("cox")): config `phase`, arrays in COX_ARRAYS.
+QUERY_COX = "query.cox"
+COX_ARRAYS = "cox"
 
 
 def pack_state(

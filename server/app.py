@@ -319,10 +319,16 @@ def _central_accountant(cfg: HmgdmConfig, ckpt: dict | None) -> CentralAccountan
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    if context.run_config.get("mode", "pretrain") == "downstream":
+    mode = context.run_config.get("mode", "pretrain")
+    if mode == "downstream":
         from server.downstream import run_downstream
 
         run_downstream(grid, context)
+        return
+    if mode == "survival-clinical":
+        from server.survival import run_clinical_survival
+
+        run_clinical_survival(grid, context)
         return
     cfg, run_dir, resume = run_config_to_cfg(dict(context.run_config))
     events = EventLog(run_dir / EVENTS_FILE, log=log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -26,8 +27,6 @@ def finetune(
     """FedAvg fine-tuning of the slide head (+ encoder) on each site's own labels, then each
     site evaluates on its held-out patients; per-site and pooled figures in
     OUT/run/downstream_metrics.json, the fine-tuned model in OUT/run/finetuned.pt."""
-    import json
-
     from server.commands_fed import _fail
     from server.superlink import simulate_downstream
 
@@ -53,25 +52,25 @@ def survival_clinical(
     min_events: int = typer.Option(
         10, "--min-events", min=1, help="Tissue source sites with fewer events are merged."
     ),
+    verbose_run: bool = typer.Option(False, "--stream", help="Print the run's log live."),
 ) -> None:
-    """Federated Cox on clinical covariates (age, sex) with tissue source sites as hospitals:
-    Newton steps on summed site statistics, pooled pair-count C-index, federated KM plot."""
-    from hmgdm_core.downstream.fedsurvival import federated_survival_report
-    from hmgdm_core.downstream.tcga import COVARIATES, group_sites, read_tcga_survival, site_arrays
+    """Federated Cox on clinical covariates (age, sex) with tissue source sites as simulated
+    hospitals (Flower simulation engine, `query.cox` messages): Newton steps on summed site
+    statistics, pooled pair-count C-index, federated KM plot; files in OUT/run/."""
+    from server.commands_fed import _fail
+    from server.survival import simulate_clinical_survival
 
     try:
-        cases, summary = read_tcga_survival(table)
+        path, summary = simulate_clinical_survival(
+            table, out, min_events=min_events, echo=verbose_run
+        )
     except HmgdmError as err:
-        from server.commands_fed import _fail
-
         raise _fail(err) from None
-    sites = group_sites(cases["site"], cases["event"], min_events)
-    names = sorted(sites.unique())
-    m = federated_survival_report(site_arrays(cases, sites), names, out, covariates=COVARIATES)
+    m = json.loads(path.read_text())
     coefs = ", ".join(f"{k} {v:+.4f}" for k, v in m["coefficients"].items())
     typer.echo(
         f"{table.name}: {m['patients']} patients ({summary['cases_missing_values']} without "
-        f"covariates left out), {m['events']} events, {len(names)} sites "
+        f"covariates left out), {m['events']} events, {m['sites']} sites "
         f"(tissue source sites with < {min_events} events merged)"
     )
     typer.echo(
@@ -82,4 +81,4 @@ def survival_clinical(
         f"C-index from pooled site pair counts {m['cindex_pooled_pairs']:.3f}; "
         f"KM high vs low risk log-rank p {m['logrank_p']:.2g}"
     )
-    typer.echo(f"wrote {out}/metrics.json, sites.csv, km.json, km.png")
+    typer.echo(f"wrote {path.parent}/metrics.json, sites.csv, km.json, km.png")

@@ -55,6 +55,12 @@ def start(
     classes: str = typer.Option(
         "", "--classes", help="With --finetune: the consortium's class names, comma-separated."
     ),
+    survival_clinical: bool = typer.Option(
+        False,
+        "--survival-clinical",
+        help="Instead of pretraining: federated Cox on the sites' clinical tables (they join "
+        "with --clinical); report in the run directory.",
+    ),
 ) -> None:
     """Start the SuperLink, wait for the minimum of sites, run federated pretraining.
 
@@ -78,6 +84,10 @@ def start(
         cfg = load_config(config)
         fed = cfg.federation
         downstream = _downstream_run_config(finetune, task, classes)
+        if survival_clinical:
+            if finetune is not None:
+                raise HmgdmError("--finetune and --survival-clinical are two different runs")
+            downstream = {"mode": "survival-clinical"}
         tls = None if insecure else TlsFiles.in_dir(tls_dir).check()
         home = state / "flwr_home"
         link = start_superlink(
@@ -119,7 +129,8 @@ def start(
         for line in run.stdout:
             typer.echo(line, nl=False)
         code = run.wait()
-        print_run_summary(run_dir)
+        if not downstream:  # a downstream run reports in its own files, not the round summary
+            print_run_summary(run_dir)
     except HmgdmError as err:
         raise _fail(err) from None
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
-"""Federated downstream runs of the ServerApp: FedAvg fine-tuning of the slide head (+ encoder)
-on every site's own labels, then federated evaluation on every site's held-out patients.
+"""Federated downstream runs of the ServerApp: the head's input standardisation from pooled
+entity-embedding moments, FedAvg fine-tuning of the slide head (+ encoder) on every site's own
+labels, then federated evaluation on every site's held-out patients.
 
 The server receives model arrays, per-site metrics and counts only. It reports each site's
 figures and the pooled ones: the count-weighted mean of classification metrics; for survival
@@ -22,6 +23,7 @@ from client.records import (
     EVALUATE_DOWNSTREAM,
     FROZEN,
     NUM_EXAMPLES,
+    QUERY_ENTITY_MOMENTS,
     SHARED,
     TRAIN_FINETUNE,
     pack_config,
@@ -114,6 +116,21 @@ def run_downstream(grid: Grid, context: Context) -> Path:
             Message(RecordDict({**content, "config": config}), dst_node_id=n, message_type=kind)
             for n in nodes
         ]
+
+    # The head's input standardisation, from every site's entity-embedding sums.
+    replies = exchange(
+        grid, messages(QUERY_ENTITY_MOMENTS, 0), fed.round_timeout_s, fed.poll_interval_s
+    )
+    moments = [r for r in replies.values() if not r.has_error()]
+    if len(moments) < fed.min_replies:
+        raise FederationError(f"only {len(moments)} sites sent entity moments")
+    sums = [unpack_state(r.content["moments"]) for r in moments]
+    net.set_input_stats(
+        sum(int(r.content["metrics"]["entities"]) for r in moments),
+        sum(m["total"] for m in sums),
+        sum(m["total_sq"] for m in sums),
+    )
+    state.update({k: v.detach().clone() for k, v in net.state_dict().items() if k in frozen})
 
     for rnd in range(1, ev.fed_rounds + 1):
         msgs = messages(TRAIN_FINETUNE, rnd)

@@ -384,7 +384,13 @@ def wait_for_online(flwr_home: Path, minimum: int, timeout: float, poll: float =
     """Block until `minimum` registered sites are online; a clear error after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
-        online = sum(1 for n in list_sites(flwr_home) if n.get("status") == "online")
+        try:
+            online = sum(1 for n in list_sites(flwr_home) if n.get("status") == "online")
+        except HmgdmError as err:
+            # A SuperLink that just started may accept connections before its API answers.
+            if "unavailable" not in str(err) or time.monotonic() > deadline:
+                raise
+            online = 0
         if online >= minimum:
             return online
         if time.monotonic() > deadline:
@@ -422,7 +428,7 @@ def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.
 
 
 def run_simulation(
-    graphs_dir: Path,
+    graphs_dir: Path | None,
     out_dir: Path,
     *,
     sites: int,
@@ -432,7 +438,7 @@ def run_simulation(
     backend: dict | None = None,
 ) -> Path:
     """One run of this app on Flower's simulation engine with `sites` virtual sites over
-    partitions of one graph cache (a local simulation SuperLink, stopped on return).
+    partitions of one graph cache, if any (a local simulation SuperLink, stopped on return).
 
     Returns the run directory; the log is OUT/run.log.
     """
@@ -449,7 +455,7 @@ def run_simulation(
         run = submit_run(link.flwr_home, {
             "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
             "run-dir": str(run_dir),
-            "sim-graphs-dir": str(Path(graphs_dir).resolve()),
+            "sim-graphs-dir": str(Path(graphs_dir).resolve()) if graphs_dir else "",
             "sim-state-dir": str(out_dir / "sites"),
             **run_config,
         }, out_dir)  # fmt: skip

@@ -18,7 +18,15 @@ class EvalConfig(Section):
     pca_components: int = Field(8, ge=1, description="PCA dimensions fed to the Cox probe")
     finetune_epochs: int = Field(30, ge=1, description="max epochs of fine-tuning per fold")
     finetune_patience: int = Field(5, ge=1, description="epochs without a better val loss")
-    finetune_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of fine-tuning")
+    finetune_lr: float = Field(
+        3e-3, gt=0, description="AdamW learning rate of the attention pooling and head"
+    )
+    finetune_encoder_lr: float = Field(
+        3e-4, gt=0, description="AdamW learning rate of the encoder, once it trains (LP-FT)"
+    )
+    finetune_head_epochs: int = Field(
+        5, ge=0, description="epochs of head-only training before the encoder trains too (LP-FT)"
+    )
     finetune_batch_slides: int = Field(16, ge=1, description="slides per fine-tuning step")
     finetune_hidden: int = Field(64, ge=4, description="width of attention pooling and head")
     finetune_dropout: float = Field(0.1, ge=0, lt=1, description="dropout in pooling and head")

@@ -10,7 +10,7 @@ lifelines': `n * penalizer / 2 * ||beta_std||²`, so the two fits share one opti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -179,7 +179,8 @@ Site = tuple[ArrayLike, ArrayLike, ArrayLike]  # (x (n, d), time (n,), event (n,
 
 
 class FederatedCox:
-    """Site-stratified Cox fitted by federated Newton; `fit(sites)` simulates the rounds locally.
+    """Site-stratified Cox fitted by federated Newton: `fit(sites)` runs the rounds in-process,
+    `fit_stats` from statistics the sites sent (server/survival.py).
 
     Fitted: `mean_`, `std_` (pooled standardisation), `params_` (coefficients on the original
     covariate scale, comparable to lifelines' `params_`), `log_likelihood_` (penalised, at the
@@ -200,26 +201,37 @@ class FederatedCox:
         self.max_rounds = max_rounds
 
     def fit(self, sites: Sequence[Site]) -> FederatedCox:
+        """Every round computed here from the sites' rows: the exchange a federation runs."""
         moments = sum((site_moments(x) for x, _, _ in sites[1:]), site_moments(sites[0][0]))
+
+        def summed_stats(beta: np.ndarray) -> CoxStats:
+            each = [
+                site_cox_stats(x, t, e, beta, mean=self.mean_, std=self.std_, ties=self.ties)
+                for x, t, e in sites
+            ]
+            return sum(each[1:], each[0])
+
+        return self.fit_stats(moments, summed_stats)
+
+    def fit_stats(
+        self, moments: Moments, summed_stats: Callable[[np.ndarray], CoxStats]
+    ) -> FederatedCox:
+        """Newton rounds from summed site statistics: `moments` of all sites' covariates, and
+        `summed_stats(beta)`, the sites' `site_cox_stats` at `beta` (standardised with this
+        model's `mean_` and `std_`) summed, e.g. gathered by Flower messages."""
         self.mean_, self.std_ = moments.mean, moments.std
         if np.any(self.std_ == 0):
             raise ValueError(f"covariates {np.flatnonzero(self.std_ == 0).tolist()} are constant")
         state = NewtonState.start(len(self.mean_))
         while not state.converged and state.rounds < self.max_rounds:
-            stats = self._summed_stats(sites, state.beta)
-            state = newton_update(state, stats, penalizer=self.penalizer, tol=self.tol)
+            state = newton_update(
+                state, summed_stats(state.beta), penalizer=self.penalizer, tol=self.tol
+            )
         self.beta_ = state.beta
         self.params_ = state.beta / self.std_
         self.log_likelihood_ = state.objective
         self.rounds_, self.converged_ = state.rounds, state.converged
         return self
-
-    def _summed_stats(self, sites: Sequence[Site], beta: np.ndarray) -> CoxStats:
-        each = [
-            site_cox_stats(x, t, e, beta, mean=self.mean_, std=self.std_, ties=self.ties)
-            for x, t, e in sites
-        ]
-        return sum(each[1:], each[0])
 
     def predict_risk(self, x: ArrayLike) -> np.ndarray:
         """Log partial hazard relative to the pooled mean covariate (higher = worse)."""

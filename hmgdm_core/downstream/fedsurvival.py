@@ -1,16 +1,18 @@
-"""Federated survival report on clinical covariates: what each site would send, summed.
+"""Federated survival report on clinical covariates: what each site sends and how it is summed.
 
 Per site: covariate moments, then Cox gradient/Hessian sums per Newton round (`FederatedCox`),
-then the concordance pair counts of its own patients and a binned life table (events and
-censorings per time bin) of its low- and high-risk patients. The server sums them: a
-site-stratified Cox fit, the pooled pair-count C-index (cross-site pairs are not compared) and
-Kaplan-Meier curves with a log-rank test from the summed life tables (exact up to the bin
-width). No row of any site is pooled; the lifelines fit on the pooled rows is only the check.
+then `evaluate_site`: the concordance pair counts of its own patients and a binned life table
+(events and censorings per time bin) of its low- and high-risk patients. The server sums them
+(`write_survival_report`): a site-stratified Cox fit, the pooled pair-count C-index (cross-site
+pairs are not compared) and Kaplan-Meier curves with a log-rank test from the summed life
+tables (exact up to the bin width). No row of any site is pooled; the lifelines fit on the
+pooled rows (`lifelines_check`) is only the check, for whoever holds all rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from lifelines import CoxPHFitter, KaplanMeierFitter
 from lifelines.statistics import logrank_test
 
 from hmgdm_core.atomic import save_figure, write_csv, write_json
-from hmgdm_core.downstream.concordance import pooled_cindex
+from hmgdm_core.downstream.concordance import PairCounts, linear_risk, pair_counts, pooled_cindex
 from hmgdm_core.downstream.fedcox import FederatedCox, Site
 from hmgdm_core.downstream.plots import plot_kaplan_meier
 
@@ -54,43 +56,72 @@ def summed_km(
     return fitters, float(test.p_value)
 
 
-def federated_survival_report(
-    sites: Sequence[Site],
-    names: Sequence[str],
+@dataclass(frozen=True)
+class SiteEvaluation:
+    """What a site reports on the final model: counts only, no row of its patients.
+
+    `tables` holds, per risk group, the site's life table on the bins `bin_width * (1..k)` up
+    to its own last time (the server pads shorter tables with zeros before summing).
+    """
+
+    patients: int
+    events: int
+    counts: PairCounts
+    tables: dict[str, np.ndarray]  # group -> (2, bins) censorings, events
+
+
+def evaluate_site(
+    x: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    params: np.ndarray,
+    center: np.ndarray,
+    bin_width: float,
+) -> SiteEvaluation:
+    """Pair counts of the model's risks among this site's patients and the life tables of its
+    low- and high-risk patients (above the pooled-mean hazard = high, a threshold every site
+    knows without data)."""
+    time, event = np.asarray(time, dtype=np.float64), np.asarray(event, dtype=int)
+    risk = linear_risk(x, params, center)
+    bins = max(1, int(np.ceil(time.max() / bin_width))) if len(time) else 1
+    edges = bin_width * np.arange(1, bins + 1)
+    high = risk > 0
+    tables = {
+        GROUPS[0]: life_table(time[~high], event[~high], edges),
+        GROUPS[1]: life_table(time[high], event[high], edges),
+    }
+    return SiteEvaluation(len(time), int(event.sum()), pair_counts(time, risk, event), tables)
+
+
+def write_survival_report(
+    fed: FederatedCox,
+    sites: Mapping[str, SiteEvaluation],
     out_dir: Path | str,
     *,
     covariates: Sequence[str],
-    bin_width: float = 1.0,
+    bin_width: float,
 ) -> dict:
-    """Fit, evaluate and plot; writes metrics.json, sites.csv, km.png and km.json in `out_dir`."""
+    """The server's report from the fitted model and the sites' evaluations: metrics.json,
+    sites.csv, km.json and km.png in `out_dir` (pooled C-index, KM from summed life tables)."""
     out_dir = Path(out_dir)
-    fed = FederatedCox(ties="efron").fit(sites)
-    counts = fed.pair_counts(sites)
-    max_time = max(float(np.max(t)) for _, t, _ in sites)
-    edges = np.arange(bin_width, max_time + bin_width, bin_width)
-    tables = {g: np.zeros((2, len(edges)), dtype=np.int64) for g in GROUPS}
+    bins = max(e.tables[g].shape[1] for e in sites.values() for g in GROUPS)
+    edges = bin_width * np.arange(1, bins + 1)
+    tables = {g: np.zeros((2, bins), dtype=np.int64) for g in GROUPS}
     rows = []
-    for name, (x, t, e), c in zip(names, sites, counts, strict=True):
-        # Above the pooled-mean hazard = high risk: a threshold every site knows without data.
-        high = fed.predict_risk(x) > 0
-        tables["low risk"] += life_table(t[~high], e[~high], edges)
-        tables["high risk"] += life_table(t[high], e[high], edges)
-        rows.append({"site": name, "patients": len(t), "events": int(e.sum()),
-                     "cindex": c.cindex, **vars(c)})  # fmt: skip
+    for name, site in sites.items():
+        for g in GROUPS:
+            tables[g][:, : site.tables[g].shape[1]] += site.tables[g]
+        rows.append({"site": name, "patients": site.patients, "events": site.events,
+                     "cindex": site.counts.cindex, **vars(site.counts)})  # fmt: skip
     fitters, p_value = summed_km(tables, edges)
-    reference = _stratified_lifelines(sites, covariates)
-    coef = dict(zip(covariates, fed.params_.tolist(), strict=True))
-    rel = np.abs(fed.params_ - reference.to_numpy()) / np.abs(reference.to_numpy())
     metrics = {
         "model": "site-stratified Cox (Efron ties), federated Newton on summed site statistics",
         "sites": len(sites),
-        "patients": int(sum(len(t) for _, t, _ in sites)),
-        "events": int(sum(e.sum() for _, _, e in sites)),
+        "patients": int(sum(s.patients for s in sites.values())),
+        "events": int(sum(s.events for s in sites.values())),
         "newton_rounds": fed.rounds_,
-        "coefficients": coef,
-        "coefficients_lifelines_pooled_rows": reference.to_dict(),
-        "max_relative_coef_difference": float(rel.max()),
-        "cindex_pooled_pairs": pooled_cindex(counts),
+        "coefficients": dict(zip(covariates, fed.params_.tolist(), strict=True)),
+        "cindex_pooled_pairs": pooled_cindex(s.counts for s in sites.values()),
         "cross_site_pairs": "not compared",
         "logrank_p": p_value,
         "km_bin_width": bin_width,
@@ -116,11 +147,41 @@ def federated_survival_report(
     return metrics
 
 
-def _stratified_lifelines(sites: Sequence[Site], covariates: Sequence[str]) -> pd.Series:
-    """The check: lifelines on the pooled rows, one baseline hazard per site, Efron ties."""
+def lifelines_check(
+    sites: Sequence[Site], covariates: Sequence[str], params: np.ndarray
+) -> dict[str, object]:
+    """The check, for whoever holds all rows (a simulation, a test): lifelines on the pooled
+    rows, one baseline hazard per site, Efron ties, and the largest relative difference."""
     frames = [
         pd.DataFrame(x, columns=list(covariates)).assign(time=t, event=e, site=i)
         for i, (x, t, e) in enumerate(sites)
     ]
-    fitter = CoxPHFitter().fit(pd.concat(frames), "time", "event", strata=["site"])
-    return fitter.params_
+    reference = CoxPHFitter().fit(pd.concat(frames), "time", "event", strata=["site"]).params_
+    rel = np.abs(np.asarray(params) - reference.to_numpy()) / np.abs(reference.to_numpy())
+    return {
+        "coefficients_lifelines_pooled_rows": reference.to_dict(),
+        "max_relative_coef_difference": float(rel.max()),
+    }
+
+
+def federated_survival_report(
+    sites: Sequence[Site],
+    names: Sequence[str],
+    out_dir: Path | str,
+    *,
+    covariates: Sequence[str],
+    bin_width: float = 1.0,
+) -> dict:
+    """The whole exchange in one process (tests, benchmarks): fit, evaluate every site, write
+    the report, and add the lifelines check on the pooled rows to metrics.json."""
+    fed = FederatedCox(ties="efron").fit(sites)
+    evaluations = {
+        name: evaluate_site(x, t, e, fed.params_, fed.mean_, bin_width)
+        for name, (x, t, e) in zip(names, sites, strict=True)
+    }
+    metrics = write_survival_report(
+        fed, evaluations, out_dir, covariates=covariates, bin_width=bin_width
+    )
+    metrics |= lifelines_check(sites, covariates, fed.params_)
+    write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics

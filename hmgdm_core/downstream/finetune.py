@@ -65,8 +65,41 @@ class SlideNet(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden, out_channels),
         )
-        for name, p in backbone.named_parameters():
-            p.requires_grad_(train_encoder and name.startswith(TRAINED_PREFIX))
+        # Entity embeddings enter the head standardised per dimension (set from training
+        # entities by `set_input_stats`; identity until then): unscaled, their slide-level
+        # differences are small next to their offsets and the head learns slowly.
+        self.register_buffer("input_mean", torch.zeros(embed_dim))
+        self.register_buffer("input_std", torch.ones(embed_dim))
+        self.train_encoder = train_encoder
+        self.freeze_encoder(not train_encoder)
+
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Train the head only (frozen) or the encoder too; stage-1 weights always stay fixed."""
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(not frozen and name.startswith(TRAINED_PREFIX))
+
+    @torch.no_grad()
+    def entity_moments(
+        self, bags: Sequence[Bag], batch_slides: int = 32
+    ) -> tuple[int, Tensor, Tensor]:
+        """Count, sum and sum of squares per dimension of the entity embeddings of `bags`:
+        what a site sends so that every site standardises with the pooled statistics."""
+        self.eval()
+        total = torch.zeros(self.input_mean.numel(), dtype=torch.float64)
+        total_sq, n = total.clone(), 0
+        for start in range(0, len(bags), batch_slides):
+            batch, _ = collate(bags[start : start + batch_slides])
+            e = self.backbone.node_embeddings(batch).double()
+            total, total_sq, n = total + e.sum(0), total_sq + (e**2).sum(0), n + len(e)
+        return n, total, total_sq
+
+    @torch.no_grad()
+    def set_input_stats(self, n: int, total: Tensor, total_sq: Tensor) -> None:
+        """Standardise the head's input with the mean and std (ddof 1) of these moments."""
+        mean = total / n
+        std = ((total_sq - n * mean**2) / max(n - 1, 1)).clamp(min=0).sqrt()
+        self.input_mean.copy_(mean.float())
+        self.input_std.copy_(std.clamp(min=1e-6).float())
 
     def forward(self, batch: Batch, slide_of_graph: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         entities = self.backbone.node_embeddings(batch)  # (N, embed_dim)
@@ -75,11 +108,8 @@ class SlideNet(nn.Module):
 
     def pool_and_head(self, entities: Tensor, slide: Tensor) -> tuple[Tensor, Tensor]:
         """Outputs (slides, out) and attention (N,) from entity embeddings and their slide."""
-        pooled, attention = self.pool(entities, batch=slide)
+        pooled, attention = self.pool((entities - self.input_mean) / self.input_std, batch=slide)
         return self.head(pooled), attention
-
-    def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
 
 @dataclass(frozen=True)
@@ -212,7 +242,14 @@ def slide_net_for(cfg: HmgdmConfig, dims: GraphDims, task: Task) -> SlideNet:
 
 
 def make_optimizer(net: SlideNet, cfg: EvalConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(net.trainable(), lr=cfg.finetune_lr)
+    """AdamW over the head (`finetune_lr`) and, when it trains, the encoder at its own lower
+    `finetune_encoder_lr`; a frozen encoder has no gradients and is left untouched."""
+    encoder = [p for n, p in net.backbone.named_parameters() if n.startswith(TRAINED_PREFIX)]
+    head = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
+    groups = [{"params": head, "lr": cfg.finetune_lr}]
+    if net.train_encoder:
+        groups.append({"params": encoder, "lr": cfg.finetune_encoder_lr})
+    return torch.optim.AdamW(groups)
 
 
 def inner_split(
@@ -240,6 +277,9 @@ def fit_early_stopping(
 ) -> tuple[SlideNet, dict]:
     """Train a SlideNet on `bags`, keeping the epoch with the lowest validation loss.
 
+    Entity embeddings are standardised with the training rows' statistics; with
+    `finetune_encoder`, the first `finetune_head_epochs` epochs train the head only (LP-FT).
+
     The validation patients come out of `bags` (grouped by `groups`, stratified on the class or
     event); training stops after `finetune_patience` epochs without improvement. With too few
     patients for a validation split, it trains `finetune_epochs` epochs and says so in the log.
@@ -249,14 +289,18 @@ def fit_early_stopping(
     split = inner_split(strata, groups, cfg, seed)
     train, val = split if split is not None else (np.arange(len(bags)), np.array([], int))
     net = make_net(backbone, task, cfg, seed)
-    optimizer = make_optimizer(net, cfg)
     target = targets_tensor(task, y)
     weight = None
     if task.kind == "classification":
         weight = class_weights(np.asarray(y)[train], task.out_channels)
     train_bags, val_bags = [bags[i] for i in train], [bags[i] for i in val]
+    net.set_input_stats(*net.entity_moments(train_bags))
+    optimizer = make_optimizer(net, cfg)
     best, best_loss, best_epoch, history = None, float("inf"), 0, []
     for epoch in range(cfg.finetune_epochs):
+        # LP-FT: the head first learns on the frozen encoder, so the encoder's first gradients
+        # come from a useful head rather than a random one (which can collapse it).
+        net.freeze_encoder(not net.train_encoder or epoch < cfg.finetune_head_epochs)
         loss = train_epochs(
             net, optimizer, train_bags, target[train], task, cfg,
             epochs=1, generator=generator, weight=weight,

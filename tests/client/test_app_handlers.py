@@ -130,7 +130,12 @@ def test_fedprox_term_keeps_shared_weights_closer_to_the_global_model(cache, tmp
 def test_downstream_replies_hold_only_head_weights_and_scalars(cache, tmp_path):
     """train.finetune sends back exactly the trainable weights it was sent; evaluate.downstream
     only scalars; neither carries slide ids, labels, paths or per-slide rows."""
-    from client.records import EVALUATE_DOWNSTREAM, TRAIN_FINETUNE, pack_task
+    from client.records import (
+        EVALUATE_DOWNSTREAM,
+        QUERY_ENTITY_MOMENTS,
+        TRAIN_FINETUNE,
+        pack_task,
+    )
     from hmgdm_core.data import graph_dims
     from hmgdm_core.downstream.finetune import Task, slide_net_for
 
@@ -141,7 +146,8 @@ def test_downstream_replies_hold_only_head_weights_and_scalars(cache, tmp_path):
                                  enumerate(slides)]  # fmt: skip
     labels.write_text("\n".join(rows) + "\n")
     cfg = load_config(DEBUG, overrides={"evaluation.folds": 2, "evaluation.finetune_hidden": 8})
-    task = Task("classification", ("complex", "tumour"))
+    # The operator's class order, not sorted: it is the order of the head's outputs.
+    task = Task("classification", ("tumour", "complex"))
     net = slide_net_for(cfg, graph_dims(graphs), task)
     state = net.state_dict()
     shared = [n for n, p in net.named_parameters() if p.requires_grad]
@@ -152,18 +158,23 @@ def test_downstream_replies_hold_only_head_weights_and_scalars(cache, tmp_path):
                      "labels": str(labels)},
     )  # fmt: skip
     replies = []
-    for kind in (TRAIN_FINETUNE, EVALUATE_DOWNSTREAM):
+    for kind in (QUERY_ENTITY_MOMENTS, TRAIN_FINETUNE, EVALUATE_DOWNSTREAM):
         config = pack_config(cfg, **pack_task(task.kind, task.classes), **{"server-round": 1})
         content = RecordDict({SHARED: pack_state(state, shared), FROZEN: pack_state(state, frozen),
                               "config": config})  # fmt: skip
         reply = app(Message(content, dst_node_id=7, message_type=kind), ctx)
         assert not reply.has_error(), reply.error.reason
         replies.append(reply)
-    trained = unpack_state(replies[0].content[SHARED])
+    # Entity-embedding sums: one value per embedding dimension, whatever the site's size.
+    moments = unpack_state(replies[0].content["moments"])
+    assert {k: tuple(v.shape) for k, v in moments.items()} == {
+        "total": (net.input_mean.numel(),), "total_sq": (net.input_mean.numel(),),
+    }  # fmt: skip
+    trained = unpack_state(replies[1].content[SHARED])
     assert sorted(trained) == sorted(shared)
     assert any(not torch.equal(trained[k], state[k]) for k in trained)  # it trained
-    assert not replies[1].content.array_records
-    metrics = replies[1].content["metrics"]
+    assert not replies[2].content.array_records
+    metrics = replies[2].content["metrics"]
     assert set(metrics) >= {"accuracy", "macro-f1", "num-examples"}
     forbidden = [str(cache).encode(), str(labels).encode(), b"tumour", b"complex",
                  *(s.encode() for s in slides)]  # fmt: skip

@@ -1,13 +1,20 @@
-"""A real loopback deployment: SuperLink with TLS and SuperNode auth, two SuperNodes, 2 rounds."""
+"""A real loopback deployment: SuperLink with TLS and SuperNode auth, two SuperNodes, 2 rounds,
+then federated Cox on the two sites' own clinical tables."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from conftest import DATA
 
+from client.survival import site_rows
+from hmgdm_core.downstream.concordance import pooled_cindex
+from hmgdm_core.downstream.fedcox import FederatedCox
 from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.exceptions import HmgdmError
 from server.strategy import load_last_round
@@ -22,6 +29,7 @@ from server.superlink import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
+LUSC = DATA / "tcga_survival" / "tcga_lusc_survival.csv"
 RUN_TOML = (
     DEBUG_TOML.read_text()
     + """
@@ -36,6 +44,16 @@ round_timeout_s = 180
 )
 
 
+def clinical_tables(root: Path) -> dict[str, Path]:
+    """Each site's own clinical table: TCGA-LUSC cases of different tissue source sites."""
+    raw = pd.read_csv(LUSC, dtype={"site": str, "case_id": str})
+    tables = {}
+    for name, sources in (("A", ["22", "85"]), ("B", ["33", "56", "77"])):
+        tables[name] = root / f"clinical_{name}.csv"
+        raw[raw["site"].isin(sources)].to_csv(tables[name], index=False)
+    return tables
+
+
 def _run(fed, run_dir, timeout=420) -> str:
     proc = submit_run(fed.home, {"config-toml": RUN_TOML, "run-dir": str(run_dir)}, fed.root)
     try:
@@ -48,9 +66,10 @@ def _run(fed, run_dir, timeout=420) -> str:
 
 def test_two_sites_average_weighted_by_graphs_and_outsiders_are_refused(federation, site_caches):
     fed = federation
+    clinical = clinical_tables(fed.root)
     for name in ("A", "B"):
         key, _ = fed.new_key(name)
-        fed.join(name, site_caches[name], key)
+        fed.join(name, site_caches[name], key, clinical=clinical[name])
     # Two outsiders: a key the operator never registered, and a site without our CA.
     rogue_key, _ = fed.new_key("rogue", register=False)
     rogue = fed.join("rogue", site_caches["A"], rogue_key, max_wait_s=20)
@@ -95,6 +114,19 @@ def test_two_sites_average_weighted_by_graphs_and_outsiders_are_refused(federati
     for k in (k for k in ckpt["arrays"] if k.startswith("autoencoder.")):
         torch.testing.assert_close(sites["A"]["model"][k], ckpt["arrays"][k].float())
     assert (run_dir / "final.pt").is_file()
+
+    # The same two sites fit a Cox model on their own clinical tables (query.cox messages).
+    cox_dir = fed.root / "cox"
+    proc = submit_run(fed.home, {"config-toml": RUN_TOML, "run-dir": str(cox_dir),
+                                 "mode": "survival-clinical"}, fed.root)  # fmt: skip
+    out, _ = proc.communicate(timeout=180)
+    assert (cox_dir / "metrics.json").is_file(), out[-3000:]
+    cox = json.loads((cox_dir / "metrics.json").read_text())
+    rows = [site_rows(clinical[name]) for name in ("A", "B")]
+    expected = FederatedCox(ties="efron").fit(rows)
+    assert list(cox["coefficients"].values()) == pytest.approx(expected.params_.tolist(), rel=1e-9)
+    assert cox["cindex_pooled_pairs"] == pytest.approx(pooled_cindex(expected.pair_counts(rows)))
+    assert cox["patients"] == sum(len(t) for _, t, _ in rows)
 
     for outsider in (rogue, no_ca, system_ca):
         deadline = time.monotonic() + 60

@@ -1,5 +1,6 @@
 """The operator and site CLIs end to end: `hmgdm-server start` with TLS and registered site keys,
-two `hmgdm-client join`, the server killed after round 1, and `start --resume` finishing it."""
+two `hmgdm-client join` (with their labels), the server killed after round 1, `start --resume`
+finishing it, then `start --finetune` fine-tuning the result on the same two sites' labels."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
+from hmgdm_core.downstream.finetune import load_slide_net
+from hmgdm_core.train import load_checkpoint
+from server.downstream import MODEL_NAME, RESULT_NAME
 from server.strategy import load_last_round
 from server.superlink import stop_tree
 
@@ -44,7 +49,16 @@ def test_start_join_kill_resume(tmp_path, site_caches, federation_cleanup):
     config.write_text(DEBUG_TOML.read_text() + (
         "\n[federation]\nstage1_rounds = 1\nstage2_rounds = 2\nlocal_steps = 2\n"
         "evaluate_every = 0\nwait_timeout_s = 120\nround_timeout_s = 180\nrun_dir = 'run'\n"
+        "[evaluation]\nfolds = 3\nfed_rounds = 1\nfinetune_hidden = 8\n"
     ))  # fmt: skip
+    # Each site's labels name only its own tiles (3 per Kather class: 3 folds by class).
+    labels = {}
+    for name in ("A", "B"):
+        manifest = pd.read_csv(site_caches[name] / "manifest.csv")
+        labels[name] = tmp_path / f"labels_{name}.csv"
+        pd.DataFrame({"slide_id": manifest["slide_id"],
+                      "label": [Path(p).parent.name[3:] for p in manifest["path"]]}
+                     ).to_csv(labels[name], index=False)  # fmt: skip
     state = tmp_path / "state"
 
     def start(*extra: str) -> subprocess.Popen:
@@ -60,7 +74,8 @@ def test_start_join_kill_resume(tmp_path, site_caches, federation_cleanup):
         cmd = [_cli("hmgdm-client"), "join", "--superlink", f"127.0.0.1:{port}",
                "--graphs", str(site_caches[name]), "--root-cert", str(tls / "ca.crt"),
                "--auth-key", str(tmp_path / name / "site.key"),
-               "--local-port", str(federation_cleanup.free_port())]  # fmt: skip
+               "--local-port", str(federation_cleanup.free_port()),
+               "--labels", str(labels[name])]  # fmt: skip
         log = open(tmp_path / f"join{name}.log", "w")  # noqa: SIM115
         federation_cleanup.track(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
 
@@ -85,3 +100,21 @@ def test_start_join_kill_resume(tmp_path, site_caches, federation_cleanup):
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_aggregated"] == 3
     assert {n: s["rounds_replied"] for n, s in summary["sites"].items()} == {"A": 3, "B": 3}
+
+    # The same consortium fine-tunes the federated encoder on the sites' own labels.
+    classes = "TUMOR,STROMA,LYMPHO,MUCOSA,ADIPOSE"
+    finetune = start("--finetune", str(run_dir / "final.pt"), "--task", "classification",
+                     "--classes", classes)  # fmt: skip
+    assert finetune.wait(timeout=300) == 0, (tmp_path / "server6.log").read_text()[-3000:]
+    result = json.loads((run_dir / RESULT_NAME).read_text())
+    assert result["task"] == "classification" and len(result["history"]) == 1
+    # Each site evaluated its own held-out fold: one tile per class it has.
+    assert {n: s["num_examples"] for n, s in result["sites"].items()} == {"A": 2, "B": 3}
+    assert result["pooled"]["slides"] == 5 and 0 <= result["pooled"]["accuracy"] <= 1
+    net, task, _ = load_slide_net(run_dir / MODEL_NAME)
+    assert task.classes == tuple(classes.split(","))
+    # From the federated model: stage-1 weights kept as they were, the encoder fine-tuned.
+    final = load_checkpoint(run_dir / "final.pt").model.state_dict()
+    tuned = net.backbone.state_dict()
+    assert all(torch.equal(tuned[k], v) for k, v in final.items() if k.startswith("autoencoder."))
+    assert any(not torch.equal(tuned[k], v) for k, v in final.items() if k.startswith("encoder."))

@@ -19,6 +19,7 @@ from hmgdm_core.downstream.finetune import (
     fit_early_stopping,
     inner_split,
     load_slide_net,
+    make_optimizer,
     predict,
     targets_tensor,
     task_loss,
@@ -34,6 +35,8 @@ EVAL = EvalConfig(
     finetune_patience=4,
     finetune_hidden=16,
     finetune_lr=1e-2,
+    finetune_encoder_lr=1e-2,
+    finetune_head_epochs=0,
     finetune_batch_slides=8,
 )
 
@@ -129,3 +132,33 @@ def test_a_pretraining_checkpoint_is_not_a_fine_tuned_model(tmp_path):
     torch.save({"format": "hmgdm-checkpoint/1"}, path)
     with pytest.raises(CheckpointError, match="not a fine-tuned model"):
         load_slide_net(path)
+
+
+def test_head_sees_standardised_entities_and_the_encoder_waits_for_the_head(classes):
+    from torch_geometric.data import Batch
+
+    bags, y = classes
+    backbone, _ = backbone_for(bags)
+    task = Task("classification", ("dense", "spread"))
+    index = np.searchsorted(task.classes, y)
+    start = {k: v.clone() for k, v in backbone.state_dict().items() if k.startswith("encoder.")}
+
+    def fit(epochs: int, head_epochs: int):
+        cfg = EVAL.model_copy(update={
+            "finetune_epochs": epochs, "finetune_patience": epochs,
+            "finetune_head_epochs": head_epochs, "finetune_encoder_lr": 1e-3,
+        })  # fmt: skip
+        return fit_early_stopping(backbone, bags, index, np.arange(len(y)), task, cfg)[0], cfg
+
+    lp, cfg = fit(epochs=2, head_epochs=2)  # both epochs on the frozen encoder
+    assert all(torch.equal(lp.backbone.state_dict()[k], v) for k, v in start.items())
+    # The head's input statistics are those of the training rows' entity embeddings.
+    train, _ = inner_split(index, np.arange(len(y)), cfg, 0)
+    with torch.no_grad():
+        e = backbone.node_embeddings(Batch.from_data_list([g for i in train for g in bags[i]]))
+    torch.testing.assert_close(lp.input_mean, e.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lp.input_std, e.std(0), rtol=1e-4, atol=1e-5)
+    assert [g["lr"] for g in make_optimizer(lp, cfg).param_groups] == [1e-2, 1e-3]
+
+    ft, _ = fit(epochs=1, head_epochs=0)  # one epoch, kept: the encoder trained in it
+    assert any(not torch.equal(ft.backbone.state_dict()[k], v) for k, v in start.items())

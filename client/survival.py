@@ -1,0 +1,96 @@
+"""The ClientApp's `query.cox` handler: federated Cox on this site's own clinical table.
+
+Phases (config `phase`): `moments` (row count, covariate sums and sums of squares), `newton`
+(log partial likelihood, gradient and Hessian at the server's coefficients, over this site's
+risk sets only), `evaluate` (concordance pair counts and binned life tables of the final
+model). Every reply is a sum or a count whose size depends on the covariates and time bins,
+never on the number of patients.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.app import app
+from client.records import COX_ARRAYS as ARRAYS
+from hmgdm_core.downstream.fedcox import Site, site_cox_stats, site_moments
+from hmgdm_core.downstream.fedsurvival import GROUPS, evaluate_site
+from hmgdm_core.exceptions import LabelError
+
+CLINICAL_KEY = "clinical"  # node config: this site's clinical table (TCGA survival CSV format)
+SIM_CLINICAL_DIR = "sim-clinical-dir"  # run config: site-K.csv per virtual site K
+PHASES = ("moments", "newton", "evaluate")
+
+
+def clinical_path(context: Context) -> tuple[Path, int | None]:
+    """This site's clinical table and, in simulation, its partition id."""
+    node, run = context.node_config, context.run_config
+    if CLINICAL_KEY in node:
+        return Path(str(node[CLINICAL_KEY])), None
+    if run.get(SIM_CLINICAL_DIR):
+        pid = int(node["partition-id"])
+        return Path(str(run[SIM_CLINICAL_DIR])) / f"site-{pid}.csv", pid
+    raise LabelError(
+        "this site has no clinical table: start it with `hmgdm-client join --clinical table.csv`"
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def site_rows(path: Path) -> Site:
+    """(covariates (n, d), time (n,), event (n,)) of the site's table, one row per patient."""
+    from hmgdm_core.downstream.tcga import COVARIATES, read_tcga_survival
+
+    table, _ = read_tcga_survival(path)
+    if table.empty:
+        raise LabelError(f"{path}: no patient with complete covariates, time and censorship")
+    return (
+        table.loc[:, list(COVARIATES)].to_numpy(float),
+        table["time"].to_numpy(float),
+        table["event"].to_numpy(int),
+    )
+
+
+def _vector(record: ArrayRecord, key: str) -> np.ndarray:
+    return record[key].numpy().astype(np.float64)
+
+
+def _arrays(**values: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
+
+
+@app.query("cox")
+def cox(msg: Message, context: Context) -> Message:
+    """One phase of the federated Cox exchange on this site's own patients."""
+    config: ConfigRecord = msg.content["config"]
+    phase = str(config["phase"])
+    if phase not in PHASES:
+        raise ValueError(f"unknown query.cox phase '{phase}'")
+    path, pid = clinical_path(context)
+    x, time, event = site_rows(path)
+    metrics = MetricRecord({"patients": len(time), "events": int(event.sum())})
+    if pid is not None:
+        metrics["partition-id"] = pid  # names the virtual site in the server's report
+    if phase == "moments":
+        m = site_moments(x)
+        arrays = _arrays(total=m.total, total_sq=m.total_sq)
+    elif phase == "newton":
+        sent = msg.content[ARRAYS]
+        stats = site_cox_stats(
+            x, time, event, _vector(sent, "beta"), mean=_vector(sent, "mean"),
+            std=_vector(sent, "std"), ties=str(config["ties"]),
+        )  # fmt: skip
+        metrics["loglik"] = stats.loglik
+        arrays = _arrays(gradient=stats.gradient, hessian=stats.hessian)
+    else:
+        sent = msg.content[ARRAYS]
+        ev = evaluate_site(
+            x, time, event, _vector(sent, "params"), _vector(sent, "center"),
+            float(config["bin-width"]),
+        )  # fmt: skip
+        metrics.update({k.replace("_", "-"): v for k, v in vars(ev.counts).items()})
+        arrays = _arrays(**{g.replace(" ", "-"): ev.tables[g] for g in GROUPS})
+    return Message(RecordDict({"metrics": metrics, ARRAYS: arrays}), reply_to=msg)
