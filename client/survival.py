@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.app import app
 from client.records import COX_ARRAYS as ARRAYS
-from hmgdm_core.downstream.fedcox import Site, site_cox_stats, site_moments
-from hmgdm_core.downstream.fedsurvival import GROUPS, evaluate_site
 from hmgdm_core.exceptions import LabelError
+
+if TYPE_CHECKING:
+    from hmgdm_core.downstream.fedcox import Site
 
 CLINICAL_KEY = "clinical"  # node config: this site's clinical table (TCGA survival CSV format)
 SIM_CLINICAL_DIR = "sim-clinical-dir"  # run config: site-K.csv per virtual site K
@@ -65,6 +67,11 @@ def _arrays(**values: np.ndarray) -> ArrayRecord:
 @app.query("cox")
 def cox(msg: Message, context: Context) -> Message:
     """One phase of the federated Cox exchange on this site's own patients."""
+    # Imported here, not with the module: every training message's fresh process imports this
+    # module too, and lifelines/matplotlib would cost it seconds.
+    from hmgdm_core.downstream.fedcox import site_cox_stats, site_moments
+    from hmgdm_core.downstream.fedsurvival import GROUPS, evaluate_site
+
     config: ConfigRecord = msg.content["config"]
     phase = str(config["phase"])
     if phase not in PHASES:
