@@ -53,6 +53,9 @@ MODEL = {
     "train.batch_size": 16,
     "train.max_nodes": 400,
     "train.lr": 2e-3,
+    # The input projection's mean carries the entity latents linearly, so the embedding keeps
+    # what a mean of descriptors knows and pretraining adds context on top (model/README.md).
+    "model.readout": "layers",
 }
 
 
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     start, load = time.perf_counter(), os.getloadavg()[0]
+    real_part = None
     if args.quick:
         syn = _job("synthetic", {"per_class": 12, "ae_epochs": 2, "epochs": 5})
     else:
@@ -160,17 +164,22 @@ def main(argv: list[str] | None = None) -> dict:
             syn_job = pool.submit(
                 _job, "synthetic", {"per_class": 40, "ae_epochs": 5, "epochs": 20}
             )
-            if not args.skip_real:
-                real_job = pool.submit(
-                    _job, "real", {"lc_images": args.lc_images, "ae_epochs": 3, "epochs": 10}
-                )
-            syn = syn_job.result()
+            real_job = None if args.skip_real else pool.submit(
+                _job, "real", {"lc_images": args.lc_images, "ae_epochs": 3, "epochs": 10}
+            )  # fmt: skip
+            syn, real_part = syn_job.result(), real_job and real_job.result()
     result = {"benchmark": "probe", "chance": round(1 / len(CLASSES), 3)}
     for name, (acc, f1) in syn.items():
         print(f"synthetic {name:12s} acc {acc:.3f}  macro-F1 {f1:.3f}")
         result[f"{name}_acc"] = round(acc, 4)
-    if not (args.skip_real or args.quick):
-        lc, kather = real_job.result()
+    result["synthetic_met"] = bool(
+        result["hmgdm_acc"] >= result["random_init_acc"] + 0.10
+        and result["hmgdm_acc"] >= result["graphmae_acc"]
+        and result["raw_acc"] <= result["chance"] + 0.10
+    )
+    targets = ["synthetic: hmgdm >= random_init + 0.10, >= graphmae, raw <= chance + 0.10"]
+    if real_part is not None:
+        lc, kather = real_part
         for name, (acc, f1) in lc.items():
             print(f"lc25000   {name:12s} acc {acc:.3f}  macro-F1 {f1:.3f}")
             result[f"lc25000_{name}_acc"] = round(acc, 4)
@@ -179,16 +188,18 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"kather    {name:12s} LOO acc {acc:.3f} (24 tiles, 8 classes)")
             result[f"kather_loo_{name}_acc"] = round(acc, 4)
         result["kather_loo_acc"] = result["kather_loo_hmgdm_acc"]
+        result["lc25000_met"] = bool(
+            result["lc25000_hmgdm_acc"] > result["lc25000_random_init_acc"]
+            and result["lc25000_hmgdm_acc"] >= result["lc25000_raw_acc"]
+        )
+        targets.append("lc25000: hmgdm > random_init and >= raw")
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["load_avg_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # start, end
     result["ratio_vs_random_init"] = round(
         result["hmgdm_acc"] / max(result["random_init_acc"], 1e-9), 3
     )
-    result["target"] = "hmgdm >= random_init + 0.10 and >= graphmae; raw near chance (synthetic)"
-    result["met"] = bool(
-        result["hmgdm_acc"] >= result["random_init_acc"] + 0.10
-        and result["hmgdm_acc"] >= result["graphmae_acc"]
-    )
+    result["target"] = "; ".join(targets)
+    result["met"] = result["synthetic_met"] and result.get("lc25000_met", True)
     print(json.dumps(result))
     return result
 
