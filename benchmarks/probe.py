@@ -7,6 +7,8 @@ descriptors mean-pooled. Each is scored by logistic regression on
   * a seeded synthetic cohort whose classes differ only in spatial arrangement (5-fold),
   * LC25000 lung (pretrain on its images, labels unused; GroupKFold by group_id),
   * Kather 2016 (24 tiles, leave-one-out, embedded with the LC25000-pretrained models).
+Graph embeddings use the "layers" readout (model/README.md). The synthetic and the real part run
+in parallel, one process and one thread each.
 Usage: python benchmarks/probe.py [--quick] [--lc-images N]. Last line: one JSON object.
 """
 

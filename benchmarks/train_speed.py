@@ -4,6 +4,12 @@ Runs the real `train_steps` loop (stage 2, the expensive one) on CPU, and on CUD
 a GPU is present. Baseline in the same run: the encoder-only forward/backward (no decoder), so
 the ratio shows what the diffusion decoder costs. `--profile` prints the top operators once.
 Last line: one JSON object.
+
+Profile of a step (default config, 4 x 2,000 nodes, 2 threads, quiet machine): top self-CPU
+costs were the joint self-attention's SDPA flash kernel, backward 19% and forward 10% (already
+batched per graph with a key-padding mask), and dense matmuls (`mm` 15%, `addmm` 7%); Python
+overhead is not among them. Per module (forward): self-attention 45%, decode blocks 23%,
+frozen stage-1 autoencoders 14%, GNN encoder 7%.
 """
 
 from __future__ import annotations
