@@ -7,6 +7,8 @@ descriptors mean-pooled. Each is scored by logistic regression on
   * a seeded synthetic cohort whose classes differ only in spatial arrangement (5-fold),
   * LC25000 lung (pretrain on its images, labels unused; GroupKFold by group_id),
   * Kather 2016 (24 tiles, leave-one-out, embedded with the LC25000-pretrained models).
+Graph embeddings use the "layers" readout (model/README.md). The synthetic and the real part run
+in parallel, one process and one thread each.
 Usage: python benchmarks/probe.py [--quick] [--lc-images N]. Last line: one JSON object.
 """
 
@@ -17,6 +19,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +55,9 @@ MODEL = {
     "train.batch_size": 16,
     "train.max_nodes": 400,
     "train.lr": 2e-3,
+    # The input projection's mean carries the entity latents linearly, so the embedding keeps
+    # what a mean of descriptors knows and pretraining adds context on top (model/README.md).
+    "model.readout": "layers",
 }
 
 
@@ -133,6 +139,20 @@ def real(lc_images: int, ae_epochs: int, epochs: int) -> tuple[dict, dict]:
     return lc, kather
 
 
+def _job(name: str, kwargs: dict):
+    """One part of the benchmark in one process on one thread: small graph ops do not scale
+    across threads, and a busy machine makes two-thread barriers stall (10x slower measured)."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            return {"synthetic": synthetic, "real": real}[name](**kwargs)
+    finally:
+        torch.set_num_threads(threads)  # the quick version runs inside the test process
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~1 min CI version")
@@ -140,18 +160,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    torch.set_num_threads(2)
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    real_part = None
     if args.quick:
-        syn = synthetic(per_class=12, ae_epochs=2, epochs=5)
+        syn = _job("synthetic", {"per_class": 12, "ae_epochs": 2, "epochs": 5})
     else:
-        syn = synthetic(per_class=40, ae_epochs=5, epochs=20)
+        # The synthetic and the real part are independent: one process each, in parallel.
+        with ProcessPoolExecutor(2) as pool:
+            syn_job = pool.submit(
+                _job, "synthetic", {"per_class": 40, "ae_epochs": 5, "epochs": 20}
+            )
+            real_job = None if args.skip_real else pool.submit(
+                _job, "real", {"lc_images": args.lc_images, "ae_epochs": 3, "epochs": 10}
+            )  # fmt: skip
+            syn, real_part = syn_job.result(), real_job and real_job.result()
     result = {"benchmark": "probe", "chance": round(1 / len(CLASSES), 3)}
     for name, (acc, f1) in syn.items():
         print(f"synthetic {name:12s} acc {acc:.3f}  macro-F1 {f1:.3f}")
         result[f"{name}_acc"] = round(acc, 4)
-    if not (args.skip_real or args.quick):
-        lc, kather = real(args.lc_images, ae_epochs=3, epochs=10)
+    result["synthetic_met"] = bool(
+        result["hmgdm_acc"] >= result["random_init_acc"] + 0.10
+        and result["hmgdm_acc"] >= result["graphmae_acc"]
+        and result["raw_acc"] <= result["chance"] + 0.10
+    )
+    targets = ["synthetic: hmgdm >= random_init + 0.10, >= graphmae, raw <= chance + 0.10"]
+    if real_part is not None:
+        lc, kather = real_part
         for name, (acc, f1) in lc.items():
             print(f"lc25000   {name:12s} acc {acc:.3f}  macro-F1 {f1:.3f}")
             result[f"lc25000_{name}_acc"] = round(acc, 4)
@@ -160,15 +194,18 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"kather    {name:12s} LOO acc {acc:.3f} (24 tiles, 8 classes)")
             result[f"kather_loo_{name}_acc"] = round(acc, 4)
         result["kather_loo_acc"] = result["kather_loo_hmgdm_acc"]
+        result["lc25000_met"] = bool(
+            result["lc25000_hmgdm_acc"] > result["lc25000_random_init_acc"]
+            and result["lc25000_hmgdm_acc"] >= result["lc25000_raw_acc"]
+        )
+        targets.append("lc25000: hmgdm > random_init and >= raw")
     result["seconds"] = round(time.perf_counter() - start, 1)
+    result["load_avg_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # start, end
     result["ratio_vs_random_init"] = round(
         result["hmgdm_acc"] / max(result["random_init_acc"], 1e-9), 3
     )
-    result["target"] = "hmgdm >= random_init + 0.10 and >= graphmae; raw near chance (synthetic)"
-    result["met"] = bool(
-        result["hmgdm_acc"] >= result["random_init_acc"] + 0.10
-        and result["hmgdm_acc"] >= result["graphmae_acc"]
-    )
+    result["target"] = "; ".join(targets)
+    result["met"] = result["synthetic_met"] and result.get("lc25000_met", True)
     print(json.dumps(result))
     return result
 

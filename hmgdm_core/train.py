@@ -122,6 +122,7 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
             fixed_timestep=d.fixed_timestep,
             prediction=d.prediction,
             edge_loss_weight=d.edge_loss_weight,
+            readout=m.readout,
         )
     model.dims = dims
     return model

@@ -32,6 +32,10 @@ class ModelConfig(Section):
     pos_scale_um: float = Field(200.0, gt=0, description="longest positional wavelength in µm")
     skip_connections: bool = Field(True, description="U-shaped skip; off = every block reads L")
     edge_latents: bool = Field(True, description="reconstruct masked edge latents too")
+    readout: Literal["mean", "layers"] = Field(
+        "mean",
+        description="graph embedding: mean of the last layer, or means of input + every layer",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:

@@ -88,11 +88,13 @@ class GraphEncoder(nn.Module):
         *,
         edge_attr: Tensor | None = None,
         batch: Tensor | None = None,
+        with_input: bool = False,
     ) -> list[Tensor]:
-        """Node states after each layer, a list of `num_layers` tensors (num_nodes, hidden)."""
+        """Node states after each layer, a list of `num_layers` tensors (num_nodes, hidden);
+        `with_input` prepends the input projection (what a jumping-knowledge readout reads)."""
         h = self.input(x)
         e = self.edge_input(edge_attr) if self.edge_input is not None else None
-        states = []
+        states = [h] if with_input else []
         for conv, norm in zip(self.convs, self.norms, strict=True):
             h = norm(h + self.dropout(nn.functional.silu(call_conv(conv, h, edge_index, e))))
             states.append(h)

@@ -75,6 +75,7 @@ class HMGDM(nn.Module):
         fixed_timestep: int | None = None,
         prediction: Literal["x0", "epsilon"] = "x0",
         edge_loss_weight: float = 1.0,
+        readout: Literal["mean", "layers"] = "mean",
     ) -> None:
         super().__init__()
         self.autoencoder = nn.ModuleDict({"node": autoencoder})
@@ -85,7 +86,7 @@ class HMGDM(nn.Module):
         self.mask_ratio, self.fixed_ratio = mask_ratio, fixed_ratio
         self.masking, self.bfs_seeds = masking, bfs_seeds
         self.fixed_timestep, self.prediction = fixed_timestep, prediction
-        self.edge_loss_weight = edge_loss_weight
+        self.edge_loss_weight, self.readout = edge_loss_weight, readout
 
     @property
     def uses_edges(self) -> bool:
@@ -112,19 +113,28 @@ class HMGDM(nn.Module):
             return torch.zeros(data.num_nodes, dtype=torch.long, device=data.x.device), 1
         return batch, int(data.num_graphs)
 
-    def node_embeddings(self, data: Data) -> Tensor:
-        """Node embeddings (N, hidden) with gradients (what fine-tuning trains through)."""
+    def _encoder_states(self, data: Data, *, with_input: bool = False) -> list[Tensor]:
         batch, _ = self._batch_vec(data)
         z, ze = self.latents(data)
         h_in = torch.cat([z, self.pos_encoding(data.pos, batch)], dim=-1)
-        return self.encoder(h_in, data.edge_index, edge_attr=ze, batch=batch)[-1]
+        return self.encoder(h_in, data.edge_index, edge_attr=ze, batch=batch, with_input=with_input)
+
+    def node_embeddings(self, data: Data) -> Tensor:
+        """Node embeddings (N, hidden) with gradients (what fine-tuning trains through)."""
+        return self._encoder_states(data)[-1]
 
     @torch.no_grad()
     def encode(self, data: Data) -> tuple[Tensor, Tensor]:
-        """Node embeddings (N, hidden) and graph embeddings (B, hidden): no masking, no noise."""
+        """Node embeddings (N, hidden) and graph embeddings: no masking, no noise.
+
+        Graph embedding: readout "mean" averages the last layer (B, hidden); "layers" concatenates
+        the means of the input projection and of every layer, (B, (layers + 1) * hidden).
+        """
         batch, num_graphs = self._batch_vec(data)
-        node = self.node_embeddings(data)
-        return node, scatter(node, batch, dim=0, dim_size=num_graphs, reduce="mean")
+        states = self._encoder_states(data, with_input=self.readout == "layers")
+        read = states if self.readout == "layers" else states[-1:]
+        pooled = [scatter(h, batch, dim=0, dim_size=num_graphs, reduce="mean") for h in read]
+        return states[-1], torch.cat(pooled, dim=-1)
 
     def forward(self, data: Data) -> tuple[Tensor, Tensor]:
         return self.encode(data)

@@ -84,6 +84,23 @@ def test_encode_is_deterministic_and_sees_every_node():
     assert torch.allclose(single_pooled[0], pooled_a[0], atol=1e-5)
 
 
+def test_layers_readout_concatenates_input_and_every_layer_mean():
+    graphs = _graphs()
+    batch = Batch.from_data_list(graphs)
+    nodes_mean, pooled_mean = _model(graphs).encode(batch)
+    model = _model(graphs, **{"model.readout": "layers"})
+    nodes, pooled = model.encode(batch)
+    assert torch.equal(nodes, nodes_mean)  # node embeddings do not depend on the readout
+    layers = model.encoder.num_layers
+    assert pooled.shape == (4, (layers + 1) * 32)
+    assert torch.allclose(pooled[:, -32:], pooled_mean, atol=1e-6)
+    # The first block is the input projection: mean-pooling commutes with the linear map.
+    z, _ = model.latents(batch)
+    h_in = torch.cat([z, model.pos_encoding(batch.pos, batch.batch)], dim=-1)
+    first = model.encoder.input(h_in)[batch.batch == 1].mean(0)
+    assert torch.allclose(pooled[1, :32], first, atol=1e-5)
+
+
 def _overfit(model, graphs, stage, steps=40):
     opt = make_optimizer(model, load_config().train, stage)
     gen = torch.Generator().manual_seed(0)
