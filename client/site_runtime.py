@@ -27,7 +27,8 @@ from pathlib import Path
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
-# Third-party only: the run's own code must come from its FAB in the forked process.
+# Third-party only: the run's own code must come from its FAB in the forked process. Importing
+# torch starts neither CUDA nor its OpenMP threads, so a forked ClientApp may use both.
 APP_PACKAGES = ("client", "server", "hmgdm_core")
 PRELOAD = (
     "numpy",
