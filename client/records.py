@@ -8,6 +8,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
@@ -97,6 +98,16 @@ def unpack_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
         for (name, shape), part in zip(layout, value.split(sizes), strict=True):
             state[name] = part.reshape(shape)
     return state
+
+
+def pack_arrays(values: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Small named arrays (sums, counts, coefficients), one Array each: not model state."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
+
+
+def unpack_float64(record: ArrayRecord, *keys: str) -> list[np.ndarray]:
+    """The named arrays of `record` as float64, in the order asked."""
+    return [record[k].numpy().astype(np.float64) for k in keys]
 
 
 def load_into(model: torch.nn.Module, *records: ArrayRecord) -> None:

@@ -13,11 +13,11 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.app import app
 from client.records import COX_ARRAYS as ARRAYS
+from client.records import pack_arrays, unpack_float64
 from hmgdm_core.exceptions import LabelError
 
 if TYPE_CHECKING:
@@ -56,14 +56,6 @@ def site_rows(path: Path) -> Site:
     )
 
 
-def _vector(record: ArrayRecord, key: str) -> np.ndarray:
-    return record[key].numpy().astype(np.float64)
-
-
-def _arrays(**values: np.ndarray) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
-
-
 @app.query("cox")
 def cox(msg: Message, context: Context) -> Message:
     """One phase of the federated Cox exchange on this site's own patients."""
@@ -83,21 +75,15 @@ def cox(msg: Message, context: Context) -> Message:
         metrics["partition-id"] = pid  # names the virtual site in the server's report
     if phase == "moments":
         m = site_moments(x)
-        arrays = _arrays(total=m.total, total_sq=m.total_sq)
+        arrays = pack_arrays({"total": m.total, "total_sq": m.total_sq})
     elif phase == "newton":
-        sent = msg.content[ARRAYS]
-        stats = site_cox_stats(
-            x, time, event, _vector(sent, "beta"), mean=_vector(sent, "mean"),
-            std=_vector(sent, "std"), ties=str(config["ties"]),
-        )  # fmt: skip
+        beta, mean, std = unpack_float64(msg.content[ARRAYS], "beta", "mean", "std")
+        stats = site_cox_stats(x, time, event, beta, mean=mean, std=std, ties=str(config["ties"]))
         metrics["loglik"] = stats.loglik
-        arrays = _arrays(gradient=stats.gradient, hessian=stats.hessian)
+        arrays = pack_arrays({"gradient": stats.gradient, "hessian": stats.hessian})
     else:
-        sent = msg.content[ARRAYS]
-        ev = evaluate_site(
-            x, time, event, _vector(sent, "params"), _vector(sent, "center"),
-            float(config["bin-width"]),
-        )  # fmt: skip
+        params, center = unpack_float64(msg.content[ARRAYS], "params", "center")
+        ev = evaluate_site(x, time, event, params, center, float(config["bin-width"]))
         metrics.update({k.replace("_", "-"): v for k, v in vars(ev.counts).items()})
-        arrays = _arrays(**{g.replace(" ", "-"): ev.tables[g] for g in GROUPS})
+        arrays = pack_arrays({g.replace(" ", "-"): ev.tables[g] for g in GROUPS})
     return Message(RecordDict({"metrics": metrics, ARRAYS: arrays}), reply_to=msg)

@@ -12,12 +12,12 @@ from logging import INFO
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from client.records import COX_ARRAYS as ARRAYS
-from client.records import QUERY_COX
+from client.records import QUERY_COX, pack_arrays, unpack_float64
 from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.fedcox import CoxStats, FederatedCox, Moments
 from hmgdm_core.downstream.fedsurvival import GROUPS, SiteEvaluation, write_survival_report
@@ -43,7 +43,7 @@ def run_clinical_survival(grid: Grid, context: Context) -> Path:
         """Every site's reply to one phase, by site name; any error or silence stops the run."""
         content = {"config": ConfigRecord({"phase": phase, "ties": TIES, "bin-width": bin_width})}
         if arrays:
-            content[ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+            content[ARRAYS] = pack_arrays(arrays)
         msgs = [Message(RecordDict(content), dst_node_id=n, message_type=QUERY_COX) for n in nodes]
         replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
         failed = {
@@ -62,15 +62,16 @@ def run_clinical_survival(grid: Grid, context: Context) -> Path:
 
     replies = ask("moments").values()
     moments = sum(
-        (Moments(int(r.content["metrics"]["patients"]), *_arrays(r, "total", "total_sq"))
-         for r in replies), Moments(0, 0.0, 0.0),
+        (Moments(int(r.content["metrics"]["patients"]),
+                 *unpack_float64(r.content[ARRAYS], "total", "total_sq")) for r in replies),
+        Moments(0, 0.0, 0.0),
     )  # fmt: skip
 
     def summed_stats(beta: np.ndarray) -> CoxStats:
         replies = ask("newton", beta=beta, mean=model.mean_, std=model.std_).values()
         stats = [
             CoxStats(int(r.content["metrics"]["patients"]), float(r.content["metrics"]["loglik"]),
-                     *_arrays(r, "gradient", "hessian"))
+                     *unpack_float64(r.content[ARRAYS], "gradient", "hessian"))
             for r in replies
         ]  # fmt: skip
         return sum(stats[1:], stats[0])
@@ -84,11 +85,6 @@ def run_clinical_survival(grid: Grid, context: Context) -> Path:
     }
     write_survival_report(model, evaluations, run_dir, covariates=COVARIATES, bin_width=bin_width)
     return run_dir / "metrics.json"
-
-
-def _arrays(reply: Message, *keys: str) -> list[np.ndarray]:
-    record = reply.content[ARRAYS]
-    return [record[k].numpy().astype(np.float64) for k in keys]
 
 
 def _evaluation(reply: Message) -> SiteEvaluation:
