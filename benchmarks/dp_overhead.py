@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hmgdm_core.config import GraphConfig, load_config  # noqa: E402
+from hmgdm_core.config import load_config  # noqa: E402
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments  # noqa: E402
 from hmgdm_core.downstream.classify import ProbeCV  # noqa: E402
 from hmgdm_core.graph.region import region_graph  # noqa: E402
@@ -46,6 +46,7 @@ from hmgdm_core.privacy.accountant import epsilon  # noqa: E402
 from hmgdm_core.privacy.config import PrivacyConfig  # noqa: E402
 from hmgdm_core.privacy.dpsgd import dp_train_steps, group_by_patient, private_generator  # noqa: E402
 from hmgdm_core.privacy.local import patient_loss  # noqa: E402
+from hmgdm_core.studies.synthetic import GRAPHS as SYNTHETIC_GRAPHS  # noqa: E402
 from hmgdm_core.studies.synthetic import random_region_graph, synthetic_cohort  # noqa: E402
 from hmgdm_core.train import build_model, make_optimizer, train_steps  # noqa: E402
 
@@ -53,7 +54,6 @@ TARGET = 1.5
 NOISE_MULTIPLIERS = (0.0, 0.5, 1.0, 2.0)
 DELTA = 1e-5
 # A small model and coarse entities keep the four DP pretrainings within a few minutes on 2 cores.
-UTILITY_GRAPHS = GraphConfig(mpp=1.0, entity_area_um2=144.0, window_size=16, edge_windows=False)
 UTILITY_MODEL = {
     "model.hidden": 32, "model.encoder_layers": 2, "model.heads": 2, "model.ae_hidden": 32,
     "model.latent_dim": 8, "model.edge_latent_dim": 4, "model.window_channels": 8,
@@ -73,7 +73,7 @@ def utility_table(args: argparse.Namespace) -> list[dict]:
     images, y = synthetic_cohort(args.per_class, seed=1)
     graphs = []
     for i, image in enumerate(images):
-        g = region_graph(image, mpp=1.0, cfg=UTILITY_GRAPHS)
+        g = region_graph(image, mpp=1.0, cfg=SYNTHETIC_GRAPHS)
         g.slide_id = f"patient-{i:03d}"
         graphs.append(g)
     labels = {str(g.slide_id): int(label) for g, label in zip(graphs, y, strict=True)}

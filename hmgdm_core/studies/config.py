@@ -35,9 +35,19 @@ class CohortConfig(Section):
     tcga_cohort: str = Field("lusc", description="tcga: tcga_<name>_survival.csv")
     min_events: int = Field(10, ge=1, description="tcga: merge tissue source sites below this")
     mpp: float = Field(1.0, gt=0, description="microns per pixel of the images")
-    graph: GraphConfig = GraphConfig(
-        mpp=1.0, entity_area_um2=64.0, window_size=16, edge_windows=False
+    graph: GraphConfig | None = Field(
+        None, description="entity graphs; default: one per cell (synthetic), 64 µm² (tissue)"
     )
+
+    def graph_config(self) -> GraphConfig:
+        """`graph`, else the cohort's default: synthetic images have one entity per cell."""
+        if self.graph is not None:
+            return self.graph
+        if self.kind == "synthetic":
+            from hmgdm_core.studies.synthetic import GRAPHS
+
+            return GRAPHS
+        return GraphConfig(mpp=1.0, entity_area_um2=64.0, window_size=16, edge_windows=False)
 
 
 class PartitionSpec(Section):

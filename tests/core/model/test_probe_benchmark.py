@@ -26,3 +26,5 @@ def test_quick_probe_runs_and_the_synthetic_task_is_learnable(capsys, monkeypatc
         assert 0.0 <= result[key] <= 1.0
     # 3 balanced classes: chance is 1/3; the pretrained encoder must clearly beat it.
     assert result["hmgdm_acc"] > result["chance"] + 0.15
+    # ...while pooled descriptors, blind to the graph, cannot (36 images: loose bound).
+    assert result["raw_acc"] < result["chance"] + 0.2
