@@ -46,8 +46,12 @@ from hmgdm_core.privacy.accountant import epsilon  # noqa: E402
 from hmgdm_core.privacy.config import PrivacyConfig  # noqa: E402
 from hmgdm_core.privacy.dpsgd import dp_train_steps, group_by_patient, private_generator  # noqa: E402
 from hmgdm_core.privacy.local import patient_loss  # noqa: E402
+from hmgdm_core.studies.synthetic import (  # noqa: E402
+    BENCHMARK_DISORDER,
+    random_region_graph,
+    synthetic_cohort,
+)
 from hmgdm_core.studies.synthetic import GRAPHS as SYNTHETIC_GRAPHS  # noqa: E402
-from hmgdm_core.studies.synthetic import random_region_graph, synthetic_cohort  # noqa: E402
 from hmgdm_core.train import build_model, make_optimizer, train_steps  # noqa: E402
 
 TARGET = 1.5
@@ -70,7 +74,7 @@ def _probe_accuracy(model, graphs, labels: dict[str, int]) -> float:
 
 def utility_table(args: argparse.Namespace) -> list[dict]:
     """Rows (noise multiplier, epsilon, probe accuracy): one DP pretraining per noise level."""
-    images, y = synthetic_cohort(args.per_class, seed=1)
+    images, y = synthetic_cohort(args.per_class, seed=1, disorder=BENCHMARK_DISORDER)
     graphs = []
     for i, image in enumerate(images):
         g = region_graph(image, mpp=1.0, cfg=SYNTHETIC_GRAPHS)

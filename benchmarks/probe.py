@@ -37,15 +37,16 @@ from hmgdm_core.studies.encoders import (  # noqa: E402
     raw_features,
     stage1_model,
 )
-from hmgdm_core.studies.synthetic import CLASSES, synthetic_cohort  # noqa: E402
+from hmgdm_core.studies.synthetic import (  # noqa: E402
+    BENCHMARK_DISORDER,
+    CLASSES,
+    synthetic_cohort,
+)
 from hmgdm_core.studies.synthetic import GRAPHS as SYNTHETIC_GRAPHS  # noqa: E402
 
 DATA = Path(os.environ.get("HMGDM_DATA", REPO.parent / "shared" / "data"))
 # The synthetic cohort's entities are its cells (synthetic.GRAPHS); tissue gets plain SLIC.
 REAL_GRAPHS = GraphConfig(mpp=1.0, entity_area_um2=100.0, window_size=16, edge_windows=False)
-# Half of each image's cells swap types at random: with perfect arrangements every graph method
-# scores about 1.0 (measured: H-MGDM, random init 0.99, GraphMAE 1.0), which compares nothing.
-DISORDER = 0.5
 MODEL = {
     "model.hidden": 64,
     "model.encoder_layers": 2,
@@ -103,11 +104,11 @@ def score_all(models, graphs, y, splits) -> dict:
 def synthetic(per_class: int, ae_epochs: int, epochs: int) -> dict:
     from sklearn.model_selection import StratifiedKFold
 
-    images, y = synthetic_cohort(per_class, seed=1, disorder=DISORDER)
+    images, y = synthetic_cohort(per_class, seed=1, disorder=BENCHMARK_DISORDER)
     graphs = build_graphs(images, mpp=1.0, cfg=SYNTHETIC_GRAPHS)
     print(
         f"synthetic: {len(graphs)} graphs, {np.mean([g.num_nodes for g in graphs]):.0f} "
-        f"nodes each, classes {CLASSES}, disorder {DISORDER}",
+        f"nodes each, classes {CLASSES}, disorder {BENCHMARK_DISORDER}",
         flush=True,
     )
     models = pretrain_all(graphs, ae_epochs=ae_epochs, epochs=epochs)
