@@ -35,14 +35,19 @@ class Cohort:
     groups: np.ndarray
     classes: tuple[str, ...]
     mpp: float
+    graph: GraphConfig  # how its images become entity graphs unless a study says otherwise
+
+
+# Tissue images: plain SLIC entities of 64 µm².
+TISSUE_GRAPHS = GraphConfig(mpp=1.0, entity_area_um2=64.0, window_size=16, edge_windows=False)
 
 
 def synthetic(per_class: int, seed: int = 1) -> Cohort:
     """The probe benchmark's spatial-arrangement cohort; every image is its own patient."""
-    from hmgdm_core.studies.synthetic import CLASSES, synthetic_cohort
+    from hmgdm_core.studies.synthetic import CLASSES, GRAPHS, synthetic_cohort
 
     images, labels = synthetic_cohort(per_class, seed=seed)
-    return Cohort(images, labels, np.arange(len(labels)), CLASSES, 1.0)
+    return Cohort(images, labels, np.arange(len(labels)), CLASSES, 1.0, GRAPHS)
 
 
 def lc25000_subset(table: pd.DataFrame, images: int, seed: int = 0) -> pd.DataFrame:
@@ -71,6 +76,7 @@ def lc25000(images: int, data: Path | None = None) -> Cohort:
         keep.group_id.to_numpy(),
         tuple(codes.cat.categories),
         1.0,
+        TISSUE_GRAPHS,
     )
 
 

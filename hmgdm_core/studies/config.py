@@ -36,18 +36,8 @@ class CohortConfig(Section):
     min_events: int = Field(10, ge=1, description="tcga: merge tissue source sites below this")
     mpp: float = Field(1.0, gt=0, description="microns per pixel of the images")
     graph: GraphConfig | None = Field(
-        None, description="entity graphs; default: one per cell (synthetic), 64 µm² (tissue)"
+        None, description="entity graphs; default: the cohort's (synthetic: one per cell)"
     )
-
-    def graph_config(self) -> GraphConfig:
-        """`graph`, else the cohort's default: synthetic images have one entity per cell."""
-        if self.graph is not None:
-            return self.graph
-        if self.kind == "synthetic":
-            from hmgdm_core.studies.synthetic import GRAPHS
-
-            return GRAPHS
-        return GraphConfig(mpp=1.0, entity_area_um2=64.0, window_size=16, edge_windows=False)
 
 
 class PartitionSpec(Section):

@@ -192,7 +192,7 @@ def _prepare(cfg: StudyConfig, cell: Cell, out: Path, data: Path | None) -> Spli
     except ValueError as err:
         raise ConfigError(f"study cohort: {err}; use fewer sites or more images") from None
     graphs = cohorts.build_graphs(
-        cohort.images, cohort.mpp, c.graph_config(), sites=site, stain=cell.partition.stain
+        cohort.images, cohort.mpp, c.graph or cohort.graph, sites=site, stain=cell.partition.stain
     )
     ok = np.array([g is not None for g in graphs])
     split = Split(
