@@ -39,12 +39,20 @@ from server.strategy import (
     save_round,
     strategy_state,
 )
-from server.summary import run_summary, write_run_summary
+from server.summary import (
+    STATUS_FAILED,
+    RunFailed,
+    mark_run,
+    run_summary,
+    untrained_reason,
+    write_run_summary,
+)
 
 app = ServerApp()
 
 # The first message: sites report input sizes and feature moments (routed to @app.query("stats")).
 QUERY_STATS = f"{MessageType.QUERY}.stats"
+FINAL_NAME = "final.pt"  # the trained global model; only a run that trained writes it
 
 
 class FederationError(HmgdmError):
@@ -319,25 +327,31 @@ def _central_accountant(cfg: HmgdmConfig, ckpt: dict | None) -> CentralAccountan
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    mode = context.run_config.get("mode", "pretrain")
-    if mode == "downstream":
-        from server.downstream import run_downstream
-
-        run_downstream(grid, context)
-        return
-    if mode == "survival-clinical":
-        from server.survival import run_clinical_survival
-
-        run_clinical_survival(grid, context)
-        return
-    cfg, run_dir, resume = run_config_to_cfg(dict(context.run_config))
+    """Run the mode the run config names; its summary says whether it finished or why not."""
+    run_config = dict(context.run_config)
+    mode = str(run_config.get("mode", "pretrain"))
+    cfg, run_dir, resume = run_config_to_cfg(run_config)
     events = EventLog(run_dir / EVENTS_FILE, log=log)
+    mark_run(run_dir, mode, "running")
     try:
-        pretrain(grid, context, cfg, run_dir, resume, events)
+        if mode == "downstream":
+            from server.downstream import run_downstream
+
+            run_downstream(grid, context)
+        elif mode == "survival-clinical":
+            from server.survival import run_clinical_survival
+
+            run_clinical_survival(grid, context)
+        else:
+            pretrain(grid, context, cfg, run_dir, resume, events)
     except Exception as err:
         # The run's own record says why it ended; Flower's log has the traceback.
-        events.emit("run_failed", level=ERROR, reason=f"{type(err).__name__}: {err}")
+        reason = str(err) if isinstance(err, HmgdmError) else f"{type(err).__name__}: {err}"
+        events.emit("run_failed", level=ERROR, mode=mode, reason=reason)
+        mark_run(run_dir, mode, STATUS_FAILED, reason)
         raise
+    if mode != "pretrain":  # pretraining writes its own summary, rounds and all
+        mark_run(run_dir, mode, "finished")
 
 
 def pretrain(
@@ -373,10 +387,10 @@ def pretrain(
     # Sites key their private checkpoint by this, so a resumed run finds its local weights.
     run_key = "run-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
 
-    def summarise(status: str, final: Path | None = None) -> None:
+    def summarise(status: str, final: Path | None = None, reason: str | None = None) -> None:
         write_run_summary(run_dir, run_summary(
             history, status=status, run_dir=run_dir, rounds_planned=fed.total_rounds,
-            wall_seconds=time.monotonic() - started, final=final,
+            wall_seconds=time.monotonic() - started, final=final, reason=reason,
         ))  # fmt: skip
 
     status = "finished"
@@ -399,7 +413,12 @@ def pretrain(
         path = save_round(run_dir, rnd, payload)
         summarise("running")
         events.emit("checkpoint", round=rnd, path=str(path))
-    final = save_final(run_dir / "final.pt", cfg, dims, state, history)
+    if (why := untrained_reason(history, fed)) is not None:
+        # No final.pt: a site could take an untrained model for the consortium's encoder.
+        (run_dir / FINAL_NAME).unlink(missing_ok=True)  # one left by an earlier run here
+        summarise(STATUS_FAILED, reason=why)
+        raise RunFailed(why)
+    final = save_final(run_dir / FINAL_NAME, cfg, dims, state, history)
     summarise(status, final)
     events.emit("run_end", status=status, rounds=len(history), checkpoint=str(final),
                 seconds=round(time.monotonic() - started, 1))  # fmt: skip

@@ -69,7 +69,7 @@ def start(
     in STATE/superlink.db across restarts. Ctrl-C stops the run and the SuperLink.
     """
     from hmgdm_core.config import load_config
-    from server.summary import print_run_summary
+    from server.summary import check_run, print_run_summary
     from server.superlink import (
         TlsFiles,
         register_site,
@@ -129,8 +129,10 @@ def start(
         for line in run.stdout:
             typer.echo(line, nl=False)
         code = run.wait()
-        if not downstream:  # a downstream run reports in its own files, not the round summary
+        mode = downstream.get("mode", "pretrain")
+        if mode == "pretrain":  # other modes report in their own files, not the round summary
             print_run_summary(run_dir)
+        check_run(run_dir, mode, state / "superlink.log")
     except HmgdmError as err:
         raise _fail(err) from None
     except KeyboardInterrupt:

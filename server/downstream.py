@@ -123,7 +123,10 @@ def run_downstream(grid: Grid, context: Context) -> Path:
     )
     moments = [r for r in replies.values() if not r.has_error()]
     if len(moments) < fed.min_replies:
-        raise FederationError(f"only {len(moments)} sites sent entity moments")
+        reasons = {names.get(n, n): r.error.reason for n, r in replies.items() if r.has_error()}
+        raise FederationError(
+            f"only {len(moments)} sites sent entity moments, need {fed.min_replies}: {reasons}"
+        )
     sums = [unpack_state(r.content["moments"]) for r in moments]
     net.set_input_stats(
         sum(int(r.content["metrics"]["entities"]) for r in moments),

@@ -87,7 +87,7 @@ def make_certificates(out_dir: Path, host: str = "localhost", days: int = 365) -
         raise HmgdmError(f"{out_dir}: {', '.join(existing)} already exist; choose another --out")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hmgdm federation CA")])
     ca_cert = (
@@ -501,15 +501,12 @@ def simulate(
     run_dir = run_simulation(
         graphs_dir, out_dir, sites=sites, cfg=cfg, run_config=run_config, echo=echo, backend=backend
     )
-    final = run_dir / "final.pt"
-    if not final.is_file():
-        raise HmgdmError(f"simulated federation did not finish; see {out_dir / 'run.log'}")
-    if not summary:
-        return final
-    from server.summary import print_run_summary
+    from server.summary import check_run, print_run_summary
 
-    print_run_summary(run_dir)
-    return final
+    if summary:
+        print_run_summary(run_dir)
+    check_run(run_dir, "pretrain", out_dir / "run.log")
+    return run_dir / "final.pt"
 
 
 def simulate_downstream(
@@ -545,7 +542,7 @@ def simulate_downstream(
         "classes": ",".join(classes), "sim-labels": str(Path(labels).resolve()),
         "sim-labels-id-column": id_column, "sim-labels-patient-column": patient_column,
     })  # fmt: skip
-    result = run_dir / RESULT_NAME
-    if not result.is_file():
-        raise HmgdmError(f"simulated downstream run did not finish; see {out_dir / 'run.log'}")
-    return result
+    from server.summary import check_run
+
+    check_run(run_dir, "downstream", out_dir / "run.log")
+    return run_dir / RESULT_NAME

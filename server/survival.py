@@ -117,7 +117,7 @@ def simulate_clinical_survival(
     from hmgdm_core.config import load_config
     from hmgdm_core.downstream.fedsurvival import lifelines_check
     from hmgdm_core.downstream.tcga import group_sites, read_tcga_survival, site_arrays
-    from hmgdm_core.exceptions import HmgdmError
+    from server.summary import check_run
     from server.superlink import run_simulation
 
     out_dir = Path(out_dir).resolve()
@@ -135,9 +135,8 @@ def simulate_clinical_survival(
         "mode": "survival-clinical", "km-bin-width": bin_width,
         "sim-clinical-dir": str(out_dir / "clinical"), "sim-site-names": ",".join(names),
     })  # fmt: skip
+    check_run(run_dir, "survival-clinical", out_dir / "run.log")
     path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise HmgdmError(f"federated survival run did not finish; see {out_dir / 'run.log'}")
     metrics = json.loads(path.read_text())
     params = np.array(list(metrics["coefficients"].values()))
     metrics |= lifelines_check(site_arrays(cases, groups), COVARIATES, params)
