@@ -57,7 +57,7 @@ def test_a_simulated_run_in_which_every_site_refuses_exits_nonzero_without_final
     cmd = [str(Path(sys.executable).with_name("hmgdm-server")), "simulate",
            "--graphs", str(site_caches["B"]), "--sites", "2", "--config", str(config),
            "--out", str(out)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=550)
 
     assert res.returncode != 0, res.stdout[-2000:]
     error = res.stderr.strip().splitlines()[-1]
