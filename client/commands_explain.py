@@ -38,14 +38,14 @@ def _explain(slide, checkpoint, out, graphs, method, image, max_side) -> None:
     from hmgdm_core.downstream.explain import entity_importance, plot_importance, thumbnail_mpp
     from hmgdm_core.downstream.finetune import load_slide_net
     from hmgdm_core.exceptions import ConfigError, GraphDataError, SlideReadError
-    from hmgdm_core.graph.cache import graph_path, load_slide_graphs
+    from hmgdm_core.graph.cache import find_slide_archive, load_slide_graphs
     from hmgdm_core.io.slides import Slide
     from hmgdm_core.log import console
     from hmgdm_core.train import check_graph_dims
 
     if method not in ("auto", "attention", "gradient"):
         raise ConfigError(f"--method must be auto, attention or gradient, not '{method}'")
-    archive = Path(slide) if graphs is None else graph_path(graphs, slide)
+    archive = Path(slide) if graphs is None else find_slide_archive(graphs, slide)
     if not archive.is_file():
         raise GraphDataError(f"{archive}: no graph archive for slide '{slide}'")
     bag, meta = load_slide_graphs(archive)

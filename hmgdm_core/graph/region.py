@@ -71,6 +71,7 @@ def region_graph(
     mask: np.ndarray | None = None,
     core: tuple[int, int, int, int] | None = None,
     origin_um: tuple[float, float] = (0.0, 0.0),
+    keep_labels: bool = False,
 ) -> Data | None:
     """Entity graph of the tile `core` = (y0, x0, y1, x1) of `rgb` (None: the whole array).
 
@@ -78,7 +79,9 @@ def region_graph(
     centroid falls outside `core` belong to the neighbouring tile and are dropped, pixels where
     `mask` is False never join an entity. `origin_um` is the slide (x, y) in µm of rgb's pixel
     (0, 0). More than `cfg.max_entities` entities: the ones nearest the core centre are kept.
-    Returns None when fewer than 2 entities remain.
+    Returns None when fewer than 2 entities remain. `keep_labels` adds `seg`, the (H, W)
+    superpixel label image of `rgb` (entity index, -1 = none), for the cache to store beside
+    the graph (entity outlines for QuPath export; never batched).
     """
     if cfg.cnn_weights is not None:
         raise MissingDependencyError("torchvision", "CNN entity features (graph.cnn_weights)")
@@ -124,6 +127,8 @@ def region_graph(
         tile_origin=torch.tensor([origin_um], dtype=torch.float32),  # rgb's (0, 0), margin included
         num_nodes=k,
     )
+    if keep_labels:
+        data.seg = torch.from_numpy(labels.astype(np.int16 if k < 2**15 else np.int32))
     if cfg.edge_windows:
         # One window per undirected pair, shared by both directions.
         data.edge_win = torch.from_numpy(windows(rgb, mid, cfg.window_size)[which])

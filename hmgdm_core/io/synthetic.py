@@ -126,12 +126,15 @@ def write_pyramidal_tiff(
     seed: int = 0,
     compression: str = "jpeg",
     quality: int = 90,
+    description: str | None = None,
 ) -> Path:
     """Write a tiled pyramidal TIFF of synthetic tissue that OpenSlide reads as `generic-tiff`.
 
     Reduced levels (downsample 2, 4, ...) are separate pages with subfiletype=1 (OpenSlide
     ignores SubIFDs). `levels=None` adds levels until one fits in a single tile.
-    The file is written next to `path` and moved into place when complete.
+    The file is written next to `path` and moved into place when complete. `description` is
+    the first page's ImageDescription (e.g. an Aperio header, which OpenSlide then reads as
+    an Aperio slide with the header's properties).
     """
     path = Path(path)
     if levels is None:
@@ -158,6 +161,7 @@ def write_pyramidal_tiff(
                     resolutionunit="CENTIMETER",
                     subfiletype=0 if level == 0 else 1,
                     metadata=None,
+                    description=description if level == 0 else None,
                 )
 
     return atomic_write(path, write)
