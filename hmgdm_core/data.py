@@ -13,6 +13,7 @@ from torch import Tensor
 from torch_geometric.data import Batch, Data
 
 from hmgdm_core.exceptions import GraphDataError
+from hmgdm_core.stain import hed_jitter
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,25 @@ def sample_region(g: Data, max_nodes: int, generator: torch.Generator) -> Data:
     return g.subgraph(keep)
 
 
-def make_batch(graphs: Sequence[Data], max_nodes: int, generator: torch.Generator) -> Batch:
-    """One PyG batch, each graph bounded to `max_nodes` so memory stays fixed."""
-    return Batch.from_data_list([sample_region(g, max_nodes, generator) for g in graphs])
+def make_batch(
+    graphs: Sequence[Data],
+    max_nodes: int,
+    generator: torch.Generator,
+    *,
+    stain_jitter: float = 0.0,
+) -> Batch:
+    """One PyG batch, each graph bounded to `max_nodes` so memory stays fixed.
+
+    `stain_jitter` > 0 perturbs the instance windows' H&E stains (`stain.hed_jitter`, scale and
+    shift of that size), one draw per graph: a tile is one staining.
+    """
+    batch = Batch.from_data_list([sample_region(g, max_nodes, generator) for g in graphs])
+    if stain_jitter > 0 and getattr(batch, "win", None) is not None:
+        batch.win = hed_jitter(
+            batch.win,
+            scale=stain_jitter,
+            shift=stain_jitter,
+            groups=batch.batch,
+            generator=generator,
+        )
+    return batch

@@ -217,7 +217,9 @@ def train_steps(
     with bar as live:
         task = live.add_task(stage, total=steps, loss=float("nan")) if live else None
         for chunk in _batches(graphs, cfg.batch_size, steps, generator):
-            batch = make_batch(chunk, cfg.max_nodes, generator).to(device)
+            batch = make_batch(chunk, cfg.max_nodes, generator, stain_jitter=cfg.stain_jitter).to(
+                device
+            )
             with _autocast(device, cfg.amp):
                 terms = model.loss(batch, stage=stage, generator=generator)
             optimizer.zero_grad(set_to_none=True)
@@ -282,7 +284,9 @@ def eval_loss(
     sums: dict[str, float] = {}
     for i in range(0, len(graphs), cfg.batch_size):
         chunk = graphs[i : i + cfg.batch_size]
-        batch = make_batch(chunk, cfg.max_nodes, generator).to(device)
+        batch = make_batch(chunk, cfg.max_nodes, generator, stain_jitter=cfg.stain_jitter).to(
+            device
+        )
         with _autocast(device, cfg.amp):
             terms = model.loss(batch, stage=stage, generator=generator)
         for key, value in terms.items():

@@ -56,7 +56,9 @@ def patient_loss(
     def loss(graphs: Sequence[Data]) -> Tensor:
         if len(graphs) > k:
             graphs = [graphs[i] for i in torch.randperm(len(graphs), generator=generator)[:k]]
-        batch = make_batch(graphs, train_cfg.max_nodes, generator).to(device)
+        batch = make_batch(
+            graphs, train_cfg.max_nodes, generator, stain_jitter=train_cfg.stain_jitter
+        ).to(device)
         return model.loss(batch, stage=stage, generator=generator)["loss"]
 
     return loss

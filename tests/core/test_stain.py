@@ -1,0 +1,94 @@
+"""Stain handling on real H&E: Macenko estimation and normalisation (against torchstain's
+reference implementation) and HED jitter (against scikit-image's colour deconvolution)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.color import rgb2hed
+
+from hmgdm_core.stain import (
+    REFERENCE,
+    estimate_stains,
+    hed_jitter,
+    normalize_stains,
+    optical_density,
+)
+
+
+@pytest.fixture(scope="module")
+def tiles(data_dir) -> list[np.ndarray]:
+    """Real H&E tiles of three tissue classes, (150, 150, 3) uint8."""
+    root = data_dir / "kather2016_tiles"
+    paths = [sorted((root / c).glob("*.tif"))[0] for c in ("01_TUMOR", "02_STROMA", "04_LYMPHO")]
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def test_macenko_finds_haematoxylin_and_eosin(tiles):
+    for rgb in tiles:
+        basis = estimate_stains(rgb)
+        assert basis is not None
+        h, e = basis.he.T
+        # Haematoxylin absorbs more red than eosin does; both are close to the reference stains.
+        assert h[0] > e[0]
+        assert h @ REFERENCE.he[:, 0] / np.linalg.norm(REFERENCE.he[:, 0]) > 0.9
+        assert e @ REFERENCE.he[:, 1] / np.linalg.norm(REFERENCE.he[:, 1]) > 0.9
+    assert estimate_stains(np.full((64, 64, 3), 235, np.uint8)) is None  # glass only
+
+
+def test_macenko_matches_torchstain(tiles):
+    torchstain = pytest.importorskip("torchstain")
+    for rgb in tiles:
+        ref = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+        expected, _, _ = ref.normalize(I=rgb, stains=False)
+        ours = normalize_stains(rgb, estimate_stains(rgb))
+        diff = np.abs(ours.astype(int) - expected.astype(int))
+        assert np.percentile(diff, 99) <= 2, np.percentile(diff, 99)
+
+
+def test_normalising_removes_a_stain_shift(tiles):
+    """The same tissue stained paler and bluer normalises to (nearly) the same image."""
+    rgb = tiles[0]
+    od = optical_density(rgb)
+    shifted_od = od * np.array([1.25, 0.9, 0.7])  # more red absorbed: a bluer, uneven stain
+    shifted = np.clip(np.rint(240 * np.exp(-shifted_od)), 0, 255).astype(np.uint8)
+    a = normalize_stains(rgb, estimate_stains(rgb))
+    b = normalize_stains(shifted, estimate_stains(shifted))
+    before = np.abs(rgb.astype(int) - shifted.astype(int)).mean()
+    after = np.abs(a.astype(int) - b.astype(int)).mean()
+    assert after < 0.35 * before, (before, after)
+
+
+def test_hed_jitter_scales_and_shifts_each_stain(tiles):
+    images = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).double() / 255  # (3, 3, H, W)
+    g = torch.Generator().manual_seed(0)
+    out = hed_jitter(images, scale=0.2, shift=0.02, generator=g)
+    draw = torch.rand((2, 3, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a, b = 1 + 0.2 * (2 * draw[0] - 1), 0.02 * (2 * draw[1] - 1)
+    for i in range(len(tiles)):
+        before = rgb2hed(images[i].permute(1, 2, 0).numpy())
+        after = rgb2hed(out[i].permute(1, 2, 0).numpy())
+        # Where skimage clips nothing (all stains positive before and after, no saturation).
+        ok = (before > 0.01).all(-1) & (after > 0.01).all(-1)
+        ok &= (out[i] < 0.999).all(0).numpy() & (out[i] > 0.001).all(0).numpy()
+        assert ok.sum() > 1000
+        np.testing.assert_allclose(
+            after[ok], before[ok] * a[i].numpy() + b[i].numpy(), rtol=1e-6, atol=1e-6
+        )
+
+
+def test_hed_jitter_is_identity_at_zero_and_shares_draws_within_groups(tiles):
+    images = torch.from_numpy(np.stack(tiles + tiles)).permute(0, 3, 1, 2).contiguous()
+    same = hed_jitter(images, scale=0.0, shift=0.0)
+    assert same.dtype == torch.uint8 and (same.int() - images.int()).abs().max() <= 1
+
+    def jitter(groups):
+        g = torch.Generator().manual_seed(1)
+        return hed_jitter(images, scale=0.1, shift=0.05, groups=torch.tensor(groups), generator=g)
+
+    # Images i and i + 3 are the same tile: equal output exactly when they share a draw.
+    shared, apart = jitter([0, 1, 2, 0, 1, 2]), jitter([0, 0, 0, 1, 1, 1])
+    assert torch.equal(shared[:3], shared[3:]) and not torch.equal(apart[:3], apart[3:])
+    assert (shared.int() - images.int()).abs().float().mean() > 1
