@@ -57,7 +57,7 @@ class SlideQC:
 
 
 @functools.lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.ImageFont:
+def label_font(size: int) -> ImageFont.ImageFont:
     # DejaVu Sans ships with matplotlib and has µ and ², which Pillow's default font lacks.
     try:
         return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
@@ -130,7 +130,7 @@ def _heat_panel(qc: SlideQC, base: Image.Image, scale: float, vmax: int) -> Imag
     # Counts are written in when tiles are large enough to hold them.
     side = min((b[0][2] - b[0][0]) for b in boxes) if boxes else 0
     if boxes and side >= 34:
-        draw, font = ImageDraw.Draw(img), _font(max(10, min(16, side // 3)))
+        draw, font = ImageDraw.Draw(img), label_font(max(10, min(16, side // 3)))
         for (x0, y0, x1, y1), _, n in boxes:
             r, g, b, _ = HEAT(n / max(vmax, 1))
             ink = (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else (255, 255, 255)
@@ -150,7 +150,7 @@ def _entities_panel(qc: SlideQC, base: Image.Image) -> Image.Image:
 def _colour_bar(height: int, vmax: int) -> Image.Image:
     """A vertical colour scale, 0 at the bottom and `vmax` at the top, labelled above."""
     bar = Image.new("RGB", (78, height), "white")
-    draw, font = ImageDraw.Draw(bar), _font(12)
+    draw, font = ImageDraw.Draw(bar), label_font(12)
     draw.text((4, 0), "entities", fill="black", font=font)
     draw.text((4, 14), "per tile", fill="black", font=font)
     top, bottom = 36, height - 8
@@ -178,7 +178,7 @@ def _summary(qc: SlideQC) -> str:
 def render_slide_qc(qc: SlideQC) -> Image.Image:
     """The QC image of one slide: tiles (left) and entities (right: per-tile counts, or the
     superpixel outlines of a single-region image), with legends; failures show the reason."""
-    font, bold = _font(14), _font(17)
+    font, bold = label_font(14), label_font(17)
     if qc.thumbnail is None:
         return _text_card(qc.slide_id, qc.error or "no image")
     scale = _panel_scale(qc)
@@ -230,7 +230,7 @@ def _text_card(title: str, text: str, width: int = 600) -> Image.Image:
     draw = ImageDraw.Draw(card)
     for i, line in enumerate(lines):
         colour = "black" if i == 0 else DROPPED_RGB
-        draw.text((12, 10 + 22 * i), line, fill=colour, font=_font(17 if i == 0 else 14))
+        draw.text((12, 10 + 22 * i), line, fill=colour, font=label_font(17 if i == 0 else 14))
     return card
 
 
@@ -274,7 +274,7 @@ def contact_sheet(
     )
     draw = ImageDraw.Draw(sheet)
     more = f" (showing {len(shown)}: failed first, then by id)" if len(images) > len(shown) else ""
-    draw.text((gap, 10), f"{title}{more}", fill="black", font=_font(18))
+    draw.text((gap, 10), f"{title}{more}", fill="black", font=label_font(18))
     y = head
     for r in range(rows):
         for c, cell in enumerate(cells[r * columns : (r + 1) * columns]):
