@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import geojson
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import DATA, TINY_MODEL
@@ -59,6 +60,12 @@ def test_finetune_writes_the_probe_outputs_and_a_model_that_explain_paints(site,
     folds = pd.read_csv(out / "folds.csv")
     assert len(folds) == 2 and (folds["n_test"] > 0).all()
     assert (out / "confusion.png").stat().st_size > 1000
+    assert (out / "roc.png").stat().st_size > 1000
+    pred = pd.read_csv(out / "predictions.csv")
+    labels = pd.read_csv(site["root"] / "labels.csv")
+    assert sorted(pred["slide_id"]) == sorted(labels["slide_id"])
+    assert set(pred["fold"]) == {0, 1} and set(pred["prediction"]) <= {"other", "tumour"}
+    assert np.allclose(pred["p_other"] + pred["p_tumour"], 1)
 
     slide = next(iter(sorted((KATHER / "01_TUMOR").glob("*.tif")))).stem
     png = tmp_path / "explain.png"
