@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hmgdm_core.config import GraphConfig
-from hmgdm_core.exceptions import HmgdmError, NoTissueError
+from hmgdm_core.exceptions import HmgdmError, NoTissueError, SlideReadError
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
 from hmgdm_core.graph.qc import (
     FEW_ENTITIES,
@@ -31,11 +31,13 @@ from hmgdm_core.graph.qc import (
 from hmgdm_core.graph.region import edge_attr_names, region_graph, x_names
 from hmgdm_core.io.slides import Slide
 from hmgdm_core.io.tissue import tile_fractions, tile_grid, tissue_mask
+from hmgdm_core.stain import StainBasis, estimate_stains
 
 # Specks and holes are sized for whole slides; on a small region they would erase the image.
 _REGION_MORPH_SHARE = 0.01
 
 TileProgress = Callable[[int, int], None]
+_STAIN_PIXELS = 500_000
 # Bump when a code change makes the same slide, config and resolution give different graphs:
 # every cached slide is then rebuilt once instead of mixing old and new graphs in one cache.
 BUILDER_VERSION = 1
@@ -123,7 +125,7 @@ def _region_tissue_cfg(cfg: GraphConfig, area_um2: float):
 
 def _write_single_region(
     slide: Slide, cfg: GraphConfig, writer: SlideGraphWriter, qc: SlideQC
-) -> None:
+) -> StainBasis | None:
     w, h = slide.size_at(cfg.mpp)
     rgb = slide.read_region(0.0, 0.0, w, h, mpp=cfg.mpp)
     mask = tissue_mask(rgb, mpp=cfg.mpp, cfg=_region_tissue_cfg(cfg, w * h * cfg.mpp**2))
@@ -131,13 +133,35 @@ def _write_single_region(
     qc.tile_um = (w * cfg.mpp, h * cfg.mpp)
     if not mask.any():
         raise NoTissueError(slide.path, "no tissue found at the configured thresholds")
-    graph = region_graph(rgb, mpp=cfg.mpp, cfg=cfg, mask=mask, keep_labels=True)
+    stain = _slide_stains(slide, cfg, [rgb[mask]])
+    graph = region_graph(rgb, mpp=cfg.mpp, cfg=cfg, mask=mask, keep_labels=True, stain=stain)
     if graph is None:
         qc.add_tile(0.0, 0.0, FEW_ENTITIES)
-        return
+        return stain
     writer.add(graph)
     qc.add_tile(0.0, 0.0, KEPT, graph.num_nodes)
     qc.labels = graph.seg.numpy()
+    return stain
+
+
+def _slide_stains(slide: Slide, cfg: GraphConfig, pixels: list[np.ndarray]) -> StainBasis | None:
+    """The slide's H&E basis from (n, 3) tissue pixels when `cfg.stain_norm` asks, else None.
+
+    One basis per slide, not per tile: a tile of stroma alone has no haematoxylin to find.
+    """
+    if cfg.stain_norm == "none":
+        return None
+    tissue = np.concatenate(pixels)  # (n, 3)
+    if len(tissue) > _STAIN_PIXELS:  # percentiles need no more; a fixed subset is repeatable
+        tissue = tissue[np.random.default_rng(0).choice(len(tissue), _STAIN_PIXELS, False)]
+    stain = estimate_stains(tissue)
+    if stain is None:
+        raise SlideReadError(
+            slide.path,
+            f"too little stained tissue to estimate its H&E stains (graph.stain_norm = "
+            f"{cfg.stain_norm}); is it an H&E slide?",
+        )
+    return stain
 
 
 def _qc_thumbnail(slide: Slide, cfg: GraphConfig, thumb: np.ndarray, thumb_mpp: float):
@@ -153,7 +177,7 @@ def _write_tiles(
     writer: SlideGraphWriter,
     on_tile: TileProgress | None,
     qc: SlideQC,
-) -> None:
+) -> StainBasis | None:
     # Tissue is found once on a thumbnail; tiles are then read one at a time at full
     # resolution, so memory stays flat however large the slide is.
     thumb_mpp = max(cfg.tissue.thumbnail_mpp, cfg.mpp)
@@ -189,12 +213,27 @@ def _write_tiles(
         cfg.tile_margin + cfg.tile_size,
         cfg.tile_margin + cfg.tile_size,
     )
+    stain = None
+    if cfg.stain_norm != "none":  # from up to 8 tiles spread over the slide, at full resolution
+        sample = []
+        for x_um, y_um in origins[np.unique(np.linspace(0, len(origins) - 1, 8).astype(int))]:
+            rgb = slide.read_region(x_um, y_um, cfg.tile_size, cfg.tile_size, mpp=cfg.mpp)
+            tmask = _mask_for_region(mask, thumb_mpp, (x_um, y_um), rgb.shape[:2], cfg.mpp)
+            sample.append(rgb[tmask])
+        stain = _slide_stains(slide, cfg, sample)
     for i, (x_um, y_um) in enumerate(origins):
         origin = (float(x_um) - margin_um, float(y_um) - margin_um)
         rgb = slide.read_region(origin[0], origin[1], side, side, mpp=cfg.mpp)
         tmask = _mask_for_region(mask, thumb_mpp, origin, (side, side), cfg.mpp)
         graph = region_graph(
-            rgb, mpp=cfg.mpp, cfg=cfg, mask=tmask, core=core, origin_um=origin, keep_labels=True
+            rgb,
+            mpp=cfg.mpp,
+            cfg=cfg,
+            mask=tmask,
+            core=core,
+            origin_um=origin,
+            keep_labels=True,
+            stain=stain,
         )
         if graph is not None:
             writer.add(graph)
@@ -203,6 +242,7 @@ def _write_tiles(
             qc.add_tile(x_um, y_um, FEW_ENTITIES)
         if on_tile is not None:
             on_tile(i + 1, len(origins))
+    return stain
 
 
 def build_slide(
@@ -245,9 +285,9 @@ def build_slide(
             with SlideGraphWriter(out) as writer:
                 w, h = slide.size_at(cfg.mpp)
                 if max(w, h) <= cfg.max_region_size:
-                    _write_single_region(slide, cfg, writer, qc)
+                    stain = _write_single_region(slide, cfg, writer, qc)
                 else:
-                    _write_tiles(slide, cfg, writer, on_tile, qc)
+                    stain = _write_tiles(slide, cfg, writer, on_tile, qc)
                 if writer.n_graphs == 0:
                     raise NoTissueError(
                         path,
@@ -264,6 +304,10 @@ def build_slide(
                         "graph_config": cfg.model_dump(mode="json"),
                         "x_names": x_names(cfg),
                         "edge_attr_names": edge_attr_names(cfg),
+                        # The slide's own stains, as normalisation found them (audit, QC).
+                        "stain": None
+                        if stain is None
+                        else {"he": stain.he.tolist(), "max_c": stain.max_c.tolist()},
                         "slide": {
                             "mpp": slide.base_mpp,
                             "size": list(slide.size),

@@ -22,6 +22,7 @@ from hmgdm_core.graph.edges import (
 )
 from hmgdm_core.graph.features import NODE_NAMES, node_descriptors, windows
 from hmgdm_core.graph.superpixels import grid_step, slic
+from hmgdm_core.stain import StainBasis, estimate_stains, normalize_stains
 
 
 def x_names(cfg: GraphConfig) -> list[str]:
@@ -72,6 +73,7 @@ def region_graph(
     core: tuple[int, int, int, int] | None = None,
     origin_um: tuple[float, float] = (0.0, 0.0),
     keep_labels: bool = False,
+    stain: StainBasis | None = None,
 ) -> Data | None:
     """Entity graph of the tile `core` = (y0, x0, y1, x1) of `rgb` (None: the whole array).
 
@@ -81,11 +83,18 @@ def region_graph(
     (0, 0). More than `cfg.max_entities` entities: the ones nearest the core centre are kept.
     Returns None when fewer than 2 entities remain. `keep_labels` adds `seg`, the (H, W)
     superpixel label image of `rgb` (entity index, -1 = none), for the cache to store beside
-    the graph (entity outlines for QuPath export; never batched).
+    the graph (entity outlines for QuPath export; never batched). With `cfg.stain_norm`,
+    `rgb` is first re-rendered with the reference stains from the slide's `stain` basis
+    (default: estimated on this region's tissue; ValueError when it has too little).
     """
     if cfg.cnn_weights is not None:
         raise MissingDependencyError("torchvision", "CNN entity features (graph.cnn_weights)")
     box = _check_inputs(rgb, mask, core)
+    if cfg.stain_norm == "macenko":
+        stain = stain or estimate_stains(rgb if mask is None else rgb[mask])
+        if stain is None:
+            raise ValueError("too little stained tissue to estimate H&E stains for macenko")
+        rgb = normalize_stains(rgb, stain)
     labels = slic(
         rgb, step=grid_step(mpp, cfg.entity_area_um2), compactness=cfg.compactness, mask=mask
     )
