@@ -153,30 +153,43 @@ class ProbeCV:
             "probe": self.description,
             "folds": self.config.folds,
             "seed": self.config.seed,
-            "classes": [str(c) for c in self.classes_],
+            "classes": classes,
             "metrics": self.metrics_,
         }
         return {
             "metrics": write_json(out_dir / "metrics.json", summary),
             "folds": write_csv(out_dir / "folds.csv", self.folds_),
-            "predictions": write_csv(out_dir / "predictions.csv", self.predictions(slide_ids)),
             "confusion": save_figure(out_dir / "confusion.png", self.plot().figure),
-            "roc": save_figure(
-                out_dir / "roc.png", plot_roc(self.y_, self.oof_proba_, classes).figure
-            ),
+            **write_predictions(out_dir, self.predictions(slide_ids), classes),
         }
 
 
 def predictions_table(
-    slide_ids: Sequence[str] | None, patients: ArrayLike, folds: ArrayLike, **columns: ArrayLike
+    slide_ids: Sequence[str] | None,
+    patients: ArrayLike,
+    folds: ArrayLike | str,
+    **columns: ArrayLike,
 ) -> pd.DataFrame:
-    """Per-slide out-of-fold predictions: slide_id (row numbers when None), patient_id, fold,
-    then `columns` in order."""
+    """Per-slide out-of-sample predictions: slide_id (row numbers when None), patient_id, fold
+    (an index per slide, or one name such as "held-out"), then `columns` in order."""
     patients = np.asarray(patients)
     ids = np.arange(len(patients)).astype(str) if slide_ids is None else np.asarray(slide_ids)
-    return pd.DataFrame(
-        {"slide_id": ids, "patient_id": patients, "fold": np.asarray(folds), **columns}
-    )
+    folds = np.broadcast_to(np.asarray(folds), patients.shape)
+    return pd.DataFrame({"slide_id": ids, "patient_id": patients, "fold": folds, **columns})
+
+
+def write_predictions(
+    out_dir: Path | str, table: pd.DataFrame, classes: Sequence[str] | None = None
+) -> dict[str, Path]:
+    """`predictions.csv` (a `predictions_table`) and, given the `classes` whose `p_<class>`
+    columns it has, `roc.png` of those probabilities against its `truth` column."""
+    out_dir = Path(out_dir)
+    files = {"predictions": write_csv(out_dir / "predictions.csv", table)}
+    if classes is not None:
+        proba = table[[f"p_{c}" for c in classes]].to_numpy()
+        roc = plot_roc(table["truth"].to_numpy(), proba, list(classes))
+        files["roc"] = save_figure(out_dir / "roc.png", roc.figure)
+    return files
 
 
 def _proba_on(model: Pipeline, x: np.ndarray, classes: np.ndarray) -> np.ndarray:

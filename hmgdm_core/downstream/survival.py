@@ -19,7 +19,7 @@ from numpy.typing import ArrayLike
 from sklearn.decomposition import PCA
 
 from hmgdm_core.atomic import save_figure, write_csv, write_json
-from hmgdm_core.downstream.classify import mean_std, predictions_table
+from hmgdm_core.downstream.classify import mean_std, predictions_table, write_predictions
 from hmgdm_core.downstream.concordance import cindex, linear_risk, pair_counts, pooled_cindex
 from hmgdm_core.downstream.config import EvalConfig
 from hmgdm_core.downstream.plots import plot_kaplan_meier
@@ -226,7 +226,7 @@ class SurvivalCV:
         return {
             "metrics": write_json(out_dir / "metrics.json", summary),
             "folds": write_csv(out_dir / "folds.csv", self.folds_),
-            "predictions": write_csv(out_dir / "predictions.csv", self.predictions(slide_ids)),
+            **write_predictions(out_dir, self.predictions(slide_ids)),
             "km_plot": save_figure(out_dir / "km.png", self.plot().figure),
             "km": write_json(out_dir / "km.json", self.km_.summary()),
         }

@@ -94,3 +94,27 @@ def test_names_in_old_tables_match_relative_ids_when_unambiguous():
     assert matched == {"y": "2024/b/y", "2024/b/y": "2024/b/y", "old/z": "z"}
     assert ambiguous == {"x": ["2023/a/x", "2024/a/x"]}
     assert id_from_path("lung_aca/lungaca1.jpeg") == "lung_aca/lungaca1"
+
+
+def test_a_dicom_slide_is_found_read_through_openslide_and_built(tmp_path):
+    """A DICOM WSI (one .dcm per pyramid level) in a folder of slides is one slide."""
+    from hmgdm_core.config import GraphConfig, TissueConfig
+    from hmgdm_core.graph.runner import build_graphs
+    from hmgdm_core.io.slides import Slide
+    from hmgdm_core.io.synthetic import write_dicom_wsi
+
+    write_dicom_wsi(tmp_path / "slides" / "case7" / "HE", 1024, 768, mpp=0.5, seed=4)
+    (found,), _ = slide_inputs([tmp_path / "slides"])
+    assert found.slide_id == "case7/HE" and found.path.suffix == ".dcm"
+    with Slide.open(found.path) as s:
+        assert s.backend == "openslide" and s.metadata["vendor"] == "dicom"
+        assert (s.size, s.base_mpp, s.metadata["level_count"]) == ((1024, 768), 0.5, 3)
+    cfg = GraphConfig(
+        max_region_size=256,
+        tile_size=256,
+        entity_area_um2=400.0,
+        tissue=TissueConfig(thumbnail_mpp=2.0, min_object_um2=500.0, min_hole_um2=500.0),
+    )
+    (res,) = build_graphs([tmp_path / "slides"], tmp_path / "cache", cfg, show_progress=False)
+    assert (res.slide_id, res.status, res.mpp_source) == ("case7/HE", "done", "file"), res.error
+    assert res.n_graphs >= 2
