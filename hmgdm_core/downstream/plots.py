@@ -67,7 +67,7 @@ def plot_roc(
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
     ax.legend(loc="lower right", fontsize="small")
-    ax.set_title(title or "ROC, one class vs the rest (out-of-fold)")
+    ax.set_title(title or "ROC, one class vs the rest (pooled out-of-fold)")
     return ax
 
 

@@ -92,3 +92,25 @@ def test_hed_jitter_is_identity_at_zero_and_shares_draws_within_groups(tiles):
     shared, apart = jitter([0, 1, 2, 0, 1, 2]), jitter([0, 0, 0, 1, 1, 1])
     assert torch.equal(shared[:3], shared[3:]) and not torch.equal(apart[:3], apart[3:])
     assert (shared.int() - images.int()).abs().float().mean() > 1
+
+
+def test_training_batches_jitter_windows_per_graph_only_when_asked(tiles):
+    """train.stain_jitter: every entity window of one graph gets the same stain draw."""
+    from torch_geometric.data import Data
+
+    from hmgdm_core.data import make_batch
+
+    tile = torch.from_numpy(tiles[0]).permute(2, 0, 1)[:, :32, :32]
+    windows = tile.expand(3, -1, -1, -1).contiguous()  # three identical entity windows
+    graphs = [
+        Data(x=torch.zeros(3, 2), win=windows.clone(), pos=torch.rand(3, 2), num_nodes=3)
+        for _ in range(2)
+    ]
+    plain = make_batch(graphs, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(plain.win, torch.cat([windows, windows]))
+    batch = make_batch(graphs, 10, torch.Generator().manual_seed(0), stain_jitter=0.2)
+    assert torch.equal(batch.x, plain.x) and not torch.equal(batch.win, plain.win)
+    # One draw per graph: equal windows stay equal within a graph, differ across graphs.
+    assert all(torch.equal(batch.win[i], batch.win[0]) for i in (1, 2))
+    assert all(torch.equal(batch.win[i], batch.win[3]) for i in (4, 5))
+    assert not torch.equal(batch.win[0], batch.win[3])
