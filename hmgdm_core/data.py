@@ -13,7 +13,6 @@ from torch import Tensor
 from torch_geometric.data import Batch, Data
 
 from hmgdm_core.exceptions import GraphDataError
-from hmgdm_core.stain import hed_jitter
 
 
 @dataclass(frozen=True)
@@ -134,6 +133,9 @@ def make_batch(
     """
     batch = Batch.from_data_list([sample_region(g, max_nodes, generator) for g in graphs])
     if stain_jitter > 0 and getattr(batch, "win", None) is not None:
+        # Imported here: a round without jitter never pays for scikit-image's import.
+        from hmgdm_core.stain import hed_jitter
+
         batch.win = hed_jitter(
             batch.win,
             scale=stain_jitter,
