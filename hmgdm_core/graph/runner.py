@@ -31,11 +31,13 @@ MANIFEST_EVERY_S = 2.0
 
 
 def legacy_id(out_dir: Path, slide: SlideInput, sha256: str) -> str | None:
-    """The file stem, when an archive of this very file is cached under it.
+    """The file stem, when the archive cached under it was built from this slide.
 
     Caches built before slide ids were paths relative to the input folder named slides by
-    their stem; a slide found again keeps that id, so its graphs are not rebuilt and the
-    site's labels and patient tables still name it.
+    their stem; a slide found again keeps that id, so its graphs are not rebuilt (or, if the
+    file changed, are rebuilt in place instead of beside the old ones) and the site's labels
+    and patient tables still name it. The archive is this slide's when it recorded the same
+    path below the input folder, or the same file name and content (a moved folder).
     """
     stem = slide.path.stem
     if not slide.from_directory or slide.slide_id == stem:
@@ -44,8 +46,11 @@ def legacy_id(out_dir: Path, slide: SlideInput, sha256: str) -> str | None:
         meta = read_slide_meta(graph_path(out_dir, stem))
     except GraphDataError:
         return None
-    same_file = Path(str(meta.get("source", ""))).name == slide.path.name
-    return stem if same_file and meta.get("sha256") == sha256 else None
+    source = Path(str(meta.get("source", ""))).parts
+    below_root = (*slide.slide_id.split("/")[:-1], slide.path.name)
+    same_place = source[-len(below_root) :] == below_root
+    same_bytes = source[-1:] == (slide.path.name,) and meta.get("sha256") == sha256
+    return stem if same_place or same_bytes else None
 
 
 _progress_queue: mp.Queue | None = None  # set in each worker by _init_worker

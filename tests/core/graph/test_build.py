@@ -212,6 +212,11 @@ def test_caches_from_before_build_keys_and_relative_ids_are_reused(tmp_path, dat
     assert (again.slide_id, again.status) == ("t", "skipped")
     (other,) = build_graphs([tile.parents[1]], cache, CFG, mpp=0.25, show_progress=False)
     assert (other.slide_id, other.status) == ("t", "done")
+    # A rescanned slide (new bytes, same place) is rebuilt in place, not beside its old graphs.
+    Image.fromarray(np.asarray(Image.open(src).convert("RGB"))[::-1].copy()).save(tile)
+    (rescanned,) = build_graphs([tile.parents[1]], cache, CFG, mpp=0.25, show_progress=False)
+    assert (rescanned.slide_id, rescanned.status) == ("t", "done")
+    assert [p.name for p in (cache / "graphs").rglob("*.pt")] == ["t.pt"]
     # A fresh cache names the same slide by its path below the folder.
     (fresh,) = build_graphs([tile.parents[1]], tmp_path / "new", CFG, mpp=0.5, show_progress=False)
     assert fresh.slide_id == "2024/t" and graph_path(tmp_path / "new", "2024/t").is_file()
