@@ -32,14 +32,10 @@ from client.flower_env import flower_env  # noqa: E402
 from hmgdm_core.config import load_config  # noqa: E402
 from hmgdm_core.federation_config import shared_names  # noqa: E402
 from server.app import frozen_names  # noqa: E402
-from server.superlink import (  # noqa: E402
-    make_certificates,
-    register_site,
-    simulate,
-    start_superlink,
-    stop_tree,
-    submit_run,
-)
+from server.certs import make_certificates  # noqa: E402
+from server.flwr_cli import register_site, submit_run  # noqa: E402
+from server.simulation import simulate  # noqa: E402
+from server.superlink import start_superlink, stop_tree  # noqa: E402
 
 KATHER = Path(os.environ.get("HMGDM_DATA", ROOT.parent / "shared" / "data")) / "kather2016_tiles"
 SITES = {"A": ("01_TUMOR", "02_STROMA", "03_COMPLEX"), "B": ("04_LYMPHO", "06_MUCOSA")}

@@ -24,7 +24,7 @@ def certs(
     days: int = typer.Option(365, "--days", min=1, help="Validity of the certificates."),
 ) -> None:
     """Create a private CA and a server certificate; give sites only ca.crt."""
-    from server.superlink import make_certificates
+    from server.certs import make_certificates
 
     try:
         files = make_certificates(out, host=host, days=days)
@@ -69,14 +69,10 @@ def start(
     in STATE/superlink.db across restarts. Ctrl-C stops the run and the SuperLink.
     """
     from hmgdm_core.config import load_config
+    from server.certs import TlsFiles
+    from server.flwr_cli import register_site, submit_run, wait_for_online
     from server.summary import print_run_summary
-    from server.superlink import (
-        TlsFiles,
-        register_site,
-        start_superlink,
-        submit_run,
-        wait_for_online,
-    )
+    from server.superlink import start_superlink
 
     if tls_dir is None and not insecure:
         raise _fail(HmgdmError("--tls-dir is required (create it with `hmgdm-server certs`)"))
@@ -168,7 +164,7 @@ def simulate(
     ),
 ) -> None:
     """Federated pretraining with simulated hospitals on this machine (Flower simulation)."""
-    from server.superlink import simulate as run_simulation
+    from server.simulation import simulate as run_simulation
 
     try:
         run_simulation(graphs, out, sites=sites, config=config, echo=verbose_run, faults=faults)
@@ -187,7 +183,7 @@ def sites_add(
     state: Path = _state_option(),
 ) -> None:
     """Allow the SuperNode holding this key to join (the SuperLink must be running)."""
-    from server.superlink import register_site
+    from server.flwr_cli import register_site
 
     try:
         node_id = register_site(state / "flwr_home", public_key, name)
@@ -199,7 +195,7 @@ def sites_add(
 @sites.command("list")
 def sites_list(state: Path = _state_option()) -> None:
     """List registered sites and whether they are online."""
-    from server.superlink import list_sites
+    from server.flwr_cli import list_sites
 
     try:
         nodes = list_sites(state / "flwr_home")

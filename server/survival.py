@@ -7,7 +7,6 @@ a sum without one site would be a different model, so a missing site stops the r
 
 from __future__ import annotations
 
-import json
 from logging import INFO
 from pathlib import Path
 
@@ -94,52 +93,3 @@ def _evaluation(reply: Message) -> SiteEvaluation:
         g: reply.content[ARRAYS][g.replace(" ", "-")].numpy().astype(np.int64) for g in GROUPS
     }
     return SiteEvaluation(int(m["patients"]), int(m["events"]), counts, tables)
-
-
-def simulate_clinical_survival(
-    table: Path,
-    out_dir: Path,
-    *,
-    min_events: int = 10,
-    bin_width: float = 1.0,
-    echo: bool = False,
-) -> tuple[Path, dict]:
-    """Federated Cox on Flower's simulation engine, the tissue source sites of a TCGA table as
-    hospitals: virtual site K reads only OUT/clinical/site-K.csv, the rows of its own tissue
-    source site(s) (sites with < `min_events` events merged, `tcga.group_sites`).
-
-    Returns metrics.json (with lifelines' fit on the pooled rows added as the check: whoever
-    runs a simulation holds all rows) and the table's summary.
-    """
-    import pandas as pd
-
-    from hmgdm_core.atomic import write_csv, write_json
-    from hmgdm_core.config import load_config
-    from hmgdm_core.downstream.fedsurvival import lifelines_check
-    from hmgdm_core.downstream.tcga import group_sites, read_tcga_survival, site_arrays
-    from hmgdm_core.exceptions import HmgdmError
-    from server.superlink import run_simulation
-
-    out_dir = Path(out_dir).resolve()
-    cases, summary = read_tcga_survival(table)
-    groups = group_sites(cases["site"], cases["event"], min_events)
-    names = sorted(groups.unique())
-    group_of_tss = groups.groupby(cases["site"].to_numpy()).first()
-    raw = pd.read_csv(table, dtype={"site": str, "case_id": str})
-    site_of_row = raw["site"].map(group_of_tss)  # NaN: a source site with no complete case
-    for k, name in enumerate(names):
-        write_csv(out_dir / "clinical" / f"site-{k}.csv", raw[site_of_row == name])
-    sites = len(names)
-    cfg = load_config(None, {"federation.min_sites": sites, "federation.min_replies": sites})
-    run_dir = run_simulation(None, out_dir, sites=sites, cfg=cfg, echo=echo, run_config={
-        "mode": "survival-clinical", "km-bin-width": bin_width,
-        "sim-clinical-dir": str(out_dir / "clinical"), "sim-site-names": ",".join(names),
-    })  # fmt: skip
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise HmgdmError(f"federated survival run did not finish; see {out_dir / 'run.log'}")
-    metrics = json.loads(path.read_text())
-    params = np.array(list(metrics["coefficients"].values()))
-    metrics |= lifelines_check(site_arrays(cases, groups), COVARIATES, params)
-    write_json(path, metrics)
-    return path, summary

@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from hmgdm_core.exceptions import HmgdmError
+from server.certs import TlsFiles, make_certificates
 from server.cli import app
-from server.superlink import TlsFiles, make_certificates
 
 
 def test_chain_and_sans_validate(tmp_path):

@@ -17,14 +17,9 @@ from hmgdm_core.downstream.concordance import pooled_cindex
 from hmgdm_core.downstream.fedcox import FederatedCox
 from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.exceptions import HmgdmError
+from server.flwr_cli import list_sites, register_site, submit_run, write_flower_config
 from server.strategy import load_last_round
-from server.superlink import (
-    list_sites,
-    register_site,
-    stop_tree,
-    submit_run,
-    write_flower_config,
-)
+from server.superlink import stop_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,8 +13,8 @@ from opacus.accountants import RDPAccountant
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.config import PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyError
+from server.simulation import simulate
 from server.strategy import load_last_round, make_strategy
-from server.superlink import simulate
 
 DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
 

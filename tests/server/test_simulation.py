@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hmgdm_core.train import load_checkpoint
-from server.superlink import simulate
+from server.simulation import simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,0 +1,185 @@
+"""Runs of this app on Flower's simulation engine: a local simulation SuperLink with virtual
+sites, one run submitted, stopped on return (`simulate`, `finetune`, `survival-clinical`, studies).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from hmgdm_core.config import HmgdmConfig, load_config
+from hmgdm_core.exceptions import HmgdmError
+from server.flwr_cli import submit_run
+from server.superlink import free_port, start_superlink
+
+
+def sim_config(config: Path | None, sites: int, overrides: dict | None = None) -> HmgdmConfig:
+    """The config file (or defaults) with every one of the `sites` virtual sites required."""
+    return load_config(config, {
+        "federation.min_sites": sites, "federation.min_replies": sites, **(overrides or {}),
+    })  # fmt: skip
+
+
+def run_simulation(
+    graphs_dir: Path | None,
+    out_dir: Path,
+    *,
+    sites: int,
+    cfg,
+    run_config: dict,
+    echo: bool = False,
+    backend: dict | None = None,
+) -> Path:
+    """One run of this app on Flower's simulation engine with `sites` virtual sites over
+    partitions of one graph cache, if any (a local simulation SuperLink, stopped on return).
+
+    Returns the run directory; the log is OUT/run.log.
+    """
+    import tomli_w
+
+    out_dir = Path(out_dir).resolve()
+    run_dir = out_dir / "run"
+    link = start_superlink(
+        port=free_port(), state_dir=out_dir / "superlink", tls=None,
+        flwr_home=out_dir / "flwr_home", node_auth=False, log_path=out_dir / "superlink.log",
+        sim_sites=sites, sim_backend=backend,
+    )  # fmt: skip
+    try:
+        run = submit_run(link.flwr_home, {
+            "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
+            "run-dir": str(run_dir),
+            "sim-graphs-dir": str(Path(graphs_dir).resolve()) if graphs_dir else "",
+            "sim-state-dir": str(out_dir / "sites"),
+            **run_config,
+        }, out_dir)  # fmt: skip
+        with open(out_dir / "run.log", "w") as log:
+            for line in run.stdout:
+                log.write(line)
+                if echo:
+                    sys.stdout.write(line)
+        run.wait()
+    finally:
+        link.stop()
+    return run_dir
+
+
+def simulate(
+    graphs_dir: Path,
+    out_dir: Path,
+    *,
+    sites: int = 3,
+    config: Path | None = None,
+    overrides: dict | None = None,
+    echo: bool = False,
+    backend: dict | None = None,
+    summary: bool = True,
+    faults: str = "",
+) -> Path:
+    """Federated pretraining of `sites` simulated hospitals over partitions of one graph cache.
+
+    Runs the same ServerApp/ClientApp as a deployment on Flower's simulation engine (a local
+    simulation SuperLink, stopped on return). A cache with `site-K/` sub-caches gives virtual
+    site K its own graphs; otherwise sites split the slides round-robin. `backend` sets what
+    each virtual site gets from Ray (see `write_flower_config`); Ray joins the cluster named by
+    `RAY_ADDRESS` when set. `faults` ("2:nan,3:shape") makes those virtual sites send corrupted
+    updates (client/faults.py), to exercise validation. Returns the path of `final.pt`.
+    """
+    out_dir = Path(out_dir).resolve()
+    cfg = sim_config(config, sites, overrides)
+    run_config = {"sim-faults": faults} if faults else {}
+    run_dir = run_simulation(
+        graphs_dir, out_dir, sites=sites, cfg=cfg, run_config=run_config, echo=echo, backend=backend
+    )
+    final = run_dir / "final.pt"
+    if not final.is_file():
+        raise HmgdmError(f"simulated federation did not finish; see {out_dir / 'run.log'}")
+    if not summary:
+        return final
+    from server.summary import print_run_summary
+
+    print_run_summary(run_dir)
+    return final
+
+
+def simulate_downstream(
+    graphs_dir: Path,
+    labels: Path,
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    task: str,
+    sites: int = 3,
+    config: Path | None = None,
+    overrides: dict | None = None,
+    id_column: str = "slide_id",
+    patient_column: str = "patient_id",
+    echo: bool = False,
+) -> Path:
+    """Federated fine-tuning + evaluation with `sites` simulated hospitals, each using the rows
+    of `labels` for its own slides. Returns the metrics JSON (per-site and pooled figures)."""
+    from hmgdm_core.downstream.labels import read_labels
+    from server.downstream import RESULT_NAME
+
+    out_dir = Path(out_dir).resolve()
+    cfg = sim_config(config, sites, overrides)
+    # The consortium agrees on the class list up front; here it is read off the one file.
+    lab = read_labels(labels, None, n_folds=2, task=task, id_column=id_column,
+                      patient_column=patient_column)  # fmt: skip
+    classes = sorted(set(lab.table["label"])) if task == "classification" else []
+    run_dir = run_simulation(graphs_dir, out_dir, sites=sites, cfg=cfg, echo=echo, run_config={
+        "mode": "downstream", "checkpoint": str(Path(checkpoint).resolve()), "task": task,
+        "classes": ",".join(classes), "sim-labels": str(Path(labels).resolve()),
+        "sim-labels-id-column": id_column, "sim-labels-patient-column": patient_column,
+    })  # fmt: skip
+    result = run_dir / RESULT_NAME
+    if not result.is_file():
+        raise HmgdmError(f"simulated downstream run did not finish; see {out_dir / 'run.log'}")
+    return result
+
+
+def simulate_clinical_survival(
+    table: Path,
+    out_dir: Path,
+    *,
+    min_events: int = 10,
+    bin_width: float = 1.0,
+    echo: bool = False,
+) -> tuple[Path, dict]:
+    """Federated Cox on Flower's simulation engine, the tissue source sites of a TCGA table as
+    hospitals: virtual site K reads only OUT/clinical/site-K.csv, the rows of its own tissue
+    source site(s) (sites with < `min_events` events merged, `tcga.group_sites`).
+
+    Returns metrics.json (with lifelines' fit on the pooled rows added as the check: whoever
+    runs a simulation holds all rows) and the table's summary.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from hmgdm_core.atomic import write_csv, write_json
+    from hmgdm_core.downstream.fedsurvival import lifelines_check
+    from hmgdm_core.downstream.tcga import COVARIATES, group_sites, read_tcga_survival, site_arrays
+
+    out_dir = Path(out_dir).resolve()
+    cases, summary = read_tcga_survival(table)
+    groups = group_sites(cases["site"], cases["event"], min_events)
+    names = sorted(groups.unique())
+    group_of_tss = groups.groupby(cases["site"].to_numpy()).first()
+    raw = pd.read_csv(table, dtype={"site": str, "case_id": str})
+    site_of_row = raw["site"].map(group_of_tss)  # NaN: a source site with no complete case
+    for k, name in enumerate(names):
+        write_csv(out_dir / "clinical" / f"site-{k}.csv", raw[site_of_row == name])
+    sites = len(names)
+    cfg = sim_config(None, sites)
+    run_dir = run_simulation(None, out_dir, sites=sites, cfg=cfg, echo=echo, run_config={
+        "mode": "survival-clinical", "km-bin-width": bin_width,
+        "sim-clinical-dir": str(out_dir / "clinical"), "sim-site-names": ",".join(names),
+    })  # fmt: skip
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise HmgdmError(f"federated survival run did not finish; see {out_dir / 'run.log'}")
+    metrics = json.loads(path.read_text())
+    params = np.array(list(metrics["coefficients"].values()))
+    metrics |= lifelines_check(site_arrays(cases, groups), COVARIATES, params)
+    write_json(path, metrics)
+    return path, summary
