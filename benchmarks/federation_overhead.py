@@ -31,9 +31,9 @@ from client.commands_fed import supernode_command, write_keypair  # noqa: E402
 from client.flower_env import flower_env  # noqa: E402
 from hmgdm_core.config import load_config  # noqa: E402
 from hmgdm_core.federation_config import shared_names  # noqa: E402
-from server.app import frozen_names  # noqa: E402
 from server.certs import make_certificates  # noqa: E402
 from server.flwr_cli import register_site, submit_run  # noqa: E402
+from server.rounds import frozen_names  # noqa: E402
 from server.simulation import simulate  # noqa: E402
 from server.superlink import start_superlink, stop_tree  # noqa: E402
 

@@ -22,6 +22,8 @@ PACKED = "packed:"  # an ArrayRecord key holding several tensors: "packed:" + [[
 # SecAgg+ rounds carry unnamed legacy arrays: the names (shared, then frozen) travel in the config.
 SECAGG_NAMES = "secagg-names"  # JSON list of all array names, in order
 SECAGG_NUM_SHARED = "secagg-num-shared"  # how many of them (first) are trained and summed
+# Pretraining's first message: input sizes and feature moments (routed to @app.query("stats")).
+QUERY_STATS = "query.stats"
 # Downstream messages (routed to @app.query("entity_moments"), @app.train("finetune") and
 # @app.evaluate("downstream")).
 QUERY_ENTITY_MOMENTS = "query.entity_moments"

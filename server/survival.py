@@ -21,6 +21,7 @@ from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.fedcox import CoxStats, FederatedCox, Moments
 from hmgdm_core.downstream.fedsurvival import GROUPS, SiteEvaluation, write_survival_report
 from hmgdm_core.downstream.tcga import COVARIATES
+from server.messaging import broadcast, run_config_to_cfg, wait_for_sites
 
 TIES = "efron"
 PAIR_FIELDS = ("concordant", "discordant", "tied_risk", "comparable")
@@ -28,34 +29,24 @@ PAIR_FIELDS = ("concordant", "discordant", "tied_risk", "comparable")
 
 def run_clinical_survival(grid: Grid, context: Context) -> Path:
     """Fit, evaluate and report; returns the run directory's metrics.json."""
-    from server.app import FederationError, exchange, run_config_to_cfg, site_names, wait_for_sites
-
     run = dict(context.run_config)
     cfg, run_dir, _ = run_config_to_cfg(run)
     fed = cfg.federation
     bin_width = float(run.get("km-bin-width", 1.0))
     nodes = wait_for_sites(grid, fed.min_sites, fed.wait_timeout_s, fed.poll_interval_s)
-    names = site_names(grid)
     sim_names = [n for n in str(run.get("sim-site-names", "")).split(",") if n]
 
     def ask(phase: str, **arrays: np.ndarray) -> dict[str, Message]:
         """Every site's reply to one phase, by site name; any error or silence stops the run."""
-        content = {"config": ConfigRecord({"phase": phase, "ties": TIES, "bin-width": bin_width})}
+        content = RecordDict(
+            {"config": ConfigRecord({"phase": phase, "ties": TIES, "bin-width": bin_width})}
+        )
         if arrays:
             content[ARRAYS] = pack_arrays(arrays)
-        msgs = [Message(RecordDict(content), dst_node_id=n, message_type=QUERY_COX) for n in nodes]
-        replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
-        failed = {
-            names.get(n, n): (replies[n].error.reason if n in replies else "no reply")
-            for n in nodes
-            if n not in replies or replies[n].has_error()
-        }
-        if failed:
-            raise FederationError(f"federated Cox, phase {phase}: sites failed: {failed}")
+        replies = broadcast(grid, QUERY_COX, content, fed, nodes)
         by_name = {}
-        for node, reply in replies.items():
+        for name, reply in replies.require(what=f"federated Cox, phase {phase}").by_name.items():
             pid = reply.content["metrics"].get("partition-id")
-            name = names.get(node, f"node-{node}")
             by_name[sim_names[int(pid)] if pid is not None and sim_names else name] = reply
         return by_name
 

@@ -17,14 +17,15 @@ import hmgdm_core.privacy.local as local
 from client.app import app
 from client.commands_fed import supernode_command
 from client.privacy import PATIENTS_KEY, PRIVACY_CONFIG_KEY
-from client.records import FROZEN, SHARED, pack_config, pack_state, unpack_state
+from client.records import FROZEN, QUERY_STATS, SHARED, pack_config, pack_state, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.federation_config import shared_names
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
 from hmgdm_core.privacy.errors import PrivacyError
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from hmgdm_core.studies.synthetic import random_region_graph
-from server.app import QUERY_STATS, frozen_names, initial_state
+from server.pretrain import initial_state
+from server.rounds import frozen_names
 
 SLIDES = {"s0": "P1", "s1": "P1", "s2": "P2", "s3": "P2", "s4": "P3", "s5": "P3"}
 SIGMA, PER_STEP, STEPS = 1.0, 1.5, 2

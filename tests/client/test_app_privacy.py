@@ -13,11 +13,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.commands_fed import supernode_command
 from client.privacy import PRIVACY_CONFIG_KEY, privacy_mod, site_privacy
-from client.records import CONFIG_KEY
+from client.records import CONFIG_KEY, QUERY_STATS
 from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyError
-from server.app import QUERY_STATS
 
 SERVER_LOCAL_DP = PrivacyConfig(mode="local_dp", noise_multiplier=0.01, max_epsilon=1e6)
 

@@ -6,7 +6,9 @@ import pytest
 
 from hmgdm_core.config import load_config
 from hmgdm_core.exceptions import ConfigError
-from server.app import FederationError, _resume_config, frozen_names, run_config_to_cfg
+from server.messaging import FederationError, run_config_to_cfg
+from server.pretrain import resume_config
+from server.rounds import frozen_names
 
 
 def test_run_config_carries_the_whole_config_and_bad_keys_are_named(tmp_path):
@@ -25,9 +27,9 @@ def test_run_config_carries_the_whole_config_and_bad_keys_are_named(tmp_path):
 def test_resume_may_add_rounds_but_not_change_the_model():
     stored = load_config().model_dump(mode="json")
     more = load_config(overrides={"federation.stage2_rounds": 9})
-    assert _resume_config(more, stored, "run").federation.stage2_rounds == 9
+    assert resume_config(more, stored, "run").federation.stage2_rounds == 9
     with pytest.raises(FederationError, match=r"different \[model\] config"):
-        _resume_config(load_config(overrides={"model.hidden": 64}), stored, "run")
+        resume_config(load_config(overrides={"model.hidden": 64}), stored, "run")
 
 
 def test_stage_two_sends_the_global_autoencoder_frozen_unless_it_is_shared():
