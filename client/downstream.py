@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import Site, app
 from client.records import (
     FROZEN,
     SHARED,
@@ -24,6 +23,7 @@ from client.records import (
     unpack_config,
     unpack_task,
 )
+from client.site import Site
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.downstream.finetune import Bag, Task
 from hmgdm_core.downstream.labels import Labels
@@ -101,7 +101,6 @@ def _site_net(msg: Message, context: Context):
     return cfg, task, cohort, net
 
 
-@app.query("entity_moments")
 def entity_moments(msg: Message, context: Context) -> Message:
     """Count, sum and sum of squares of the global encoder's entity embeddings over this
     site's training patients: the server pools them into the head's input standardisation."""
@@ -116,7 +115,6 @@ def entity_moments(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.train("finetune")
 def finetune(msg: Message, context: Context) -> Message:
     """Local epochs of the slide head (+ encoder) on this site's training patients."""
     from hmgdm_core.downstream.finetune import (
@@ -145,7 +143,6 @@ def finetune(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate("downstream")
 def evaluate_downstream(msg: Message, context: Context) -> Message:
     """The global head on this site's held-out patients: classification metrics, or the
     concordance pair counts of the site's own patients (pooled by summing at the server)."""

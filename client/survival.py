@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import app
 from client.records import COX_ARRAYS as ARRAYS
 from client.records import pack_arrays, unpack_float64
 from hmgdm_core.exceptions import LabelError
@@ -56,7 +55,6 @@ def site_rows(path: Path) -> Site:
     )
 
 
-@app.query("cox")
 def cox(msg: Message, context: Context) -> Message:
     """One phase of the federated Cox exchange on this site's own patients."""
     # Imported here, not with the module: every training message's fresh process imports this
