@@ -26,21 +26,6 @@ from hmgdm_core.privacy.config import PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyError
 
 
-def _add_proximal_term(model: torch.nn.Module, mu: float, names: set[str]) -> None:
-    """FedProx: loss + mu/2 * ||w - w_global||^2 over the shared parameters."""
-    anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
-    base = model.loss
-
-    def loss(batch, **kwargs):
-        terms = base(batch, **kwargs)
-        prox = sum((p - anchor[n]).pow(2).sum() for n, p in model.named_parameters() if n in anchor)
-        terms["loss"] = terms["loss"] + 0.5 * mu * prox
-        terms["proximal"] = torch.as_tensor(prox).detach()
-        return terms
-
-    model.loss = loss
-
-
 def _reply(msg: Message, metrics: MetricRecord, arrays: ArrayRecord | None = None) -> Message:
     content = RecordDict({"metrics": metrics})
     if arrays is not None:
@@ -72,17 +57,30 @@ def _train_round(
     cfg: HmgdmConfig,
     privacy: PrivacyConfig,
     config: ConfigRecord,
+    shared: list[str],
 ) -> dict[str, float]:
-    """The round's local training: DP-SGD under the site's ledger, or the plain training step."""
-    from hmgdm_core.train import make_optimizer, resolve_device, train_steps
+    """The round's local training: DP-SGD under the site's ledger, or the plain training step;
+    with FedProx's proximal term on the `shared` parameters when the strategy asks for it."""
+    from hmgdm_core.train import (
+        make_optimizer,
+        model_objective,
+        proximal,
+        resolve_device,
+        train_steps,
+    )
 
     stage, rnd, fed = str(config["stage"]), int(config["server-round"]), cfg.federation
+    generator = torch.Generator().manual_seed(cfg.train.seed * 100_003 + rnd)
+    objective = model_objective(model, stage=stage, generator=generator)
+    if (mu := float(config.get("proximal-mu", 0.0))) > 0:
+        objective = proximal(objective, model, shared, mu)
     common = dict(
         stage=stage,
         steps=fed.local_steps,
         epochs=None if fed.local_steps else fed.local_epochs,
         device=resolve_device(),
-        generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + rnd),
+        generator=generator,
+        objective=objective,
     )
     optimizer = make_optimizer(model, cfg.train, stage)
     if privacy.mode != "local_dp":
@@ -113,9 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         graphs, _ = site.split(fed.eval_fraction, fed.seed)
         model = site_model(site, cfg, msg, graphs)
         shared = record_names(msg.content[SHARED])
-        if float(config.get("proximal-mu", 0.0)) > 0:
-            _add_proximal_term(model, float(config["proximal-mu"]), set(shared))
-        metrics = _train_round(site, model, graphs, cfg, privacy, config)
+        metrics = _train_round(site, model, graphs, cfg, privacy, config, shared)
     except PrivacyError as err:
         # An error reply, not an exception: the server logs the reason and goes on without us.
         log(WARNING, "round %d: not training: %s", rnd, err)

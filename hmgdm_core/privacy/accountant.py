@@ -6,7 +6,9 @@ Gaussian mechanisms with that noise and rate, as opacus' accountants store it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from opacus.accountants import create_accountant
@@ -16,6 +18,26 @@ import hmgdm_core.privacy._opacus  # noqa: F401  (drops the log handler opacus a
 
 Step = tuple[float, float, int]
 Accountant = Literal["rdp", "prv"]
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """The subsampled Gaussian mechanism of one DP step: each unit (a patient, or a site) is
+    sampled with `sample_rate`, its contribution clipped to `clip_norm`, and the sum gets
+    Gaussian noise of std `noise_multiplier * clip_norm`. What a DP step reads, and what an
+    accountant composes."""
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+
+    def steps_for(self, epochs: float) -> int:
+        """Steps of `epochs` passes: a pass is 1 / sample_rate steps in expectation."""
+        return max(1, math.ceil(epochs / self.sample_rate))
+
+    def composed(self, steps: int) -> Step:
+        """`steps` of this mechanism as an entry of an opacus accountant's history."""
+        return (self.noise_multiplier, self.sample_rate, steps)
 
 
 def compose(history: Sequence[Step]) -> list[Step]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hmgdm_core.atomic import write_json
-from hmgdm_core.privacy.accountant import epsilon
+from hmgdm_core.privacy.accountant import Mechanism, epsilon
 from hmgdm_core.privacy.config import PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
 
@@ -95,6 +95,11 @@ class PrivacyLedger:
                 f"{path}: not a readable privacy ledger ({err}); restore it from a "
                 "backup, never delete it"
             ) from None
+
+    @property
+    def dp_sgd(self) -> Mechanism:
+        """The DP-SGD mechanism of the next round: what the DP step reads, nothing else."""
+        return Mechanism(self.noise_multiplier, self.clip_norm, self.sample_rate)
 
     @property
     def steps(self) -> int:

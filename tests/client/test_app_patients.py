@@ -83,13 +83,13 @@ def _rdp(rate: float) -> float:
 
 def test_the_patient_is_the_privacy_unit_of_a_federated_round(cache, tmp_path, monkeypatch):
     groups: list[dict] = []
-    real = local.dp_train_steps
 
-    def spy(optimizer, patients, loss_fn, **kwargs):
-        groups.append({p: sorted({str(g.slide_id) for g in gs}) for p, gs in patients.items()})
-        return real(optimizer, patients, loss_fn, **kwargs)
+    class Spy(local.PatientDPStep):
+        def __init__(self, patients, *args, **kwargs):
+            groups.append({p: sorted({str(g.slide_id) for g in gs}) for p, gs in patients.items()})
+            super().__init__(patients, *args, **kwargs)
 
-    monkeypatch.setattr(local, "dp_train_steps", spy)
+    monkeypatch.setattr(local, "PatientDPStep", Spy)
     table = tmp_path / "patients.csv"
     table.write_text("slide_id,patient_id\n" + "".join(f"{s},{p}\n" for s, p in SLIDES.items()))
     reply = _train_round(cache, tmp_path / "with", table)
