@@ -21,7 +21,7 @@ from client.records import NUM_EXAMPLES
 from client.secagg import secagg_mod
 from client.site import Site
 from hmgdm_core.events import EVENTS_FILE, EventLog
-from hmgdm_core.exceptions import GraphDataError
+from hmgdm_core.exceptions import HmgdmError
 
 
 def event_mod(msg: Message, context: Context, call_next) -> Message:
@@ -34,8 +34,10 @@ def event_mod(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
     try:
         site = Site.from_context(context)
-    except GraphDataError:
+    except HmgdmError:
         return reply  # the handler has already answered with this error
+    if site.state_dir is None:
+        return reply  # nowhere of the site's own to write to (e.g. a Cox-only node config)
     label = f"site-{site.partition[0]}" if site.partition else f"node-{context.node_id}"
     config = msg.content.config_records.get("config", {})
     metrics = {} if reply.has_error() else reply.content.metric_records.get("metrics", {})

@@ -52,6 +52,10 @@ def keygen(
     typer.echo(f"private key: {priv} (keep it here)\npublic key:  {pub} (send to the operator)")
 
 
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).resolve()
+
+
 def supernode_command(
     *,
     superlink: str,
@@ -76,36 +80,39 @@ def supernode_command(
     """
     import tomli_w
 
-    from client.privacy import PATIENTS_KEY, PRIVACY_CONFIG_KEY, load_site_privacy
+    from client.privacy import load_site_privacy
+    from client.site import Site
     from hmgdm_core.privacy.patients import read_patients
 
     graphs, state_dir = Path(graphs).resolve(), Path(state_dir).resolve()
     if not (graphs / "graphs").is_dir():
         raise HmgdmError(f"{graphs}: not a graph cache (run hmgdm-client build-graphs first)")
     state_dir.mkdir(parents=True, exist_ok=True)
-    node = {"graphs-dir": str(graphs), "state-dir": str(state_dir)}
+    # Each file is read now: a typo fails here, not in the middle of the consortium's first round.
     if privacy_config is not None:
-        # Read now: a typo fails here, not in the middle of the consortium's first round.
         load_site_privacy(privacy_config)
-        node[PRIVACY_CONFIG_KEY] = str(Path(privacy_config).resolve())
     if patients is not None:
-        read_patients(patients)  # the same early check
-        node[PATIENTS_KEY] = str(Path(patients).resolve())
-    if labels is not None:
-        if not Path(labels).is_file():
-            raise HmgdmError(f"{labels}: labels file not found")
-        # Read only by this site's ClientApp (federated fine-tuning and evaluation).
-        node["labels"] = str(Path(labels).resolve())
-        node["labels-id-column"], node["labels-patient-column"] = id_column, patient_column
+        read_patients(patients)
+    if labels is not None and not Path(labels).is_file():
+        raise HmgdmError(f"{labels}: labels file not found")
     if clinical is not None:
-        from client.survival import CLINICAL_KEY
         from hmgdm_core.downstream.tcga import read_tcga_survival
 
-        read_tcga_survival(clinical)  # a malformed table fails here, not in the first round
-        node[CLINICAL_KEY] = str(Path(clinical).resolve())
+        read_tcga_survival(clinical)
+    site = Site(
+        graphs_dir=graphs,
+        state_dir=state_dir,
+        privacy_config=_absolute(privacy_config),
+        patients=_absolute(patients),
+        # Read only by this site's ClientApp (federated fine-tuning and evaluation).
+        labels=_absolute(labels),
+        labels_id_column=id_column,
+        labels_patient_column=patient_column,
+        clinical=_absolute(clinical),
+    )
     # A TOML file instead of an inline string: paths with spaces or quotes survive intact.
     node_config = state_dir / "node_config.toml"
-    node_config.write_text(tomli_w.dumps(node))
+    node_config.write_text(tomli_w.dumps(site.node_config()))
     cmd = [
         "--superlink", superlink,
         "--node-config", str(node_config),

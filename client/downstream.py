@@ -52,17 +52,13 @@ class SiteCohort:
         return np.stack([t["time"].to_numpy(float), t["event"].to_numpy(float)], axis=1)
 
 
-def site_cohort(site: Site, context: Context, cfg: HmgdmConfig, task: Task) -> SiteCohort:
-    """Read the site's labels (node config `labels`, or `sim-labels` in simulation), keep the
-    site's own slides, and hold out the first patient-grouped fold for evaluation."""
+def site_cohort(site: Site, cfg: HmgdmConfig, task: Task) -> SiteCohort:
+    """Read the site's labels, keep the site's own slides, and hold out the first
+    patient-grouped fold for evaluation."""
     from hmgdm_core.downstream.labels import read_labels
     from hmgdm_core.downstream.splits import patient_folds
 
-    node, run = context.node_config, context.run_config
-    prefix = "" if "labels" in node else "sim-"
-    source = node if "labels" in node else run
-    path = str(source.get(f"{prefix}labels", "") or "")
-    if not path:
+    if site.labels is None:
         raise LabelError(
             "this site has no labels: start it with `hmgdm-client join --labels labels.csv`"
         )
@@ -70,18 +66,18 @@ def site_cohort(site: Site, context: Context, cfg: HmgdmConfig, task: Task) -> S
     for g in site.graphs():
         by_slide.setdefault(str(g.slide_id), []).append(g)
     labels = read_labels(
-        path,
+        site.labels,
         by_slide,
         n_folds=cfg.evaluation.folds,
         task=task.kind,
-        id_column=str(source.get(f"{prefix}labels-id-column", "slide_id")),
-        patient_column=str(source.get(f"{prefix}labels-patient-column", "patient_id")),
+        id_column=site.labels_id_column,
+        patient_column=site.labels_patient_column,
         only_known=site.partition is not None,
     )
     if task.kind == "classification":
         unknown = set(labels.table["label"]) - set(task.classes)
         if unknown:
-            raise LabelError(f"{path}: classes {sorted(unknown)} are not the consortium's")
+            raise LabelError(f"{site.labels}: classes {sorted(unknown)} are not the consortium's")
     train, test = patient_folds(
         labels.strata, labels.groups, cfg.evaluation.folds, cfg.evaluation.seed
     )[0]
@@ -92,7 +88,7 @@ def _site_net(msg: Message, context: Context):
     config = msg.content["config"]
     cfg, task = unpack_config(config), task_from_config(config)
     site = Site.from_context(context)
-    cohort = site_cohort(site, context, cfg, task)
+    cohort = site_cohort(site, cfg, task)
     from hmgdm_core.data import graph_dims
     from hmgdm_core.downstream.finetune import slide_net_for
 

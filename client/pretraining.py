@@ -90,7 +90,7 @@ def _train_round(
 
     metrics, _ = private_round(
         model, optimizer, graphs, cfg.train, privacy, ledger_path=site.ledger, server_round=rnd,
-        patients=patient_table(site.patients_csv, graphs), **common,
+        patients=patient_table(site.patients, graphs), **common,
     )  # fmt: skip
     # How many patients the Poisson draw picked is what dividing by the expected batch size
     # hides; the server gets the site's graph count as its weight instead.
@@ -106,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
     site = Site.from_context(context)
     try:
         privacy = site_privacy(
-            dict(context.node_config), cfg.privacy, simulated=site.partition is not None
+            site.privacy_config, cfg.privacy, simulated=site.partition is not None
         )
         graphs, _ = site.split(fed.eval_fraction, fed.seed)
         model = site_model(site, cfg, msg, graphs)

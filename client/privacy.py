@@ -21,11 +21,6 @@ if TYPE_CHECKING:
     from flwr.app import Context, Message
     from flwr.clientapp.typing import ClientAppCallable
 
-# SuperNode node config: the site's own TOML with a [privacy] section (hmgdm-client join).
-PRIVACY_CONFIG_KEY = "privacy-config"
-# SuperNode node config: the site's slide_id,patient_id CSV (hmgdm-client join --patients).
-PATIENTS_KEY = "patients"
-
 
 def load_site_privacy(path: Path) -> PrivacyConfig:
     """The [privacy] section of a site's own TOML (unknown keys are refused with their name)."""
@@ -35,20 +30,19 @@ def load_site_privacy(path: Path) -> PrivacyConfig:
 
 
 def site_privacy(
-    node_config: dict, run_privacy: PrivacyConfig, *, simulated: bool
+    path: Path | None, run_privacy: PrivacyConfig, *, simulated: bool
 ) -> PrivacyConfig:
     """The [privacy] this site trains under.
 
     Local DP protects the site's patients from the server, so its settings come from the
-    site's own file (node config `privacy-config`), never from the run config the server sends:
-    a server could otherwise turn the noise down. A run asking for local DP is refused by a site
-    without such a file, or whose file does not enable local DP. Simulated sites belong to the
-    operator who wrote the run config, so they use it.
+    site's own file (`path`, node config `privacy-config`), never from the run config the
+    server sends: a server could otherwise turn the noise down. A run asking for local DP is
+    refused by a site without such a file, or whose file does not enable local DP. Simulated
+    sites belong to the operator who wrote the run config, so they use it.
     """
     from flwr.common import log
 
-    path = node_config.get(PRIVACY_CONFIG_KEY)
-    if not path:
+    if path is None:
         if simulated:
             return run_privacy
         if run_privacy.mode == "local_dp":
@@ -57,7 +51,7 @@ def site_privacy(
                 "with `hmgdm-client join --privacy-config FILE` ([privacy] mode = 'local_dp')"
             )
         return PrivacyConfig()
-    site = load_site_privacy(Path(str(path)))
+    site = load_site_privacy(path)
     if run_privacy.mode == "local_dp" and site.mode != "local_dp":
         raise PrivacyError(
             f"the run asks for local DP but this site's {path} has mode {site.mode!r}; "

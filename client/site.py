@@ -6,49 +6,63 @@ handler prologue that turns a message into this site's model.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from flwr.app import Context, Message
+from pydantic import ConfigDict, Field
 from torch_geometric.data import Data
 
-from client.privacy import PATIENTS_KEY
-from client.records import FROZEN, SHARED, load_into
-from hmgdm_core.config import HmgdmConfig
+from client.records import FROZEN, SHARED, SimulatedSites, load_into
+from hmgdm_core.config import HmgdmConfig, parse_section
 from hmgdm_core.exceptions import GraphDataError
+from hmgdm_core.section import Section
 
 
-@dataclass(frozen=True)
-class Site:
-    """Where this site's graphs and its private checkpoints are (from the SuperNode's config)."""
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
 
-    graphs_dir: Path
-    state_dir: Path
-    partition: tuple[int, int] | None = None  # (id, count) when simulating sites from one cache
-    patients_csv: Path | None = None  # slide_id,patient_id: the privacy unit of local DP
+
+class Site(Section):
+    """This site's settings, typed once: a deployed SuperNode's node config (written by
+    `hmgdm-client join`, one kebab-case key per field), or a virtual site's share of the run
+    config's `SimulatedSites` in simulation."""
+
+    model_config = ConfigDict(
+        extra="ignore", frozen=True, alias_generator=_kebab, populate_by_name=True
+    )
+
+    graphs_dir: Path | None = None  # the site's graph cache
+    state_dir: Path | None = None  # private checkpoints, privacy ledger, events
+    patients: Path | None = None  # slide_id,patient_id: the privacy unit of local DP
+    privacy_config: Path | None = None  # the site's own TOML with its [local_dp]
+    labels: Path | None = None  # labels CSV for federated fine-tuning and evaluation
+    labels_id_column: str = "slide_id"
+    labels_patient_column: str = "patient_id"
+    clinical: Path | None = None  # clinical table (TCGA survival CSV) for federated Cox
+    partition: tuple[int, int] | None = Field(None, exclude=True)  # simulation: (id, count)
 
     @classmethod
     def from_context(cls, context: Context) -> Site:
-        node, run = context.node_config, context.run_config
-        if "graphs-dir" in node:
-            patients = node.get(PATIENTS_KEY)
-            return cls(
-                Path(str(node["graphs-dir"])),
-                Path(str(node["state-dir"])),
-                patients_csv=Path(str(patients)) if patients else None,
-            )
-        # Simulation: virtual SuperNodes get partition ids, the graphs come from the run config.
-        if not run.get("sim-graphs-dir"):
+        node = context.node_config
+        sim = SimulatedSites.from_run_config(context.run_config)
+        # Only the simulation engine gives a node a partition id; `join` never writes one.
+        if "partition-id" in node and sim is not None:
+            return _simulated(sim, int(node["partition-id"]), int(node["num-partitions"]))
+        return _deployed(tuple(sorted((str(k), str(v)) for k, v in node.items())))
+
+    def node_config(self) -> dict[str, str]:
+        """The SuperNode node config that gives a ClientApp this site (`hmgdm-client join`);
+        what is left at its default is left out."""
+        data = self.model_dump(by_alias=True, exclude_defaults=True)
+        return {k: str(v) for k, v in data.items()}
+
+    def graphs(self) -> list[Data]:
+        if self.graphs_dir is None:
             raise GraphDataError(
                 "this SuperNode has no 'graphs-dir' in its node config; start it with "
                 "`hmgdm-client join --graphs DIR`"
             )
-        pid, n = int(node["partition-id"]), int(node["num-partitions"])
-        state = Path(str(run.get("sim-state-dir") or "sim_sites")) / f"site-{pid}"
-        return cls(Path(str(run["sim-graphs-dir"])), state, (pid, n))
-
-    def graphs(self) -> list[Data]:
         return _load_graphs(self.graphs_dir, self.partition)
 
     def split(self, fraction: float, seed: int) -> tuple[list[Data], list[Data]]:
@@ -71,14 +85,41 @@ class Site:
         )
 
     def checkpoint(self, run_key: str) -> Path:
-        return self.state_dir / f"{run_key}.pt"
+        return self.state / f"{run_key}.pt"
+
+    @property
+    def state(self) -> Path:
+        """The site's private state directory (a clear error when the node config has none)."""
+        if self.state_dir is None:
+            raise GraphDataError(
+                "this SuperNode has no 'state-dir' in its node config; start it with "
+                "`hmgdm-client join --state-dir DIR`"
+            )
+        return self.state_dir
 
     @property
     def ledger(self) -> Path:
         """The site's privacy ledger: one per site, shared by all runs on the same data."""
         from hmgdm_core.privacy.ledger import LEDGER_NAME
 
-        return self.state_dir / LEDGER_NAME
+        return self.state / LEDGER_NAME
+
+
+@functools.lru_cache(maxsize=8)
+def _deployed(node: tuple[tuple[str, str], ...]) -> Site:
+    return parse_section(Site, dict(node), "node config")
+
+
+def _simulated(sim: SimulatedSites, pid: int, n: int) -> Site:
+    return Site(
+        graphs_dir=sim.graphs_dir,
+        state_dir=sim.state_dir / f"site-{pid}",
+        labels=sim.labels,
+        labels_id_column=sim.labels_id_column,
+        labels_patient_column=sim.labels_patient_column,
+        clinical=sim.clinical_dir / f"site-{pid}.csv" if sim.clinical_dir else None,
+        partition=(pid, n),
+    )
 
 
 @functools.lru_cache(maxsize=4)

@@ -94,16 +94,18 @@ def read_toml(path: Path, what: str = "config file") -> dict:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
 
 
-def load_config(path: Path | str | None = None, overrides: dict | None = None) -> HmgdmConfig:
-    """Load a TOML config (all defaults when `path` is None), then apply nested `overrides`."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        data = read_toml(path)
+def with_overrides(data: dict, overrides: dict | None) -> dict:
+    """`data` (nested sections) with each dotted key of `overrides` ("train.lr") set in it."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return parse_section(HmgdmConfig, data, path or "<defaults>")
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: dict | None = None) -> HmgdmConfig:
+    """Load a TOML config (all defaults when `path` is None), then apply nested `overrides`."""
+    data = read_toml(Path(path)) if path is not None else {}
+    return parse_section(HmgdmConfig, with_overrides(data, overrides), path or "<defaults>")

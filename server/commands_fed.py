@@ -71,6 +71,7 @@ def start(
     from hmgdm_core.config import load_config
     from server.certs import TlsFiles
     from server.flwr_cli import register_site, submit_run, wait_for_online
+    from server.run_config import submission
     from server.summary import print_run_summary
     from server.superlink import start_superlink
 
@@ -112,16 +113,8 @@ def start(
         typer.echo(f"waiting up to {fed.wait_timeout_s:.0f} s for {fed.min_sites} sites ...")
         wait_for_online(home, fed.min_sites, fed.wait_timeout_s)
         run_dir = fed.run_dir if fed.run_dir.is_absolute() else (state / fed.run_dir)
-        run = submit_run(
-            home,
-            {
-                "config-toml": config.read_text() if config else "",
-                "run-dir": str(run_dir.resolve()),
-                "resume": resume,
-                **downstream,
-            },
-            state,
-        )
+        run_config = submission(cfg, run_dir=run_dir.resolve(), resume=resume, **downstream)
+        run = submit_run(home, run_config, state)
         for line in run.stdout:
             typer.echo(line, nl=False)
         code = run.wait()

@@ -39,9 +39,9 @@ from server.messaging import (
     FederationError,
     Replies,
     broadcast,
-    run_config_to_cfg,
     wait_for_sites,
 )
+from server.run_config import parse_run_config
 from server.strategy import aggregate_train, make_strategy
 
 PAIR_KEYS = ("concordant", "discordant", "tied-risk", "comparable")
@@ -86,17 +86,14 @@ def site_figures(task: Task, metrics: dict[str, float]) -> dict[str, float]:
 
 def run_downstream(grid: Grid, context: Context) -> Path:
     """Fine-tune for `evaluation.fed_rounds` FedAvg rounds, evaluate, write metrics and model."""
-    run = dict(context.run_config)
-    run_cfg, run_dir, _ = run_config_to_cfg(run)
-    ckpt = load_checkpoint(Path(str(run["checkpoint"])))
+    run = parse_run_config(context.run_config)
+    ckpt = load_checkpoint(run.checkpoint)
     # The backbone's shape is the checkpoint's; how to fine-tune and federate is this run's.
     cfg = ckpt.cfg.model_copy(
-        update={k: getattr(run_cfg, k) for k in ("evaluation", "federation", "privacy")}
+        update={k: getattr(run.cfg, k) for k in ("evaluation", "federation", "privacy")}
     )
     fed, ev = cfg.federation, cfg.evaluation
-    classes = [c for c in str(run.get("classes", "")).split(",") if c]
-    task_entries = pack_task(str(run["task"]), classes)
-    task = Task(task_entries["task"], tuple(c for c in task_entries["classes"].split(",") if c))
+    task, task_entries = Task(run.task, run.classes), pack_task(run.task, run.classes)
     net = slide_net_for(cfg, ckpt.model.dims, task)
     net.backbone.load_state_dict(ckpt.model.state_dict())
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -141,8 +138,8 @@ def run_downstream(grid: Grid, context: Context) -> Path:
         "history": history,
     }
     net.load_state_dict(state)
-    save_slide_net(run_dir / MODEL_NAME, net, cfg, task, ev)
-    path = write_json(run_dir / RESULT_NAME, result)
+    save_slide_net(run.run_dir / MODEL_NAME, net, cfg, task, ev)
+    path = write_json(run.run_dir / RESULT_NAME, result)
     log(INFO, "federated %s: pooled %s", task.kind, result["pooled"])
     return path
 

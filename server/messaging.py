@@ -1,5 +1,5 @@
 """How the ServerApp talks to sites, for every run mode: wait for them, `broadcast` one message
-kind and collect the `Replies` (answered, failed and why, by site name), parse the run config.
+kind and collect the `Replies` (answered, failed and why, by site name).
 """
 
 from __future__ import annotations
@@ -8,32 +8,17 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import WARNING
-from pathlib import Path
-from typing import Any
 
-import tomllib
 from flwr.app import Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from hmgdm_core.config import HmgdmConfig, parse_section
-from hmgdm_core.exceptions import ConfigError, HmgdmError
+from hmgdm_core.exceptions import HmgdmError
 from hmgdm_core.federation_config import FederationConfig
 
 
 class FederationError(HmgdmError):
     """The federation cannot proceed: too few sites, mismatched sites, no usable replies."""
-
-
-def run_config_to_cfg(run_config: dict[str, Any]) -> tuple[HmgdmConfig, Path, bool]:
-    """The HmgdmConfig, run directory and resume flag a run was submitted with."""
-    try:
-        data = tomllib.loads(str(run_config.get("config-toml", "")))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"run config 'config-toml' is not valid TOML: {err}") from None
-    cfg = parse_section(HmgdmConfig, data, "run config")
-    run_dir = Path(str(run_config.get("run-dir") or cfg.federation.run_dir))
-    return cfg, run_dir, bool(run_config.get("resume", False))
 
 
 def site_names(grid: Grid) -> dict[int, str]:

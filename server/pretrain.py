@@ -23,12 +23,12 @@ from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
 from server.messaging import (
     FederationError,
     broadcast,
-    run_config_to_cfg,
     site_names,
     wait_for_sites,
 )
 from server.privacy import CentralAccountant
 from server.rounds import run_round
+from server.run_config import parse_run_config
 from server.strategy import (
     load_last_round,
     make_strategy,
@@ -41,10 +41,10 @@ from server.summary import run_summary, write_run_summary
 
 def run_pretraining(grid: Grid, context: Context) -> None:
     """The run mode's entry: its config from the run config, its failure in the run's events."""
-    cfg, run_dir, resume = run_config_to_cfg(dict(context.run_config))
-    events = EventLog(run_dir / EVENTS_FILE, log=log)
+    run = parse_run_config(context.run_config)
+    events = EventLog(run.run_dir / EVENTS_FILE, log=log)
     try:
-        pretrain(grid, context, cfg, run_dir, resume, events)
+        pretrain(grid, context, run.cfg, run.run_dir, run.resume, events)
     except Exception as err:
         # The run's own record says why it ended; Flower's log has the traceback.
         events.emit("run_failed", level=ERROR, reason=f"{type(err).__name__}: {err}")

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
+from client.records import SimulatedSites
 from hmgdm_core.config import HmgdmConfig, load_config
 from hmgdm_core.exceptions import HmgdmError
 from server.flwr_cli import submit_run
+from server.run_config import submission
 from server.superlink import free_port, start_superlink
 
 
@@ -22,22 +25,21 @@ def sim_config(config: Path | None, sites: int, overrides: dict | None = None) -
 
 
 def run_simulation(
-    graphs_dir: Path | None,
     out_dir: Path,
     *,
     sites: int,
-    cfg,
-    run_config: dict,
+    cfg: HmgdmConfig,
+    sim: SimulatedSites,
     echo: bool = False,
     backend: dict | None = None,
+    **fields: Any,
 ) -> Path:
-    """One run of this app on Flower's simulation engine with `sites` virtual sites over
-    partitions of one graph cache, if any (a local simulation SuperLink, stopped on return).
+    """One run of this app on Flower's simulation engine with `sites` virtual sites that read
+    `sim` (their state in OUT/sites unless it says otherwise), the run mode's own `fields`
+    (see server.run_config); a local simulation SuperLink, stopped on return.
 
     Returns the run directory; the log is OUT/run.log.
     """
-    import tomli_w
-
     out_dir = Path(out_dir).resolve()
     run_dir = out_dir / "run"
     link = start_superlink(
@@ -46,13 +48,10 @@ def run_simulation(
         sim_sites=sites, sim_backend=backend,
     )  # fmt: skip
     try:
-        run = submit_run(link.flwr_home, {
-            "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
-            "run-dir": str(run_dir),
-            "sim-graphs-dir": str(Path(graphs_dir).resolve()) if graphs_dir else "",
-            "sim-state-dir": str(out_dir / "sites"),
-            **run_config,
-        }, out_dir)  # fmt: skip
+        if "state_dir" not in sim.model_fields_set:
+            sim = sim.model_copy(update={"state_dir": out_dir / "sites"})
+        config = submission(cfg, sim=sim, run_dir=run_dir, **fields)
+        run = submit_run(link.flwr_home, config, out_dir)
         with open(out_dir / "run.log", "w") as log:
             for line in run.stdout:
                 log.write(line)
@@ -87,10 +86,8 @@ def simulate(
     """
     out_dir = Path(out_dir).resolve()
     cfg = sim_config(config, sites, overrides)
-    run_config = {"sim-faults": faults} if faults else {}
-    run_dir = run_simulation(
-        graphs_dir, out_dir, sites=sites, cfg=cfg, run_config=run_config, echo=echo, backend=backend
-    )
+    sim = SimulatedSites(graphs_dir=Path(graphs_dir).resolve(), faults=faults)
+    run_dir = run_simulation(out_dir, sites=sites, cfg=cfg, sim=sim, echo=echo, backend=backend)
     final = run_dir / "final.pt"
     if not final.is_file():
         raise HmgdmError(f"simulated federation did not finish; see {out_dir / 'run.log'}")
@@ -127,11 +124,14 @@ def simulate_downstream(
     lab = read_labels(labels, None, n_folds=2, task=task, id_column=id_column,
                       patient_column=patient_column)  # fmt: skip
     classes = sorted(set(lab.table["label"])) if task == "classification" else []
-    run_dir = run_simulation(graphs_dir, out_dir, sites=sites, cfg=cfg, echo=echo, run_config={
-        "mode": "downstream", "checkpoint": str(Path(checkpoint).resolve()), "task": task,
-        "classes": ",".join(classes), "sim-labels": str(Path(labels).resolve()),
-        "sim-labels-id-column": id_column, "sim-labels-patient-column": patient_column,
-    })  # fmt: skip
+    sim = SimulatedSites(
+        graphs_dir=Path(graphs_dir).resolve(), labels=Path(labels).resolve(),
+        labels_id_column=id_column, labels_patient_column=patient_column,
+    )  # fmt: skip
+    run_dir = run_simulation(
+        out_dir, sites=sites, cfg=cfg, sim=sim, echo=echo, mode="downstream",
+        checkpoint=Path(checkpoint).resolve(), task=task, classes=classes,
+    )  # fmt: skip
     result = run_dir / RESULT_NAME
     if not result.is_file():
         raise HmgdmError(f"simulated downstream run did not finish; see {out_dir / 'run.log'}")
@@ -171,10 +171,11 @@ def simulate_clinical_survival(
         write_csv(out_dir / "clinical" / f"site-{k}.csv", raw[site_of_row == name])
     sites = len(names)
     cfg = sim_config(None, sites)
-    run_dir = run_simulation(None, out_dir, sites=sites, cfg=cfg, echo=echo, run_config={
-        "mode": "survival-clinical", "km-bin-width": bin_width,
-        "sim-clinical-dir": str(out_dir / "clinical"), "sim-site-names": ",".join(names),
-    })  # fmt: skip
+    sim = SimulatedSites(clinical_dir=out_dir / "clinical", names=tuple(names))
+    run_dir = run_simulation(
+        out_dir, sites=sites, cfg=cfg, sim=sim, echo=echo, mode="survival-clinical",
+        km_bin_width=bin_width,
+    )  # fmt: skip
     path = run_dir / "metrics.json"
     if not path.is_file():
         raise HmgdmError(f"federated survival run did not finish; see {out_dir / 'run.log'}")

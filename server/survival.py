@@ -21,7 +21,8 @@ from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.fedcox import CoxStats, FederatedCox, Moments
 from hmgdm_core.downstream.fedsurvival import GROUPS, SiteEvaluation, write_survival_report
 from hmgdm_core.downstream.tcga import COVARIATES
-from server.messaging import broadcast, run_config_to_cfg, wait_for_sites
+from server.messaging import broadcast, wait_for_sites
+from server.run_config import parse_run_config
 
 TIES = "efron"
 PAIR_FIELDS = ("concordant", "discordant", "tied_risk", "comparable")
@@ -29,12 +30,10 @@ PAIR_FIELDS = ("concordant", "discordant", "tied_risk", "comparable")
 
 def run_clinical_survival(grid: Grid, context: Context) -> Path:
     """Fit, evaluate and report; returns the run directory's metrics.json."""
-    run = dict(context.run_config)
-    cfg, run_dir, _ = run_config_to_cfg(run)
-    fed = cfg.federation
-    bin_width = float(run.get("km-bin-width", 1.0))
+    run = parse_run_config(context.run_config)
+    fed, bin_width = run.cfg.federation, run.km_bin_width
     nodes = wait_for_sites(grid, fed.min_sites, fed.wait_timeout_s, fed.poll_interval_s)
-    sim_names = [n for n in str(run.get("sim-site-names", "")).split(",") if n]
+    sim_names = run.sim.names if run.sim else ()
 
     def ask(phase: str, **arrays: np.ndarray) -> dict[str, Message]:
         """Every site's reply to one phase, by site name; any error or silence stops the run."""
@@ -73,8 +72,10 @@ def run_clinical_survival(grid: Grid, context: Context) -> Path:
         name: _evaluation(reply)
         for name, reply in sorted(ask("evaluate", params=model.params_, center=model.mean_).items())
     }
-    write_survival_report(model, evaluations, run_dir, covariates=COVARIATES, bin_width=bin_width)
-    return run_dir / "metrics.json"
+    write_survival_report(
+        model, evaluations, run.run_dir, covariates=COVARIATES, bin_width=bin_width
+    )
+    return run.run_dir / "metrics.json"
 
 
 def _evaluation(reply: Message) -> SiteEvaluation:

@@ -16,7 +16,6 @@ from opacus.accountants import RDPAccountant
 import hmgdm_core.privacy.local as local
 from client.app import app
 from client.commands_fed import supernode_command
-from client.privacy import PATIENTS_KEY, PRIVACY_CONFIG_KEY
 from client.records import FROZEN, QUERY_STATS, SHARED, pack_config, pack_state, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.federation_config import shared_names
@@ -54,9 +53,9 @@ def _train_round(cache: Path, tmp_path: Path, patients: Path | None) -> Message:
         "mode": "local_dp", "noise_multiplier": SIGMA, "patients_per_step": PER_STEP,
     }}))  # fmt: skip
     node = {"graphs-dir": str(cache), "state-dir": str(tmp_path / "site"),
-            PRIVACY_CONFIG_KEY: str(privacy)}  # fmt: skip
+            "privacy-config": str(privacy)}  # fmt: skip
     if patients is not None:
-        node[PATIENTS_KEY] = str(patients)
+        node["patients"] = str(patients)
     ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
     fed = {"local_steps": STEPS, "eval_fraction": 0.0, "stage1_rounds": 0}
     cfg = load_config(overrides={**TINY_MODEL, **{f"federation.{k}": v for k, v in fed.items()}})

@@ -12,7 +12,7 @@ import tomllib
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.commands_fed import supernode_command
-from client.privacy import PRIVACY_CONFIG_KEY, privacy_mod, site_privacy
+from client.privacy import privacy_mod, site_privacy
 from client.records import CONFIG_KEY, QUERY_STATS
 from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, PrivacyConfig
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 def _site_file(tmp_path, **privacy):
     path = tmp_path / "site_privacy.toml"
     path.write_text(tomli_w.dumps({"privacy": privacy}))
-    return {PRIVACY_CONFIG_KEY: str(path)}
+    return path
 
 
 def test_local_dp_settings_come_from_the_site_not_the_server(tmp_path, caplog):
@@ -43,12 +43,12 @@ def test_local_dp_settings_come_from_the_site_not_the_server(tmp_path, caplog):
 
 def test_a_site_refuses_a_local_dp_run_it_has_no_settings_for(tmp_path):
     with pytest.raises(PrivacyError, match="--privacy-config"):
-        site_privacy({}, SERVER_LOCAL_DP, simulated=False)
+        site_privacy(None, SERVER_LOCAL_DP, simulated=False)
     with pytest.raises(PrivacyError, match="mode 'none'"):
         site_privacy(_site_file(tmp_path, mode="none"), SERVER_LOCAL_DP, simulated=False)
-    assert site_privacy({}, PrivacyConfig(mode="central"), simulated=False) == PrivacyConfig()
+    assert site_privacy(None, PrivacyConfig(mode="central"), simulated=False) == PrivacyConfig()
     # Simulated sites are the operator's own: the run config is theirs.
-    assert site_privacy({}, SERVER_LOCAL_DP, simulated=True) == SERVER_LOCAL_DP
+    assert site_privacy(None, SERVER_LOCAL_DP, simulated=True) == SERVER_LOCAL_DP
 
 
 def test_privacy_mod_adds_equal_weights_to_train_replies_but_not_to_the_stats_query():
@@ -80,7 +80,7 @@ def test_join_passes_the_site_privacy_file_and_refuses_a_bad_one(tmp_path):
 
     command(tmp_path / "site_privacy.toml")
     written = tomllib.loads((tmp_path / "state" / "node_config.toml").read_text())
-    assert written[PRIVACY_CONFIG_KEY] == node[PRIVACY_CONFIG_KEY]
+    assert written["privacy-config"] == str(node)
     (tmp_path / "typo.toml").write_text("[privacy]\nmax_epsilom = 3.0\n")
     with pytest.raises(ConfigError, match="max_epsilom"):
         command(tmp_path / "typo.toml")

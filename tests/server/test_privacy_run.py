@@ -17,12 +17,12 @@ from opacus.accountants import RDPAccountant
 from rich.console import Console
 
 from client.app import app as client_app
-from client.privacy import PRIVACY_CONFIG_KEY
 from client.records import SHARED, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from server.app import main
+from server.run_config import submission
 from server.strategy import load_last_round
 from server.summary import read_run_summary, summary_table
 
@@ -72,7 +72,7 @@ def _site(root: Path, cache: Path, name: str, privacy: dict | None = None) -> Co
     if privacy is not None:
         path = root / f"{name}_privacy.toml"
         path.write_text(tomli_w.dumps({"privacy": privacy}))
-        node[PRIVACY_CONFIG_KEY] = str(path)
+        node["privacy-config"] = str(path)
     return Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
 
 
@@ -81,11 +81,7 @@ def _run(grid: InProcessGrid, run_dir: Path, resume: bool = False, **overrides) 
     overrides = {"federation.local_steps": 1, "federation.poll_interval_s": 0.01, **overrides}
     cfg = load_config(DEBUG, {f"federation.{k}" if "." not in k else k: v
                               for k, v in overrides.items()})  # fmt: skip
-    run_config = {
-        "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
-        "run-dir": str(run_dir),
-        "resume": resume,
-    }
+    run_config = submission(cfg, run_dir=run_dir, resume=resume)
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                        run_config=run_config))  # fmt: skip
     return torch.load(run_dir / "final.pt", weights_only=False)["extra"]["federation"]
