@@ -44,7 +44,7 @@ from hmgdm_core.downstream.classify import ProbeCV  # noqa: E402
 from hmgdm_core.graph.region import region_graph  # noqa: E402
 from hmgdm_core.pretrain import embed_graphs  # noqa: E402
 from hmgdm_core.privacy.accountant import Mechanism, epsilon  # noqa: E402
-from hmgdm_core.privacy.config import PrivacyConfig  # noqa: E402
+from hmgdm_core.privacy.config import LocalDP  # noqa: E402
 from hmgdm_core.privacy.dpsgd import PatientDPStep, group_by_patient, private_generator  # noqa: E402
 from hmgdm_core.privacy.local import patient_batch  # noqa: E402
 from hmgdm_core.studies.synthetic import (  # noqa: E402
@@ -88,7 +88,7 @@ def utility_table(args: argparse.Namespace) -> list[dict]:
     patients = group_by_patient(graphs)
     rate = args.patients_per_step / len(patients)
     steps = args.ae_steps + args.dp_steps
-    privacy = PrivacyConfig(mode="local_dp", graphs_per_patient=1)
+    privacy = LocalDP(graphs_per_patient=1)
     print(
         f"\nprivacy/utility: {len(graphs)} synthetic patients ({len(set(y))} classes, "
         f"{statistics.mean(g.num_nodes for g in graphs):.0f} nodes each), sample rate "
@@ -155,7 +155,7 @@ def main() -> None:
     model.stats.set(stats_from_moments(feature_moments(graphs)))
     model.to(device)
     optimizer = make_optimizer(model, cfg.train, "diffusion")
-    privacy = PrivacyConfig(mode="local_dp", sample_rate=1.0, graphs_per_patient=1)
+    privacy = LocalDP(sample_rate=1.0, graphs_per_patient=1)
     patients = group_by_patient(graphs)  # one graph per patient
     gen = torch.Generator().manual_seed(0)
     batch = patient_batch(cfg.train, privacy, device=device, generator=gen)

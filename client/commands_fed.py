@@ -80,8 +80,7 @@ def supernode_command(
     """
     import tomli_w
 
-    from client.privacy import load_site_privacy
-    from client.site import Site
+    from client.site import Site, load_site_privacy
     from hmgdm_core.privacy.patients import read_patients
 
     graphs, state_dir = Path(graphs).resolve(), Path(state_dir).resolve()

@@ -16,13 +16,13 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from torch_geometric.data import Data
 
-from client.privacy import patient_table, site_privacy
+from client.privacy import patient_table, site_local_dp
 from client.records import SHARED, pack_metrics, pack_state, record_names, unpack_config
 from client.site import Site, site_model
 from hmgdm_core.atomic import save_torch
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.exceptions import GraphDataError
-from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.errors import PrivacyError
 
 
@@ -55,7 +55,7 @@ def _train_round(
     model: torch.nn.Module,
     graphs: list[Data],
     cfg: HmgdmConfig,
-    privacy: PrivacyConfig,
+    local_dp: LocalDP | None,
     config: ConfigRecord,
     shared: list[str],
 ) -> dict[str, float]:
@@ -83,13 +83,13 @@ def _train_round(
         objective=objective,
     )
     optimizer = make_optimizer(model, cfg.train, stage)
-    if privacy.mode != "local_dp":
+    if local_dp is None:
         return train_steps(model, optimizer, graphs, cfg.train, **common)
     # Imported only here: opacus and scipy add seconds to every message's fresh process.
     from hmgdm_core.privacy.local import private_round
 
     metrics, _ = private_round(
-        model, optimizer, graphs, cfg.train, privacy, ledger_path=site.ledger, server_round=rnd,
+        model, optimizer, graphs, cfg.train, local_dp, ledger_path=site.ledger, server_round=rnd,
         patients=patient_table(site.patients, graphs), **common,
     )  # fmt: skip
     # How many patients the Poisson draw picked is what dividing by the expected batch size
@@ -105,13 +105,11 @@ def train(msg: Message, context: Context) -> Message:
     fed = cfg.federation
     site = Site.from_context(context)
     try:
-        privacy = site_privacy(
-            site.privacy_config, cfg.privacy, simulated=site.partition is not None
-        )
+        local_dp = site_local_dp(site, cfg.privacy)
         graphs, _ = site.split(fed.eval_fraction, fed.seed)
         model = site_model(site, cfg, msg, graphs)
         shared = record_names(msg.content[SHARED])
-        metrics = _train_round(site, model, graphs, cfg, privacy, config, shared)
+        metrics = _train_round(site, model, graphs, cfg, local_dp, config, shared)
     except PrivacyError as err:
         # An error reply, not an exception: the server logs the reason and goes on without us.
         log(WARNING, "round %d: not training: %s", rnd, err)

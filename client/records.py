@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from hmgdm_core.config import HmgdmConfig, parse_section
 from hmgdm_core.exceptions import ConfigError
+from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.section import Section
 
 NUM_EXAMPLES = "num-examples"  # the weight FedAvg-style strategies read from each reply
@@ -58,6 +59,7 @@ class SimulatedSites(Section):
     faults: dict[int, Fault] = Field(
         {}, description='partition -> corrupted train replies, or a spec "2:nan,3:shape,4:huge"'
     )
+    local_dp: LocalDP | None = Field(None, description="every virtual site's own [local_dp]")
 
     @field_validator("faults", mode="before")
     @classmethod
@@ -190,7 +192,14 @@ def pack_config(cfg: HmgdmConfig, **extra: int | float | str | bool) -> ConfigRe
 
 
 def unpack_config(record: ConfigRecord) -> HmgdmConfig:
-    return HmgdmConfig.model_validate_json(str(record[CONFIG_KEY]))
+    """The run's config a message carries, parsed once per process (the mods and the handler
+    of one message all read it)."""
+    return _config(str(record[CONFIG_KEY]))
+
+
+@functools.lru_cache(maxsize=4)
+def _config(text: str) -> HmgdmConfig:
+    return HmgdmConfig.model_validate_json(text)
 
 
 def pack_task(kind: str, classes: Iterable[str]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from torch_geometric.data import Data
 from client.records import FROZEN, SHARED, SimulatedSites, load_into
 from hmgdm_core.config import HmgdmConfig, parse_section
 from hmgdm_core.exceptions import GraphDataError
+from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.section import Section
 
 
@@ -41,6 +42,9 @@ class Site(Section):
     labels_patient_column: str = "patient_id"
     clinical: Path | None = None  # clinical table (TCGA survival CSV) for federated Cox
     partition: tuple[int, int] | None = Field(None, exclude=True)  # simulation: (id, count)
+    # The site's own local DP: the [local_dp] of its privacy_config file (of the simulation for
+    # a virtual site); never read from a node config or anything a server sends.
+    local_dp: LocalDP | None = Field(None, exclude=True)
 
     @classmethod
     def from_context(cls, context: Context) -> Site:
@@ -105,9 +109,20 @@ class Site(Section):
         return self.state / LEDGER_NAME
 
 
+def load_site_privacy(path: Path) -> LocalDP | None:
+    """The [local_dp] section of a site's own TOML, None when it has none (no local DP); a typo
+    anywhere in the file is refused with the key's name."""
+    from hmgdm_core.config import load_config, load_local_dp
+
+    load_config(path)
+    return load_local_dp(path)
+
+
 @functools.lru_cache(maxsize=8)
 def _deployed(node: tuple[tuple[str, str], ...]) -> Site:
-    return parse_section(Site, dict(node), "node config")
+    site = parse_section(Site, {k: v for k, v in node if k != "local-dp"}, "node config")
+    path = site.privacy_config
+    return site.model_copy(update={"local_dp": load_site_privacy(path) if path else None})
 
 
 def _simulated(sim: SimulatedSites, pid: int, n: int) -> Site:
@@ -119,6 +134,7 @@ def _simulated(sim: SimulatedSites, pid: int, n: int) -> Site:
         labels_patient_column=sim.labels_patient_column,
         clinical=sim.clinical_dir / f"site-{pid}.csv" if sim.clinical_dir else None,
         partition=(pid, n),
+        local_dp=sim.local_dp,
     )
 
 

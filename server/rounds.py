@@ -120,7 +120,7 @@ def _train(
     """The round's train broadcast and its aggregation; the array bytes sent and received."""
     content, nodes = _one_content(strategy.configure_train(rnd, sent, config, grid), frozen)
     traffic = {"bytes_down": _array_bytes([content]) * len(nodes)}
-    if cfg.privacy.secure_aggregation:
+    if cfg.privacy.secagg.enabled:
         # SecAgg+ replies travel inside its workflow, uncounted here: bytes_up stays 0 then.
         return secagg_train(grid, content, nodes, rnd, cfg, sent), traffic | {"bytes_up": 0}
     replies = broadcast(grid, MessageType.TRAIN, content, cfg.federation, nodes)

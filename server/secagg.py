@@ -32,17 +32,17 @@ from server.strategy import RoundOutcome
 
 def max_weight(privacy: PrivacyConfig) -> float:
     """The protocol's weight bound: central modes weight every site 1, so nothing is lost to it."""
-    return 1.0 if privacy.mode in CENTRAL_MODES else privacy.secagg_max_weight
+    return 1.0 if privacy.mode in CENTRAL_MODES else privacy.secagg.max_weight
 
 
 def workflow(privacy: PrivacyConfig, timeout: float) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ workflow with the [privacy] protocol settings (modulus 2**32)."""
     return SecAggPlusWorkflow(
-        num_shares=float(privacy.secagg_share_fraction),
-        reconstruction_threshold=float(privacy.secagg_threshold),
+        num_shares=float(privacy.secagg.share_fraction),
+        reconstruction_threshold=float(privacy.secagg.threshold),
         max_weight=max_weight(privacy),
-        clipping_range=privacy.secagg_clipping_range,
-        quantization_range=privacy.secagg_quantization_range,
+        clipping_range=privacy.secagg.clipping_range,
+        quantization_range=privacy.secagg.quantization_range,
         timeout=timeout,
     )
 
@@ -116,7 +116,7 @@ def secagg_train(
     if privacy.mode == "client_central":
         # Every site trains every round: the noise is scaled for min_sites updates.
         strategy = DifferentialPrivacyClientSideFixedClipping(
-            prepared, privacy.central_noise_multiplier, privacy.central_clip_norm, fed.min_sites
+            prepared, privacy.central.noise_multiplier, privacy.central.clip_norm, fed.min_sites
         )
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),

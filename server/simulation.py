@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from client.records import SimulatedSites
-from hmgdm_core.config import HmgdmConfig, load_config
+from hmgdm_core.config import HmgdmConfig, load_config, load_local_dp
 from hmgdm_core.exceptions import HmgdmError
 from server.flwr_cli import submit_run
 from server.run_config import submission
@@ -86,7 +86,11 @@ def simulate(
     """
     out_dir = Path(out_dir).resolve()
     cfg = sim_config(config, sites, overrides)
-    sim = SimulatedSites(graphs_dir=Path(graphs_dir).resolve(), faults=faults)
+    # Every virtual site gets the [local_dp] of the simulation's config as its own.
+    sim = SimulatedSites(
+        graphs_dir=Path(graphs_dir).resolve(), faults=faults,
+        local_dp=load_local_dp(config, overrides),
+    )  # fmt: skip
     run_dir = run_simulation(out_dir, sites=sites, cfg=cfg, sim=sim, echo=echo, backend=backend)
     final = run_dir / "final.pt"
     if not final.is_file():

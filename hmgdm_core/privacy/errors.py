@@ -16,7 +16,7 @@ class PrivacyBudgetExhausted(PrivacyError):
         super().__init__(
             f"privacy budget exhausted: epsilon spent {spent:.4f}, the next round would reach "
             f"{projected:.4f} > max_epsilon {max_epsilon:g} (delta {delta:g}); this site stops "
-            "training; raise [privacy] max_epsilon only if your data-protection officer agrees"
+            "training; raise max_epsilon only if your data-protection officer agrees"
         )
         self.spent, self.projected = spent, projected
         self.max_epsilon, self.delta = max_epsilon, delta

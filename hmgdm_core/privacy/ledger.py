@@ -14,7 +14,7 @@ from typing import Any
 
 from hmgdm_core.atomic import write_json
 from hmgdm_core.privacy.accountant import Mechanism, epsilon
-from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
 
 LEDGER_NAME = "privacy_ledger.json"
@@ -51,7 +51,7 @@ class PrivacyLedger:
     unit: str = "patient"
 
     @classmethod
-    def open(cls, path: Path | str, cfg: PrivacyConfig, *, num_patients: int) -> PrivacyLedger:
+    def open(cls, path: Path | str, cfg: LocalDP, *, num_patients: int) -> PrivacyLedger:
         """The ledger at `path` with the current settings of `cfg` (a new one when missing)."""
         fresh = cls(
             accountant=cfg.accountant,
@@ -69,7 +69,7 @@ class PrivacyLedger:
             if getattr(stored, key) != getattr(fresh, key):
                 raise PrivacyError(
                     f"{path}: {key} is {getattr(stored, key)!r} in the ledger but "
-                    f"{getattr(fresh, key)!r} in [privacy]; keep it, or move the ledger aside "
+                    f"{getattr(fresh, key)!r} in [local_dp]; keep it, or move the ledger aside "
                     "only if this site's data has never been used under it"
                 )
         return dataclasses.replace(fresh, history=stored.history)

@@ -1,7 +1,7 @@
 """Local DP-SGD for H-MGDM graphs: one training round under the site's privacy ledger.
 
 `private_round` runs the one training loop (`train.train_steps`) with the patient-level DP-SGD
-step, under the site's ledger, when [privacy] mode is local_dp.
+step, under the site's ledger and its own [local_dp] settings.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch_geometric.data import Batch, Data
 from hmgdm_core.data import make_batch
 from hmgdm_core.model.config import TrainConfig
 from hmgdm_core.privacy.accountant import Mechanism
-from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.dpsgd import (
     PatientDPStep,
     check_model,
@@ -29,7 +29,7 @@ from hmgdm_core.train import Objective, train_steps
 
 
 def steps_for(
-    privacy: PrivacyConfig, num_patients: int, *, steps: int | None, epochs: float | None
+    privacy: LocalDP, num_patients: int, *, steps: int | None, epochs: float | None
 ) -> int:
     """`steps`, or the steps of `epochs` passes (a pass = 1 / sample_rate steps in expectation)."""
     if (steps is None) == (epochs is None):
@@ -42,7 +42,7 @@ def steps_for(
 
 def patient_batch(
     train_cfg: TrainConfig,
-    privacy: PrivacyConfig,
+    privacy: LocalDP,
     *,
     device: torch.device,
     generator: torch.Generator,
@@ -67,7 +67,7 @@ def private_round(
     optimizer: torch.optim.Optimizer,
     graphs: Sequence[Data],
     train_cfg: TrainConfig,
-    privacy: PrivacyConfig,
+    privacy: LocalDP,
     *,
     ledger_path: Path,
     server_round: int,
@@ -85,8 +85,6 @@ def private_round(
     `max_epsilon`. `patients` maps slide_id -> patient_id (unmapped slides are their own patient).
     The noise, clipping and sampling rate are the ledger's mechanism, nothing else.
     """
-    if privacy.mode != "local_dp":
-        raise PrivacyError(f"private_round needs [privacy] mode = 'local_dp', not {privacy.mode!r}")
     groups = group_by_patient(graphs, patients)
     if not groups:
         raise PrivacyError("DP-SGD needs at least one patient at this site; found none")

@@ -49,8 +49,8 @@ def _train_round(cache: Path, tmp_path: Path, patients: Path | None) -> Message:
     """One round-1 train message to a local-DP site, exactly as the ServerApp builds it."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     privacy = tmp_path / "site_privacy.toml"
-    privacy.write_text(tomli_w.dumps({"privacy": {
-        "mode": "local_dp", "noise_multiplier": SIGMA, "patients_per_step": PER_STEP,
+    privacy.write_text(tomli_w.dumps({"local_dp": {
+        "noise_multiplier": SIGMA, "patients_per_step": PER_STEP,
     }}))  # fmt: skip
     node = {"graphs-dir": str(cache), "state-dir": str(tmp_path / "site"),
             "privacy-config": str(privacy)}  # fmt: skip

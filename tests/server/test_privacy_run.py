@@ -71,7 +71,7 @@ def _site(root: Path, cache: Path, name: str, privacy: dict | None = None) -> Co
     node = {"graphs-dir": str(cache), "state-dir": str(root / name)}
     if privacy is not None:
         path = root / f"{name}_privacy.toml"
-        path.write_text(tomli_w.dumps({"privacy": privacy}))
+        path.write_text(tomli_w.dumps({"local_dp": privacy}))
         node["privacy-config"] = str(path)
     return Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
 
@@ -122,8 +122,7 @@ def test_bad_updates_are_dropped_and_a_spent_site_stops_while_the_run_completes(
     # that affords exactly one round. The server never asked for local DP.
     rate, sigma = 0.5, 1.0
     budget = (_rdp(sigma, rate, 1) + _rdp(sigma, rate, 2)) / 2
-    privacy_a = {"mode": "local_dp", "sample_rate": rate, "noise_multiplier": sigma,
-                 "max_epsilon": budget}  # fmt: skip
+    privacy_a = {"sample_rate": rate, "noise_multiplier": sigma, "max_epsilon": budget}
     sites = {
         "A": _site(tmp_path, site_caches["A"], "A", privacy_a),
         "B": _site(tmp_path, site_caches["B"], "B"),
@@ -132,7 +131,7 @@ def test_bad_updates_are_dropped_and_a_spent_site_stops_while_the_run_completes(
     grid = InProcessGrid(sites, tamper={"C": _corrupt("nan", "shape", "big")})
     history = _run(
         grid, tmp_path / "run", min_sites=3, min_replies=1, stage2_rounds=2, evaluate_every=0,
-        **{"privacy.max_update_norm": 1e3},
+        **{"privacy.validation.max_update_norm": 1e3},
     )  # fmt: skip
 
     assert [h["round"] for h in history] == [1, 2, 3] and all(h["aggregated"] for h in history)
@@ -180,8 +179,8 @@ def test_central_dp_is_accounted_per_round_and_across_a_resume(site_caches, tmp_
     sigma = 0.5
     # The budget affords 3 rounds: the first run trains 2, the resumed run asks for 2 more.
     budget = (_rdp(sigma, 1.0, 3) + _rdp(sigma, 1.0, 4)) / 2
-    central = {"privacy.mode": "central", "privacy.central_noise_multiplier": sigma,
-               "privacy.central_clip_norm": 0.1, "privacy.max_epsilon": budget}  # fmt: skip
+    central = {"privacy.mode": "central", "privacy.central.noise_multiplier": sigma,
+               "privacy.central.clip_norm": 0.1, "privacy.max_epsilon": budget}  # fmt: skip
     sites = {n: _site(tmp_path, site_caches[n], n) for n in ("A", "B")}
     run_dir = tmp_path / "run"
     first = _run(InProcessGrid(sites), run_dir, min_sites=2, min_replies=2, stage2_rounds=1,

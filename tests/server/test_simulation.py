@@ -23,7 +23,7 @@ def test_simulated_hospitals_train_and_report_and_broken_updates_are_dropped(
     final = simulate(
         site_caches["B"], tmp_path, sites=5, config=DEBUG_TOML, faults="2:nan,3:shape,4:huge",
         overrides={"federation.local_steps": 1, "federation.stage2_rounds": 1,
-                   "federation.min_replies": 2, "privacy.max_update_norm": 100.0},
+                   "federation.min_replies": 2, "privacy.validation.max_update_norm": 100.0},
     )  # fmt: skip
     table = capsys.readouterr().out
     assert "federated pretraining: finished" in table and str(final.name) in table
