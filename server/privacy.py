@@ -21,9 +21,9 @@ from flwr.serverapp.strategy import (
 
 from client.records import describe, record_layout
 from hmgdm_core.federation_config import FederationConfig
-from hmgdm_core.privacy.accountant import epsilon
+from hmgdm_core.privacy.accountant import Mechanism, PrivacyAccountant
 from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
-from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
+from hmgdm_core.privacy.errors import PrivacyError
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,10 @@ def wrap_strategy(
     )
 
 
-@dataclasses.dataclass
-class CentralAccountant:
-    """Site-level (epsilon, delta) of central DP over rounds, by opacus' accountant.
+@dataclasses.dataclass(kw_only=True)
+class CentralAccountant(PrivacyAccountant):
+    """Site-level (epsilon, delta) of central DP over rounds: the one `PrivacyAccountant` of
+    site and central DP, whose mechanism is one aggregated round (`mechanism(num_replies)`).
 
     One aggregated round is one subsampled Gaussian step with sample rate
     sites_per_round / total_sites. opacus assumes Poisson sampling while Flower samples a fixed
@@ -142,10 +143,7 @@ class CentralAccountant:
     noise_multiplier: float
     sites_per_round: int
     total_sites: int
-    delta: float
-    accountant: str = "rdp"
-    max_epsilon: float | None = None
-    history: list[tuple[float, float, int]] = dataclasses.field(default_factory=list)
+    clip_norm: float = 1.0
 
     @classmethod
     def from_config(
@@ -153,6 +151,7 @@ class CentralAccountant:
     ) -> CentralAccountant:
         return cls(
             noise_multiplier=privacy.central.noise_multiplier,
+            clip_norm=privacy.central.clip_norm,
             sites_per_round=sites_per_round,
             total_sites=total_sites,
             delta=privacy.delta,
@@ -167,35 +166,11 @@ class CentralAccountant:
                 f"the number of sites ({self.total_sites})"
             )
 
-    def _step(self, num_replies: int) -> tuple[float, float, int]:
-        sigma = (
-            self.noise_multiplier * min(num_replies, self.sites_per_round) / self.sites_per_round
-        )
-        return (sigma, self.sites_per_round / self.total_sites, 1)
-
-    @property
-    def epsilon(self) -> float:
-        return epsilon(self.history, delta=self.delta, accountant=self.accountant)
-
-    def check_budget(self, num_replies: int) -> None:
-        """Raise PrivacyBudgetExhausted if releasing a round of `num_replies` would exceed it."""
-        if self.max_epsilon is None:
-            return
-        projected = epsilon(
-            [*self.history, self._step(num_replies)], delta=self.delta, accountant=self.accountant
-        )
-        if projected > self.max_epsilon:
-            raise PrivacyBudgetExhausted(
-                spent=self.epsilon,
-                projected=projected,
-                max_epsilon=self.max_epsilon,
-                delta=self.delta,
-            )
-
-    def record_round(self, num_replies: int) -> float:
-        """Account one released aggregate of `num_replies` clipped updates; epsilon so far."""
-        self.history.append(self._step(num_replies))
-        return self.epsilon
+    def mechanism(self, num_replies: int) -> Mechanism:
+        """One released aggregate of `num_replies` clipped updates."""
+        share = min(num_replies, self.sites_per_round) / self.sites_per_round
+        rate = self.sites_per_round / self.total_sites
+        return Mechanism(self.noise_multiplier * share, self.clip_norm, rate)
 
 
 def validate_reply(

@@ -76,7 +76,7 @@ def run_round(
     frozen = pack_state(state, frozen_names(fed, stage, names))
     _wait_for_round(grid, fed)
     if accountant is not None:
-        accountant.check_budget(len(list(grid.get_node_ids())))
+        accountant.check_budget(accountant.mechanism(len(list(grid.get_node_ids()))))
     sites = site_names(grid)
     events.emit("round_start", round=rnd, stage=stage, sites=sorted(sites.values()))
     t0 = time.monotonic()
@@ -86,7 +86,7 @@ def run_round(
     if outcome.aggregated:
         state.update(unpack_state(outcome.arrays))
         if accountant is not None:
-            eps = accountant.record_round(len(outcome.replied))
+            eps = accountant.record(accountant.mechanism(len(outcome.replied)))
             record["central_dp"] = {"epsilon": eps, "delta": accountant.delta}
         if fed.evaluates(rnd):
             config = pack_config(cfg, stage=stage, run=run_key)

@@ -97,25 +97,25 @@ def test_central_accountant_matches_opacus_and_discounts_missing_replies():
         total_sites=8,
     )
     for replies in (4, 4, 3):
-        acc.record_round(replies)
+        acc.record(acc.mechanism(replies))
     reference = RDPAccountant()
     reference.history = [(2.0, 0.5, 2), (1.5, 0.5, 1)]  # 3 of 4 replies: sigma * 3/4
-    assert acc.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), abs=1e-6)
+    assert acc.epsilon() == pytest.approx(reference.get_epsilon(delta=1e-5), abs=1e-6)
 
 
 def test_central_budget_stops_the_round_that_would_exceed_it():
     steps = [CentralAccountant(noise_multiplier=3.0, sites_per_round=3, total_sites=3, delta=1e-5)]
     for _ in range(3):
-        steps[0].record_round(3)
-    limit = steps[0].epsilon + 1e-9
+        steps[0].record(steps[0].mechanism(3))
+    limit = steps[0].epsilon() + 1e-9
     acc = CentralAccountant(
         noise_multiplier=3.0, sites_per_round=3, total_sites=3, delta=1e-5, max_epsilon=limit
     )
     done = 0
     with pytest.raises(PrivacyBudgetExhausted):
         while True:
-            acc.check_budget(3)
-            acc.record_round(3)
+            acc.check_budget(acc.mechanism(3))
+            acc.record(acc.mechanism(3))
             done += 1
     assert done == 3
     with pytest.raises(PrivacyError, match="between 1"):

@@ -48,7 +48,7 @@ def test_budget_stops_at_the_first_round_that_would_exceed_it(tmp_path):
         after[3]
     )
     assert PrivacyLedger.load(path).rounds == 3
-    assert not PrivacyLedger.open(path, CFG, num_patients=50).would_exceed(steps)  # no max set
+    PrivacyLedger.open(path, CFG, num_patients=50).check_budget(steps)  # no max set: never refused
 
 
 def test_changing_delta_or_accountant_of_an_existing_ledger_is_refused(tmp_path):
