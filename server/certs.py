@@ -49,33 +49,58 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 def make_certificates(out_dir: Path, host: str = "localhost", days: int = 365) -> TlsFiles:
     """A private CA and a server certificate for `host` (plus 127.0.0.1 and localhost)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     files = TlsFiles.in_dir(out_dir)
     existing = [p.name for p in vars(files).values() if p.exists()]
     if existing:
         raise HmgdmError(f"{out_dir}: {', '.join(existing)} already exist; choose another --out")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-
-    now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = _ca_certificate(ca_key, days)
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = server_certificate(ca_key, ca_cert, server_key.public_key(), host, days)
+    pem = serialization.Encoding.PEM
+    _write_new(files.ca_key, _key_pem(ca_key), 0o600)
+    _write_new(files.ca_cert, ca_cert.public_bytes(pem), 0o644)
+    _write_new(files.server_key, _key_pem(server_key), 0o600)
+    _write_new(files.server_cert, server_cert.public_bytes(pem), 0o644)
+    return files
+
+
+def _validity(builder, days: int):
+    now = dt.datetime.now(dt.timezone.utc)
+    return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(
+        now + dt.timedelta(days=days)
+    )
+
+
+def _ca_certificate(ca_key, days: int):
+    """The consortium's self-signed CA certificate: it signs only certificates and CRLs."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hmgdm federation CA")])
-    ca_cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA384())
     )
+    return _validity(builder, days).sign(ca_key, hashes.SHA384())
+
+
+def server_certificate(ca_key, ca_cert, public_key, host: str, days: int):
+    """A TLS server certificate for `host`, 127.0.0.1 and localhost, signed by the CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     names: list[x509.GeneralName] = []
     for name in dict.fromkeys([host, "localhost", "127.0.0.1"]):
@@ -83,37 +108,28 @@ def make_certificates(out_dir: Path, host: str = "localhost", days: int = 365) -
             names.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             names.append(x509.DNSName(name))
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
         )
-        .sign(ca_key, hashes.SHA384())
     )
+    return _validity(builder, days).sign(ca_key, hashes.SHA384())
 
-    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
 
-    pem = serialization.Encoding.PEM
-    _write_new(files.ca_key, key_pem(ca_key), 0o600)
-    _write_new(files.ca_cert, ca_cert.public_bytes(pem), 0o644)
-    _write_new(files.server_key, key_pem(server_key), 0o600)
-    _write_new(files.server_cert, server_cert.public_bytes(pem), 0o644)
-    return files
+def _key_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _ca_key_usage():
