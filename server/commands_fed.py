@@ -70,7 +70,7 @@ def start(
     """
     from hmgdm_core.config import load_config
     from server.certs import TlsFiles
-    from server.flwr_cli import register_site, submit_run, wait_for_online
+    from server.flwr_cli import submit_run, wait_for_online
     from server.run_config import submission
     from server.summary import print_run_summary
     from server.superlink import start_superlink
@@ -80,11 +80,7 @@ def start(
     try:
         cfg = load_config(config)
         fed = cfg.federation
-        downstream = _downstream_run_config(finetune, task, classes)
-        if survival_clinical:
-            if finetune is not None:
-                raise HmgdmError("--finetune and --survival-clinical are two different runs")
-            downstream = {"mode": "survival-clinical"}
+        downstream = _mode_run_config(finetune, task, classes, survival_clinical)
         tls = None if insecure else TlsFiles.in_dir(tls_dir).check()
         home = state / "flwr_home"
         link = start_superlink(
@@ -104,12 +100,7 @@ def start(
     )
     run = None
     try:
-        for pub in sorted(sites_dir.glob("*.pub")) if sites_dir else []:
-            try:
-                typer.echo(f"registered {pub.stem}: node {register_site(home, pub, pub.stem)}")
-            except HmgdmError as err:
-                if "already in use" not in str(err):
-                    raise
+        _register_keys(home, sites_dir)
         typer.echo(f"waiting up to {fed.wait_timeout_s:.0f} s for {fed.min_sites} sites ...")
         wait_for_online(home, fed.min_sites, fed.wait_timeout_s)
         run_dir = fed.run_dir if fed.run_dir.is_absolute() else (state / fed.run_dir)
@@ -132,8 +123,26 @@ def start(
     raise typer.Exit(code)
 
 
-def _downstream_run_config(checkpoint: Path | None, task: str, classes: str) -> dict:
-    """Run config of a federated fine-tuning run (empty for pretraining)."""
+def _register_keys(home: Path, sites_dir: Path | None) -> None:
+    """Register every site key SITES/*.pub under its file name (known ones are kept)."""
+    from server.flwr_cli import register_site
+
+    for pub in sorted(sites_dir.glob("*.pub")) if sites_dir else []:
+        try:
+            typer.echo(f"registered {pub.stem}: node {register_site(home, pub, pub.stem)}")
+        except HmgdmError as err:
+            if "already in use" not in str(err):
+                raise
+
+
+def _mode_run_config(
+    checkpoint: Path | None, task: str, classes: str, survival_clinical: bool
+) -> dict:
+    """The run config keys of the chosen mode (empty for pretraining)."""
+    if survival_clinical:
+        if checkpoint is not None:
+            raise HmgdmError("--finetune and --survival-clinical are two different runs")
+        return {"mode": "survival-clinical"}
     if checkpoint is None:
         return {}
     if not Path(checkpoint).is_file():

@@ -99,3 +99,31 @@ def test_no_import_circles():
 
     circles = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if reaches(b, a)})
     assert not circles, f"import circles (lazy imports count): {circles}"
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 300, 60
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function's body after its docstring (a typer command's options not counted)."""
+    body = node.body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:] or body
+    return node.end_lineno - body[0].lineno + 1
+
+
+def test_app_layers_keep_modules_and_functions_small():
+    too_long = []
+    for pkg in ("client", "server"):
+        for path in (REPO / pkg).rglob("*.py"):
+            text = path.read_text()
+            name = str(path.relative_to(REPO))
+            if len(text.splitlines()) > MAX_MODULE_LINES:
+                too_long.append(f"{name}: {len(text.splitlines())} lines")
+            too_long += [
+                f"{name}:{node.lineno} {node.name}: {_body_lines(node)} lines"
+                for node in ast.walk(ast.parse(text))
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                and _body_lines(node) > MAX_FUNCTION_LINES
+            ]
+    assert not too_long, f"split these (modules <= 300 lines, functions <= 60): {too_long}"
