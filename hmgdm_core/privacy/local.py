@@ -28,16 +28,11 @@ from hmgdm_core.privacy.ledger import PrivacyLedger
 from hmgdm_core.train import Objective, train_steps
 
 
-def steps_for(
-    privacy: LocalDP, num_patients: int, *, steps: int | None, epochs: float | None
-) -> int:
+def steps_for(mechanism: Mechanism, *, steps: int | None, epochs: float | None) -> int:
     """`steps`, or the steps of `epochs` passes (a pass = 1 / sample_rate steps in expectation)."""
     if (steps is None) == (epochs is None):
         raise ValueError("pass exactly one of steps= or epochs=")
-    if steps is not None:
-        return steps
-    rate = privacy.rate_for(num_patients)
-    return Mechanism(privacy.noise_multiplier, privacy.clip_norm, rate).steps_for(epochs)
+    return mechanism.steps_for(epochs) if steps is None else steps
 
 
 def patient_batch(
@@ -88,8 +83,8 @@ def private_round(
     groups = group_by_patient(graphs, patients)
     if not groups:
         raise PrivacyError("DP-SGD needs at least one patient at this site; found none")
-    n_steps = steps_for(privacy, len(groups), steps=steps, epochs=epochs)
     ledger = PrivacyLedger.open(ledger_path, privacy, num_patients=len(groups))
+    n_steps = steps_for(ledger.dp_sgd, steps=steps, epochs=epochs)
     ledger.check_budget(n_steps)
     check_model(model)
     # A test seed still differs per round so rounds never repeat their noise.

@@ -9,6 +9,7 @@ from opacus.accountants import RDPAccountant
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments
+from hmgdm_core.privacy.accountant import Mechanism
 from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
@@ -85,5 +86,6 @@ def test_exhausted_budget_refuses_before_touching_the_model(tmp_path):
 
 def test_epochs_convert_to_steps():
     privacy = LocalDP(patients_per_step=4)
-    assert steps_for(privacy, 40, steps=None, epochs=2.0) == 20
-    assert steps_for(privacy, 40, steps=7, epochs=None) == 7
+    mechanism = Mechanism(privacy.noise_multiplier, privacy.clip_norm, privacy.rate_for(40))
+    assert steps_for(mechanism, steps=None, epochs=2.0) == 20
+    assert steps_for(mechanism, steps=7, epochs=None) == 7
