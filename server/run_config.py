@@ -3,7 +3,8 @@
 The important knobs are flat Flower keys (`FLAT_KEYS`) a Flower user overrides with
 `flwr run . --run-config 'stage2-rounds=20'`; the rest of the hmgdm config comes from a TOML file
 (`config-file`, relative to the app) or, from `hmgdm-server`, as JSON (`config`). A flat key left
-at its default in pyproject.toml's [tool.flwr.app.config] does not override that config.
+at its default (pyproject.toml's [tool.flwr.app.config] holds the config's own defaults) does
+not override that config.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from client.records import SIM_SITES, SimulatedSites
@@ -96,19 +96,23 @@ _RUN = TypeAdapter(RunConfig)
 
 
 @functools.cache
-def app_defaults() -> dict[str, Any]:
-    """[tool.flwr.app.config] of this app's pyproject.toml (it travels in every FAB)."""
-    data = tomllib.loads((APP_ROOT / "pyproject.toml").read_text())
-    return dict(data["tool"]["flwr"]["app"]["config"])
+def flat_defaults() -> dict[str, Any]:
+    """Each flat key's default: the config's own (pyproject.toml declares the same values)."""
+    defaults = HmgdmConfig()
+    out = {}
+    for key, dotted in FLAT_KEYS.items():
+        section, name = dotted.split(".")
+        out[key] = getattr(getattr(defaults, section), name)
+    return out
 
 
 def hmgdm_config(run_config: Mapping[str, Any]) -> HmgdmConfig:
     """The run's HmgdmConfig: `config` (JSON), or `config-file` (TOML), or the defaults; then
-    every flat key that differs from its pyproject default."""
+    every flat key that differs from its default (the config's own)."""
     text, file = str(run_config.get("config", "")), str(run_config.get("config-file", ""))
     if text and file:
         raise ConfigError("the run config sets both 'config' and 'config-file'; pass one")
-    defaults = app_defaults()
+    defaults = flat_defaults()
     flat = {
         field: run_config[key]
         for key, field in FLAT_KEYS.items()
