@@ -21,7 +21,7 @@ from client.site import Site
 from hmgdm_core.exceptions import LabelError
 
 if TYPE_CHECKING:
-    from hmgdm_core.downstream.fedcox import Site as Rows
+    from hmgdm_core.downstream.fedcox import SiteRows
 
 PHASES = ("moments", "newton", "evaluate")
 
@@ -37,7 +37,7 @@ def clinical_path(site: Site) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def site_rows(path: Path) -> Rows:
+def site_rows(path: Path) -> SiteRows:
     """(covariates (n, d), time (n,), event (n,)) of the site's table, one row per patient."""
     from hmgdm_core.downstream.tcga import COVARIATES, read_tcga_survival
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from hmgdm_core.downstream.fedcox import SiteRows
 from hmgdm_core.exceptions import LabelError
 
 COVARIATES = ("age", "is_female")
@@ -71,10 +71,7 @@ def group_sites(site: pd.Series, event: pd.Series, min_events: int) -> pd.Series
     return grouped
 
 
-Site = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-def site_arrays(table: pd.DataFrame, sites: pd.Series) -> list[Site]:
+def site_arrays(table: pd.DataFrame, sites: pd.Series) -> list[SiteRows]:
     """(x, time, event) per federated site, covariates in `COVARIATES` order."""
     return [
         (
