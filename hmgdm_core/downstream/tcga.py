@@ -5,11 +5,14 @@ and grouping tissue source sites into federated sites with enough events.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from hmgdm_core.downstream.fedcox import SiteRows
 from hmgdm_core.exceptions import LabelError
+
+if TYPE_CHECKING:  # lifelines comes with fedcox; reading a table needs none of it
+    from hmgdm_core.downstream.fedcox import SiteRows
 
 COVARIATES = ("age", "is_female")
 _COLUMNS = ("case_id", "site", "survival_months", "censorship", *COVARIATES)
