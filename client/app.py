@@ -2,7 +2,7 @@
 event per message) and every message kind it answers, each routed to its handler by name.
 
 Handlers unpack the message, call `hmgdm_core` and pack arrays + scalar metrics; only names the
-server sent come back (pretraining.py, downstream.py, survival.py).
+server sent come back (pretraining.py, downstream.py, cox.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from client import downstream, pretraining, survival
+from client import cox, downstream, pretraining
 from client.faults import fault_mod
 from client.privacy import privacy_mod
 from client.records import NUM_EXAMPLES
@@ -66,4 +66,4 @@ app.evaluate()(pretraining.evaluate)
 app.query("entity_moments")(downstream.entity_moments)
 app.train("finetune")(downstream.finetune)
 app.evaluate("downstream")(downstream.evaluate_downstream)
-app.query("cox")(survival.cox)
+app.query("cox")(cox.cox)

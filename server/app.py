@@ -10,9 +10,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from hmgdm_core.exceptions import ConfigError
+from server.cox import run_clinical_survival
 from server.downstream import run_downstream
-from server.pretrain import run_pretraining
-from server.survival import run_clinical_survival
+from server.pretraining import run_pretraining
 
 MODES: dict[str, Callable[[Grid, Context], object]] = {
     "pretrain": run_pretraining,

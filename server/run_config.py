@@ -57,7 +57,7 @@ class _Run(BaseModel):
 
 
 class PretrainRun(_Run):
-    """Federated pretraining: stage-1 then stage-2 rounds (server/pretrain.py)."""
+    """Federated pretraining: stage-1 then stage-2 rounds (server/pretraining.py)."""
 
     mode: Literal["pretrain"] = "pretrain"
     resume: bool = False
@@ -85,7 +85,7 @@ class DownstreamRun(_Run):
 
 
 class SurvivalRun(_Run):
-    """Federated Cox on the sites' clinical tables (server/survival.py)."""
+    """Federated Cox on the sites' clinical tables (server/cox.py)."""
 
     mode: Literal["survival-clinical"]
     km_bin_width: float = Field(1.0, gt=0)

@@ -180,7 +180,7 @@ SiteRows = tuple[ArrayLike, ArrayLike, ArrayLike]  # one site's x (n, d), time (
 
 class FederatedCox:
     """Site-stratified Cox fitted by federated Newton: `fit(sites)` runs the rounds in-process,
-    `fit_stats` from statistics the sites sent (server/survival.py).
+    `fit_stats` from statistics the sites sent (server/cox.py).
 
     Fitted: `mean_`, `std_` (pooled standardisation), `params_` (coefficients on the original
     covariate scale, comparable to lifelines' `params_`), `log_likelihood_` (penalised, at the

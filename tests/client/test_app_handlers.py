@@ -18,7 +18,7 @@ from client.records import FROZEN, QUERY_STATS, SHARED, pack_config, pack_state,
 from hmgdm_core.config import load_config
 from hmgdm_core.federation_config import shared_names
 from hmgdm_core.graph.cache import load_graph_dir
-from server.pretrain import initial_state
+from server.pretraining import initial_state
 from server.rounds import frozen_names
 
 KATHER = DATA / "kather2016_tiles"

@@ -23,7 +23,7 @@ from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
 from hmgdm_core.privacy.errors import PrivacyError
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from hmgdm_core.studies.synthetic import random_region_graph
-from server.pretrain import initial_state
+from server.pretraining import initial_state
 from server.rounds import frozen_names
 
 SLIDES = {"s0": "P1", "s1": "P1", "s2": "P2", "s3": "P2", "s4": "P3", "s5": "P3"}

@@ -18,7 +18,7 @@ from hmgdm_core.config import load_config
 from hmgdm_core.federation_config import shared_names
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
 from hmgdm_core.studies.synthetic import random_region_graph
-from server.pretrain import initial_state
+from server.pretraining import initial_state
 from server.rounds import frozen_names
 
 # Each costs about a second (or more) of imports per message; none is needed to train a round.

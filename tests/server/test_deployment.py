@@ -13,7 +13,7 @@ import tomllib
 import torch
 from conftest import DATA
 
-from client.survival import site_rows
+from client.cox import site_rows
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.downstream.concordance import pooled_cindex
 from hmgdm_core.downstream.fedcox import FederatedCox

@@ -10,7 +10,7 @@ import tomllib
 from hmgdm_core.config import load_config
 from hmgdm_core.exceptions import ConfigError
 from server.messaging import FederationError
-from server.pretrain import resume_config
+from server.pretraining import resume_config
 from server.rounds import frozen_names
 from server.run_config import (
     FLAT_KEYS,
