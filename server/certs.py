@@ -70,7 +70,7 @@ def make_certificates(out_dir: Path, host: str = "localhost", days: int = 365) -
 
 
 def _validity(builder, days: int):
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(
         now + dt.timedelta(days=days)
     )

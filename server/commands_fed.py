@@ -72,7 +72,7 @@ def start(
     from server.certs import TlsFiles
     from server.flwr_cli import submit_run, wait_for_online
     from server.run_config import submission
-    from server.summary import print_run_summary
+    from server.summary import check_run, print_run_summary
     from server.superlink import start_superlink
 
     if tls_dir is None and not insecure:
@@ -109,8 +109,10 @@ def start(
         for line in run.stdout:
             typer.echo(line, nl=False)
         code = run.wait()
-        if not downstream:  # a downstream run reports in its own files, not the round summary
+        mode = downstream.get("mode", "pretrain")
+        if mode == "pretrain":  # other modes report in their own files, not the round summary
             print_run_summary(run_dir)
+        check_run(run_dir, mode, state / "superlink.log")
     except HmgdmError as err:
         raise _fail(err) from None
     except KeyboardInterrupt:

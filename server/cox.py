@@ -11,7 +11,7 @@ from logging import INFO
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -21,16 +21,16 @@ from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.fedcox import CoxStats, FederatedCox, Moments
 from hmgdm_core.downstream.fedsurvival import GROUPS, SiteEvaluation, write_survival_report
 from hmgdm_core.downstream.tcga import COVARIATES
+from hmgdm_core.events import EventLog
 from server.messaging import broadcast, wait_for_sites
-from server.run_config import parse_run_config
+from server.run_config import SurvivalRun
 
 TIES = "efron"
 PAIR_FIELDS = ("concordant", "discordant", "tied_risk", "comparable")
 
 
-def run_clinical_survival(grid: Grid, context: Context) -> Path:
+def run_clinical_survival(grid: Grid, run: SurvivalRun, events: EventLog) -> Path:
     """Fit, evaluate and report; returns the run directory's metrics.json."""
-    run = parse_run_config(context.run_config)
     fed, bin_width = run.cfg.federation, run.km_bin_width
     nodes = wait_for_sites(grid, fed.min_sites, fed.wait_timeout_s, fed.poll_interval_s)
     sim_names = run.sim.names if run.sim else ()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, RecordDict
+from flwr.app import RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -34,6 +34,7 @@ from client.records import (
 from hmgdm_core.atomic import write_json
 from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.finetune import Task, save_slide_net, slide_net_for
+from hmgdm_core.events import EventLog
 from hmgdm_core.train import load_checkpoint
 from server.messaging import (
     FederationError,
@@ -41,7 +42,7 @@ from server.messaging import (
     broadcast,
     wait_for_sites,
 )
-from server.run_config import parse_run_config
+from server.run_config import DownstreamRun
 from server.strategy import aggregate_train, make_strategy
 
 PAIR_KEYS = ("concordant", "discordant", "tied-risk", "comparable")
@@ -84,9 +85,8 @@ def site_figures(task: Task, metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def run_downstream(grid: Grid, context: Context) -> Path:
+def run_downstream(grid: Grid, run: DownstreamRun, events: EventLog) -> Path:
     """Fine-tune for `evaluation.fed_rounds` FedAvg rounds, evaluate, write metrics and model."""
-    run = parse_run_config(context.run_config)
     ckpt = load_checkpoint(run.checkpoint)
     # The backbone's shape is the checkpoint's; how to fine-tune and federate is this run's.
     cfg = ckpt.cfg.model_copy(

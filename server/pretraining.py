@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import time
-from logging import ERROR, WARNING
+from logging import WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from client.records import QUERY_STATS, pack_config, unpack_state
 from hmgdm_core.config import HmgdmConfig
-from hmgdm_core.events import EVENTS_FILE, EventLog
+from hmgdm_core.events import EventLog
 from hmgdm_core.privacy.config import CENTRAL_MODES
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
 from server.messaging import (
@@ -28,7 +28,7 @@ from server.messaging import (
 )
 from server.privacy import CentralAccountant
 from server.rounds import run_round
-from server.run_config import parse_run_config
+from server.run_config import PretrainRun
 from server.strategy import (
     load_last_round,
     make_strategy,
@@ -36,19 +36,15 @@ from server.strategy import (
     save_round,
     strategy_state,
 )
-from server.summary import run_summary, write_run_summary
+from server.summary import (
+    STATUS_FAILED,
+    RunFailed,
+    run_summary,
+    untrained_reason,
+    write_run_summary,
+)
 
-
-def run_pretraining(grid: Grid, context: Context) -> None:
-    """The run mode's entry: its config from the run config, its failure in the run's events."""
-    run = parse_run_config(context.run_config)
-    events = EventLog(run.run_dir / EVENTS_FILE, log=log)
-    try:
-        pretrain(grid, context, run.cfg, run.run_dir, run.resume, events)
-    except Exception as err:
-        # The run's own record says why it ended; Flower's log has the traceback.
-        events.emit("run_failed", level=ERROR, reason=f"{type(err).__name__}: {err}")
-        raise
+FINAL_NAME = "final.pt"  # the trained global model; only a run that trained writes it
 
 
 def query_stats(grid: Grid, cfg: HmgdmConfig, nodes: list[int]) -> tuple[dict, dict]:
@@ -135,20 +131,13 @@ def _starting_point(
     return initial_state(cfg, dims, moments), dims, [], 1
 
 
-def pretrain(
-    grid: Grid,
-    context: Context,
-    cfg: HmgdmConfig,
-    run_dir: Path,
-    resume: bool,
-    events: EventLog,
-) -> Path:
-    """Stage-1 then stage-2 rounds from round 1 or after the last checkpoint; `final.pt`."""
-    started = time.monotonic()
-    ckpt = load_last_round(run_dir) if resume else None
-    if ckpt is not None:
-        cfg = resume_config(cfg, ckpt["config"], run_dir)
-    elif resume:
+def run_pretraining(grid: Grid, run: PretrainRun, events: EventLog) -> Path:
+    """Stage-1 then stage-2 rounds from round 1 or after the last checkpoint; `final.pt` when
+    the model was trained (a RunFailed saying why otherwise)."""
+    started, run_dir = time.monotonic(), run.run_dir
+    ckpt = load_last_round(run_dir) if run.resume else None
+    cfg = run.cfg if ckpt is None else resume_config(run.cfg, ckpt["config"], run_dir)
+    if ckpt is None and run.resume:
         log(WARNING, "--resume: no round checkpoint in %s yet, starting from round 1", run_dir)
     fed = cfg.federation
     # Built first: a privacy setting this server cannot honour is refused before sites wait.
@@ -162,10 +151,10 @@ def pretrain(
     # Sites key their private checkpoint by this, so a resumed run finds its local weights.
     run_key = "run-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
 
-    def summarise(status: str, final: Path | None = None) -> None:
+    def summarise(status: str, final: Path | None = None, reason: str | None = None) -> None:
         write_run_summary(run_dir, run_summary(
             history, status=status, run_dir=run_dir, rounds_planned=fed.total_rounds,
-            wall_seconds=time.monotonic() - started, final=final,
+            wall_seconds=time.monotonic() - started, final=final, reason=reason,
         ))  # fmt: skip
 
     status = "finished"
@@ -179,12 +168,16 @@ def pretrain(
         path = save_round(run_dir, rnd, {
             "arrays": state, "dims": dims, "strategy": strategy_state(strategy),
             "central_dp_history": list(accountant.history) if accountant else [],
-            "config": cfg.model_dump(mode="json"), "run_config": dict(context.run_config),
-            "history": history,
+            "config": cfg.model_dump(mode="json"), "history": history,
         })  # fmt: skip
         summarise("running")
         events.emit("checkpoint", round=rnd, path=str(path))
-    final = save_final(run_dir / "final.pt", cfg, dims, state, history)
+    if (why := untrained_reason(history, fed)) is not None:
+        # No final.pt: a site could take an untrained model for the consortium's encoder.
+        (run_dir / FINAL_NAME).unlink(missing_ok=True)  # one left by an earlier run here
+        summarise(STATUS_FAILED, reason=why)
+        raise RunFailed(why)
+    final = save_final(run_dir / FINAL_NAME, cfg, dims, state, history)
     summarise(status, final)
     events.emit("run_end", status=status, rounds=len(history), checkpoint=str(final),
                 seconds=round(time.monotonic() - started, 1))  # fmt: skip

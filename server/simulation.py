@@ -11,9 +11,9 @@ from typing import Any
 
 from client.records import SimulatedSites
 from hmgdm_core.config import HmgdmConfig, load_config, load_local_dp
-from hmgdm_core.exceptions import HmgdmError
 from server.flwr_cli import submit_run
 from server.run_config import submission
+from server.summary import check_run, print_run_summary
 from server.superlink import free_port, start_superlink
 
 
@@ -92,15 +92,10 @@ def simulate(
         local_dp=load_local_dp(config, overrides),
     )  # fmt: skip
     run_dir = run_simulation(out_dir, sites=sites, cfg=cfg, sim=sim, echo=echo, backend=backend)
-    final = run_dir / "final.pt"
-    if not final.is_file():
-        raise HmgdmError(f"simulated federation did not finish; see {out_dir / 'run.log'}")
-    if not summary:
-        return final
-    from server.summary import print_run_summary
-
-    print_run_summary(run_dir)
-    return final
+    if summary:
+        print_run_summary(run_dir)
+    check_run(run_dir, "pretrain", out_dir / "run.log")
+    return run_dir / "final.pt"
 
 
 def simulate_downstream(
@@ -136,10 +131,8 @@ def simulate_downstream(
         out_dir, sites=sites, cfg=cfg, sim=sim, echo=echo, mode="downstream",
         checkpoint=Path(checkpoint).resolve(), task=task, classes=classes,
     )  # fmt: skip
-    result = run_dir / RESULT_NAME
-    if not result.is_file():
-        raise HmgdmError(f"simulated downstream run did not finish; see {out_dir / 'run.log'}")
-    return result
+    check_run(run_dir, "downstream", out_dir / "run.log")
+    return run_dir / RESULT_NAME
 
 
 def simulate_clinical_survival(
@@ -180,9 +173,8 @@ def simulate_clinical_survival(
         out_dir, sites=sites, cfg=cfg, sim=sim, echo=echo, mode="survival-clinical",
         km_bin_width=bin_width,
     )  # fmt: skip
+    check_run(run_dir, "survival-clinical", out_dir / "run.log")
     path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise HmgdmError(f"federated survival run did not finish; see {out_dir / 'run.log'}")
     metrics = json.loads(path.read_text())
     params = np.array(list(metrics["coefficients"].values()))
     metrics |= lifelines_check(site_arrays(cases, groups), COVARIATES, params)

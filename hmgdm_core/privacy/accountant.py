@@ -55,6 +55,7 @@ class PrivacyAccountant:
     max_epsilon: float | None = None
     accountant: Accountant = "rdp"
     history: list[Step] = field(default_factory=list)
+    setting: str = "[privacy] max_epsilon"  # where the budget is set, for the refusal
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent so far at `delta` (default: the accountant's own)."""
@@ -77,6 +78,7 @@ class PrivacyAccountant:
                 projected=projected,
                 max_epsilon=self.max_epsilon,
                 delta=self.delta,
+                setting=self.setting,
             )
 
     def record(self, mechanism: Mechanism, steps: int = 1) -> float:

@@ -119,7 +119,7 @@ class PrivacyLedger:
         history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.history]
         return PrivacyAccountant(
             delta=self.delta, max_epsilon=self.max_epsilon, accountant=self.accountant,
-            history=history,
+            history=history, setting="[local_dp] max_epsilon",
         )  # fmt: skip
 
     def projected_epsilon(self, next_round_steps: int) -> float:

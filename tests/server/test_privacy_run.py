@@ -4,19 +4,17 @@ accounted across a resume. Messages are real Flower Messages; only the transport
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tomli_w
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from inprocess import InProcessGrid, Tamper
 from opacus.accountants import RDPAccountant
 from rich.console import Console
 
-from client.app import app as client_app
 from client.records import SHARED, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.events import EVENTS_FILE, read_events
@@ -27,44 +25,10 @@ from server.strategy import load_last_round
 from server.summary import read_run_summary, summary_table
 
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
-Tamper = Callable[[Message], Message]
 
 
 # Flower Messages need a task identity outside a real app process.
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-class InProcessGrid:
-    """Flower's Grid contract; a pushed message is answered at once by a ClientApp call."""
-
-    def __init__(self, sites: dict[str, Context], tamper: dict[str, Tamper] | None = None):
-        self.ids = {name: i for i, name in enumerate(sites, start=101)}
-        self.contexts = {self.ids[n]: ctx for n, ctx in sites.items()}
-        self.tamper = {self.ids[n]: f for n, f in (tamper or {}).items()}
-        self.inbox: dict[str, Message] = {}
-        self.train_replies: dict[str, list[Message]] = {name: [] for name in sites}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def get_nodes(self) -> list[SimpleNamespace]:
-        return [SimpleNamespace(node_id=i, name=n) for n, i in self.ids.items()]
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink does
-            node = msg.metadata.dst_node_id
-            reply = self.tamper.get(node, lambda m: m)(client_app(msg, self.contexts[node]))
-            if msg.metadata.message_type == "train":
-                name = next(n for n, i in self.ids.items() if i == node)
-                self.train_replies[name].append(reply)
-            self.inbox[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids) -> list[Message]:
-        return [self.inbox.pop(i) for i in message_ids if i in self.inbox]
 
 
 def _site(root: Path, cache: Path, name: str, privacy: dict | None = None) -> Context:

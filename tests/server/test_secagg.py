@@ -15,6 +15,7 @@ from hmgdm_core.privacy.config import CentralDP, PrivacyConfig, SecAgg, UpdateVa
 from hmgdm_core.privacy.errors import PrivacyError
 from server.simulation import simulate
 from server.strategy import load_last_round, make_strategy
+from server.summary import RunFailed
 
 DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
 
@@ -29,19 +30,24 @@ def _rdp(steps: int, sigma: float = 1.0, rate: float = 0.5) -> float:
 @pytest.mark.slow
 def test_secagg_mean_equals_the_plain_mean_and_spent_sites_stop(site_caches, tmp_path):
     """Round 1: three local-DP sites under SecAgg+; round 2: their budget (one DP-SGD step) is
-    spent, each refuses and says why, and the run still completes."""
+    spent, each refuses and says why; with no diffusion round aggregated the run fails."""
     sites, clip, levels, max_weight = 3, 0.5, 2**22, 50.0
-    simulate(
-        site_caches["B"], tmp_path, sites=sites, config=DEBUG_TOML,
-        overrides={
-            "federation.local_steps": 1, "federation.stage1_rounds": 1,
-            "federation.stage2_rounds": 1, "federation.evaluate_every": 0,
-            "privacy.secagg.enabled": True, "privacy.secagg.clipping_range": clip,
-            "privacy.secagg.quantization_range": levels, "privacy.secagg.max_weight": max_weight,
-            "privacy.mode": "local_dp", "local_dp.sample_rate": 0.5,
-            "local_dp.max_epsilon": (_rdp(1) + _rdp(2)) / 2,
-        },
-    )  # fmt: skip
+    with pytest.raises(
+        RunFailed, match=r"too few aggregated rounds \(diffusion: 0 of 1 run, need 1\)"
+    ):
+        simulate(
+            site_caches["B"], tmp_path, sites=sites, config=DEBUG_TOML,
+            overrides={
+                "federation.local_steps": 1, "federation.stage1_rounds": 1,
+                "federation.stage2_rounds": 1, "federation.evaluate_every": 0,
+                "privacy.secagg.enabled": True, "privacy.secagg.clipping_range": clip,
+                "privacy.secagg.quantization_range": levels,
+                "privacy.secagg.max_weight": max_weight,
+                "privacy.mode": "local_dp", "local_dp.sample_rate": 0.5,
+                "local_dp.max_epsilon": (_rdp(1) + _rdp(2)) / 2,
+            },
+        )  # fmt: skip
+    assert not (tmp_path / "run" / "final.pt").exists()
     assert "SecAgg+ mean of 3 masked updates" in (tmp_path / "run.log").read_text()
     first, second = load_last_round(tmp_path / "run")["history"]
     assert first["aggregated"] and len(first["replied"]) == sites and not first["failed"]
