@@ -224,10 +224,11 @@ def privacy_table(summary: dict[str, Any]):
 
 
 def print_run_summary(run_dir: Path) -> dict[str, Any] | None:
-    """Print the tables of a run's summary (None when the run wrote none)."""
+    """Print the tables of a run's summary (None when the run wrote none). A run that stopped
+    before its first round has only a status: `check_run` reports it."""
     from rich.console import Console
 
     summary = read_run_summary(run_dir)
-    if summary is not None:
+    if summary is not None and "rounds" in summary:
         Console().print(summary_table(summary))
     return summary

@@ -23,7 +23,14 @@ from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.graph.cache import load_graph_dir
 from hmgdm_core.train import build_model, save_checkpoint
 from server.app import FederationError, main
-from server.summary import read_run_summary, untrained_reason
+from server.summary import (
+    RunFailed,
+    check_run,
+    mark_run,
+    print_run_summary,
+    read_run_summary,
+    untrained_reason,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 REFUSED = (
@@ -145,3 +152,16 @@ def test_fine_tuning_and_survival_runs_without_answers_fail_and_say_why(
     # A pretraining run sharing the directory keeps its own summary (none here).
     assert read_run_summary(run_dir) is None
     assert json.loads((run_dir / f"{mode}_summary.json").read_text()) == summary
+
+
+def test_a_run_that_stopped_before_round_one_prints_no_table_and_says_it_did_not_finish(
+    tmp_path,
+):
+    # What main() leaves when the simulation engine or the ServerApp dies before round 1.
+    mark_run(tmp_path, "pretrain", "running")
+    assert print_run_summary(tmp_path)["status"] == "running"
+    with pytest.raises(RunFailed, match=r"the pretrain run did not finish; see .*run\.log"):
+        check_run(tmp_path, "pretrain", tmp_path / "run.log")
+    mark_run(tmp_path, "pretrain", "failed", "Ray did not start")
+    with pytest.raises(RunFailed, match="the pretrain run failed: Ray did not start"):
+        check_run(tmp_path, "pretrain", tmp_path / "run.log")
