@@ -9,7 +9,16 @@ from pathlib import Path
 
 import typer
 
-from client.flower_env import flower_env
+from client.flower_env import (
+    flower_env,
+    free_port,
+    interrupted_exit_code,
+    port_in_use,
+    stop_on_signals,
+    stop_tree,
+)
+from client.heartbeat import HEARTBEAT_FILE
+from hmgdm_core.cli import fail
 from hmgdm_core.exceptions import HmgdmError
 
 
@@ -59,7 +68,7 @@ def supernode_command(
     state_dir: Path,
     root_cert: Path | None,
     auth_key: Path | None,
-    local_port: int = 9094,
+    local_port: int | None = None,
     max_wait_s: float | None = None,
     privacy_config: Path | None = None,
     patients: Path | None = None,
@@ -71,8 +80,10 @@ def supernode_command(
 ) -> list[str]:
     """The command that runs this site's SuperNode (also used by tests and benchmarks).
 
-    `warm` (default): with the warm ClientApp launcher of `client.site_runtime`; otherwise a
-    plain `flower-supernode` that starts every ClientApp as a cold `flwr-clientapp` process.
+    `warm` (default): with the warm ClientApp launcher of `client.site_runtime`, which also keeps
+    STATE_DIR/heartbeat.json; otherwise a plain `flower-supernode` that starts every ClientApp
+    as a cold `flwr-clientapp` process. `local_port`: the SuperNode's loopback ClientApp port;
+    None picks a free one (several sites can run on one host).
     """
     import tomli_w
 
@@ -103,6 +114,13 @@ def supernode_command(
 
         read_tcga_survival(clinical)  # a malformed table fails here, not in the first round
         node[CLINICAL_KEY] = str(Path(clinical).resolve())
+    if local_port is None:
+        local_port = free_port()
+    elif port_in_use(local_port):
+        raise HmgdmError(
+            f"--local-port {local_port}: 127.0.0.1:{local_port} is already in use (another site "
+            "on this host?); pass a free port or leave --local-port out to pick one"
+        )
     # A TOML file instead of an inline string: paths with spaces or quotes survive intact.
     node_config = state_dir / "node_config.toml"
     node_config.write_text(tomli_w.dumps(node))
@@ -128,7 +146,8 @@ def supernode_command(
     if not warm:
         return [str(Path(sys.executable).with_name("flower-supernode")), *cmd,
                 "--isolation", "subprocess"]  # fmt: skip
-    launcher = [sys.executable, "-m", "client.site_runtime", "--runtime-port", str(local_port)]
+    launcher = [sys.executable, "-m", "client.site_runtime", "--runtime-port", str(local_port),
+                "--heartbeat", str(state_dir / HEARTBEAT_FILE)]  # fmt: skip
     return [*launcher, "--", *cmd]
 
 
@@ -144,7 +163,9 @@ def join(
     state_dir: Path | None = typer.Option(
         None, "--state-dir", help="Site checkpoints and local weights [default: GRAPHS/federation]."
     ),
-    local_port: int = typer.Option(9094, "--local-port", help="Loopback port for ClientApps."),
+    local_port: int | None = typer.Option(
+        None, "--local-port", help="Loopback port for ClientApps [default: a free one]."
+    ),
     privacy_config: Path | None = typer.Option(
         None,
         "--privacy-config",
@@ -189,12 +210,15 @@ def join(
             clinical=clinical,
         )
     except HmgdmError as err:
-        raise typer.BadParameter(str(err)) from None
+        raise fail(err) from None
     typer.echo(f"joining {superlink} with graphs from {graphs} (Ctrl-C to leave)")
+    stop_on_signals()  # SIGTERM (systemctl, docker stop, kill) leaves like Ctrl-C does
     proc = subprocess.Popen(cmd, env=flower_env())
     try:
-        raise typer.Exit(proc.wait())
-    except KeyboardInterrupt:
-        # The SuperNode handles SIGINT itself and stops its ClientApps; wait for it.
-        proc.wait()
+        code = proc.wait()
+    except KeyboardInterrupt as err:
+        # The SuperNode stops its ClientApps; whatever outlives the grace period is killed.
+        stop_tree(proc, timeout=10)
         typer.echo("left the federation")
+        code = interrupted_exit_code(err)
+    raise typer.Exit(code)

@@ -27,6 +27,7 @@ from hmgdm_core.exceptions import ConfigError, HmgdmError
 from hmgdm_core.federation_config import FederationConfig, Stage, shared_names
 from hmgdm_core.privacy.config import CENTRAL_MODES
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
+from hmgdm_core.tracking import add_scalars, summary_writer
 from server.privacy import CentralAccountant
 from server.secagg import secagg_train
 from server.strategy import (
@@ -43,6 +44,7 @@ from server.summary import (
     STATUS_FAILED,
     RunFailed,
     mark_run,
+    round_scalars,
     run_summary,
     untrained_reason,
     write_run_summary,
@@ -394,9 +396,11 @@ def pretrain(
         ))  # fmt: skip
 
     status = "finished"
+    tensorboard = summary_writer(run_dir)
     for rnd in range(start, fed.total_rounds + 1):
         try:
             history.append(_run_round(grid, strategy, cfg, run_key, rnd, state, events, accountant))
+            add_scalars(tensorboard, round_scalars(history[-1]), rnd)
         except PrivacyBudgetExhausted as err:
             events.emit("privacy_budget_exhausted", level=WARNING, round=rnd, reason=str(err))
             status = f"stopped before round {rnd}: central DP budget spent"

@@ -9,6 +9,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.flower_env import flower_env
+from client.flower_env import flower_env, free_port, stop_tree, terminate
 from hmgdm_core.atomic import atomic_write
 from hmgdm_core.exceptions import HmgdmError
 
@@ -79,7 +80,7 @@ def make_certificates(out_dir: Path, host: str = "localhost", days: int = 365) -
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
     files = TlsFiles.in_dir(out_dir)
     existing = [p.name for p in vars(files).values() if p.exists()]
@@ -107,18 +108,35 @@ def make_certificates(out_dir: Path, host: str = "localhost", days: int = 365) -
         .sign(ca_key, hashes.SHA384())
     )
 
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = server_certificate(ca_key, ca_cert, server_key.public_key(), host, days)
+
+    pem = serialization.Encoding.PEM
+    _write_new(files.ca_key, _key_pem(ca_key), 0o600)
+    _write_new(files.ca_cert, ca_cert.public_bytes(pem), 0o644)
+    _write_new(files.server_key, _key_pem(server_key), 0o600)
+    _write_new(files.server_cert, server_cert.public_bytes(pem), 0o644)
+    return files
+
+
+def server_certificate(ca_key, ca_cert, public_key, host: str, days: int):
+    """A TLS server certificate for `host`, 127.0.0.1 and localhost, signed by the CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     names: list[x509.GeneralName] = []
     for name in dict.fromkeys([host, "localhost", "127.0.0.1"]):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             names.append(x509.DNSName(name))
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
+    now = dt.datetime.now(dt.UTC)
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
@@ -131,19 +149,68 @@ def make_certificates(out_dir: Path, host: str = "localhost", days: int = 365) -
         .sign(ca_key, hashes.SHA384())
     )
 
-    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
 
-    pem = serialization.Encoding.PEM
-    _write_new(files.ca_key, key_pem(ca_key), 0o600)
-    _write_new(files.ca_cert, ca_cert.public_bytes(pem), 0o644)
-    _write_new(files.server_key, key_pem(server_key), 0o600)
-    _write_new(files.server_cert, server_cert.public_bytes(pem), 0o644)
-    return files
+def _key_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What `renew_server_certificate` did: the new certificate's dates and the old pair kept."""
+
+    host: str
+    not_after: dt.datetime
+    previous_not_after: dt.datetime
+    backup: Path
+
+
+def renew_server_certificate(tls_dir: Path, days: int = 365, host: str | None = None) -> Renewal:
+    """A new server key and certificate from the same CA, for the same host unless `host` is
+    given; sites keep their ca.crt. The old pair is kept as server.pem.old / server.key.old.
+
+    The SuperLink and the Fleet proxy read the certificate when they start: restart
+    `hmgdm-server start --resume` to serve the new one (sites reconnect by themselves).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+    from cryptography.x509.oid import NameOID
+
+    files = TlsFiles.in_dir(tls_dir).check()
+    if not files.ca_key.is_file():
+        raise HmgdmError(f"{files.ca_key}: the CA key is needed to sign a new server certificate")
+    ca_key = load_pem_private_key(files.ca_key.read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    old = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    if old.issuer != ca_cert.subject:
+        raise HmgdmError(f"{files.server_cert}: not issued by {files.ca_cert}")
+    host = host or old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    ca_end = ca_cert.not_valid_after_utc
+    if ca_end < dt.datetime.now(dt.UTC) + dt.timedelta(days=days):
+        raise HmgdmError(
+            f"{files.ca_cert} expires on {ca_end:%Y-%m-%d}, before a {days}-day certificate would: "
+            "renew for fewer --days, or make a new CA (`hmgdm-server certs --out NEWDIR`) and "
+            "send every site its ca.crt"
+        )
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = server_certificate(ca_key, ca_cert, key.public_key(), host, days)
+    # Old pair copied aside, new pair written beside it and moved in: never a missing file.
+    pairs = (
+        (files.server_key, _key_pem(key), 0o600),
+        (files.server_cert, cert.public_bytes(Encoding.PEM), 0o644),
+    )
+    for path, data, mode in pairs:
+        shutil.copy2(path, path.with_name(path.name + ".old"))
+        new = path.with_name(f".{path.name}.new")
+        new.unlink(missing_ok=True)
+        _write_new(new, data, mode)
+        os.replace(new, path)
+    backup = files.server_cert.with_name(files.server_cert.name + ".old")
+    return Renewal(host, cert.not_valid_after_utc, old.not_valid_after_utc, backup)
 
 
 # One CPU per virtual site (Flower's default of 2 serialises sites on small machines).
@@ -214,37 +281,7 @@ class SuperLink:
         stop_tree(self.proc, timeout)
         # Simulation workers (Ray) can be reparented while the tree shuts down, escaping the
         # snapshot above; everything started for this SuperLink carries its FLWR_HOME.
-        _terminate(_processes_with_flwr_home(self.flwr_home), timeout)
-
-
-def stop_tree(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Terminate `proc` and every process it started, by pid (SIGKILL after `timeout`).
-
-    Flower starts its SuperExec in a new session, so killing the process group is not enough.
-    """
-    import psutil
-
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    _terminate(tree, timeout)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout)
-
-
-def _terminate(procs: list, timeout: float) -> None:
-    """SIGTERM, then SIGKILL what is still alive after `timeout`."""
-    import psutil
-
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=timeout)
+        terminate(_processes_with_flwr_home(self.flwr_home), timeout)
 
 
 def _processes_with_flwr_home(flwr_home: Path) -> list:
@@ -256,12 +293,6 @@ def _processes_with_flwr_home(flwr_home: Path) -> list:
             if p.pid != os.getpid() and p.environ().get("FLWR_HOME") == home:
                 found.append(p)
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_listening(procs: list[subprocess.Popen], host: str, port: int, timeout: float) -> None:
@@ -300,7 +331,7 @@ def start_superlink(
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     proxied = tls is not None and not sim_sites
-    link_port = _free_port() if proxied else port
+    link_port = free_port() if proxied else port
     link_host = "127.0.0.1" if proxied else host
     cmd = [
         flower_bin("flower-superlink"),
@@ -345,6 +376,9 @@ def start_superlink(
     except HmgdmError as err:
         link.stop()
         raise HmgdmError(f"SuperLink did not start: {err}; see {log_path}") from None
+    except BaseException:  # Ctrl-C or SIGTERM while starting: leave nothing running
+        link.stop()
+        raise
     return link
 
 
@@ -401,12 +435,44 @@ def wait_for_online(flwr_home: Path, minimum: int, timeout: float, poll: float =
         time.sleep(poll)
 
 
-def app_dir() -> Path:
-    """The Flower app (this project's pyproject.toml with [tool.flwr.app])."""
+APP_PACKAGES = ("client", "server", "hmgdm_core")
+
+
+def app_dir(work_dir: Path) -> Path:
+    """The Flower app to run: this checkout, or, for an installed wheel, WORK_DIR/app staged
+    from the installed packages and the app definition the wheel carries (the same files, so
+    the same app bundle as a checkout of this version)."""
     root = Path(__file__).resolve().parent.parent
-    if "[tool.flwr.app]" not in (root / "pyproject.toml").read_text(errors="ignore"):
-        raise HmgdmError(f"{root}: no pyproject.toml with [tool.flwr.app]; run from a checkout")
-    return root
+    if _flower_app(root / "pyproject.toml"):
+        return root
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("hmgdm")
+    except PackageNotFoundError:
+        raise HmgdmError(f"{root}: hmgdm is neither a checkout nor installed") from None
+    data_dirs = (("share", "hmgdm"), ("hmgdm", "configs"))
+    shared = [
+        Path(str(dist.locate_file(f)))
+        for f in dist.files or []
+        if Path(str(f)).parts[-3:-1] in data_dirs
+    ]
+    project = next((p for p in shared if p.name == "pyproject.toml"), None)
+    if project is None or not _flower_app(project):
+        raise HmgdmError(f"{dist.locate_file('')}: the installed hmgdm carries no Flower app")
+    stage = Path(work_dir) / "app"
+    shutil.rmtree(stage, ignore_errors=True)
+    for package in APP_PACKAGES:
+        shutil.copytree(root / package, stage / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    (stage / "configs").mkdir()
+    for path in shared:
+        shutil.copy(path, stage / ("configs" if path.parent.name == "configs" else "") / path.name)
+    return stage
+
+
+def _flower_app(pyproject: Path) -> bool:
+    return pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text(errors="ignore")
 
 
 def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.Popen:
@@ -416,7 +482,7 @@ def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.
     path = Path(work_dir) / "run_config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(run_config))
-    cmd = [flower_bin("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", str(path)]
+    cmd = [flower_bin("flwr"), "run", str(app_dir(work_dir)), CONNECTION, "--run-config", str(path)]
     return subprocess.Popen(
         [*cmd, "--stream"],
         env=flwr_env(flwr_home),
@@ -447,7 +513,7 @@ def run_simulation(
     out_dir = Path(out_dir).resolve()
     run_dir = out_dir / "run"
     link = start_superlink(
-        port=_free_port(), state_dir=out_dir / "superlink", tls=None,
+        port=free_port(), state_dir=out_dir / "superlink", tls=None,
         flwr_home=out_dir / "flwr_home", node_auth=False, log_path=out_dir / "superlink.log",
         sim_sites=sites, sim_backend=backend,
     )  # fmt: skip
