@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.commands_fed import supernode_command, write_keypair  # noqa: E402
-from client.flower_env import flower_env  # noqa: E402
+from client.flower_env import flower_env, stop_tree  # noqa: E402
 from hmgdm_core.config import HmgdmConfig, load_config  # noqa: E402
 from hmgdm_core.federation_config import shared_names  # noqa: E402
 from server.certs import make_certificates  # noqa: E402
@@ -36,7 +36,7 @@ from server.flwr_cli import register_site, submit_run  # noqa: E402
 from server.rounds import frozen_names  # noqa: E402
 from server.run_config import submission  # noqa: E402
 from server.simulation import simulate  # noqa: E402
-from server.superlink import start_superlink, stop_tree  # noqa: E402
+from server.superlink import start_superlink  # noqa: E402
 
 KATHER = Path(os.environ.get("HMGDM_DATA", ROOT.parent / "shared" / "data")) / "kather2016_tiles"
 SITES = {"A": ("01_TUMOR", "02_STROMA", "03_COMPLEX"), "B": ("04_LYMPHO", "06_MUCOSA")}

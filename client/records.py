@@ -40,8 +40,9 @@ EVALUATE_DOWNSTREAM = "evaluate.downstream"
 # Federated Cox on clinical tables (@app.query("cox")): config `phase`, arrays in COX_ARRAYS.
 QUERY_COX = "query.cox"
 COX_ARRAYS = "cox"
-# Run config key: what the virtual sites of a simulation read instead of a node config.
-SIM_SITES = "sim"
+# Run config keys: what the virtual sites of a simulation read instead of a node config (JSON),
+# and its one flat knob for a Flower user: the graph cache they split.
+SIM_SITES, SIM_GRAPHS_DIR = "sim", "sim-graphs-dir"
 Fault = Literal["nan", "shape", "huge"]
 
 
@@ -78,7 +79,11 @@ class SimulatedSites(Section):
     def from_run_config(cls, run_config: Mapping[str, Any]) -> SimulatedSites | None:
         """The run's simulated sites, or None when the run config has none (a deployment)."""
         text = str(run_config.get(SIM_SITES, "") or "")
-        return _simulated_sites(text) if text else None
+        graphs = str(run_config.get(SIM_GRAPHS_DIR, "") or "")
+        if not (text or graphs):
+            return None
+        sim = _simulated_sites(text or "{}")
+        return sim.model_copy(update={"graphs_dir": Path(graphs)}) if graphs else sim
 
 
 @functools.lru_cache(maxsize=4)

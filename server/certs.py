@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,3 +148,58 @@ def _ca_key_usage():
         encipher_only=False,
         decipher_only=False,
     )
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What `renew_server_certificate` did: the new certificate's dates and the old pair kept."""
+
+    host: str
+    not_after: dt.datetime
+    previous_not_after: dt.datetime
+    backup: Path
+
+
+def renew_server_certificate(tls_dir: Path, days: int = 365, host: str | None = None) -> Renewal:
+    """A new server key and certificate from the same CA, for the same host unless `host` is
+    given; sites keep their ca.crt. The old pair is kept as server.pem.old / server.key.old.
+
+    The SuperLink and the Fleet proxy read the certificate when they start: restart
+    `hmgdm-server start --resume` to serve the new one (sites reconnect by themselves).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+    from cryptography.x509.oid import NameOID
+
+    files = TlsFiles.in_dir(tls_dir).check()
+    if not files.ca_key.is_file():
+        raise HmgdmError(f"{files.ca_key}: the CA key is needed to sign a new server certificate")
+    ca_key = load_pem_private_key(files.ca_key.read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    old = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    if old.issuer != ca_cert.subject:
+        raise HmgdmError(f"{files.server_cert}: not issued by {files.ca_cert}")
+    host = host or old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    ca_end = ca_cert.not_valid_after_utc
+    if ca_end < dt.datetime.now(dt.UTC) + dt.timedelta(days=days):
+        raise HmgdmError(
+            f"{files.ca_cert} expires on {ca_end:%Y-%m-%d}, before a {days}-day certificate would: "
+            "renew for fewer --days, or make a new CA (`hmgdm-server certs --out NEWDIR`) and "
+            "send every site its ca.crt"
+        )
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = server_certificate(ca_key, ca_cert, key.public_key(), host, days)
+    # Old pair copied aside, new pair written beside it and moved in: never a missing file.
+    pairs = (
+        (files.server_key, _key_pem(key), 0o600),
+        (files.server_cert, cert.public_bytes(Encoding.PEM), 0o644),
+    )
+    for path, data, mode in pairs:
+        shutil.copy2(path, path.with_name(path.name + ".old"))
+        new = path.with_name(f".{path.name}.new")
+        new.unlink(missing_ok=True)
+        _write_new(new, data, mode)
+        os.replace(new, path)
+    backup = files.server_cert.with_name(files.server_cert.name + ".old")
+    return Renewal(host, cert.not_valid_after_utc, old.not_valid_after_utc, backup)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from client.flower_env import stop_on_signals
 from hmgdm_core.exceptions import HmgdmError
 
 
@@ -29,6 +30,8 @@ def finetune(
     OUT/run/downstream_metrics.json, the fine-tuned model in OUT/run/finetuned.pt."""
     from server.commands_fed import _fail
     from server.simulation import simulate_downstream
+
+    stop_on_signals()  # SIGTERM stops the simulation SuperLink and Ray too
 
     if task not in ("classification", "survival"):
         raise _fail(HmgdmError(f"--task must be classification or survival, not '{task}'"))
@@ -59,6 +62,8 @@ def survival_clinical(
     statistics, pooled pair-count C-index, federated KM plot; files in OUT/run/."""
     from server.commands_fed import _fail
     from server.simulation import simulate_clinical_survival
+
+    stop_on_signals()  # SIGTERM stops the simulation SuperLink and Ray too
 
     try:
         path, summary = simulate_clinical_survival(

@@ -5,6 +5,7 @@ submission, and the register of SuperNode keys that may join.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -118,12 +119,44 @@ def wait_for_online(flwr_home: Path, minimum: int, timeout: float, poll: float =
         time.sleep(poll)
 
 
-def app_dir() -> Path:
-    """The Flower app (this project's pyproject.toml with [tool.flwr.app])."""
+APP_PACKAGES = ("client", "server", "hmgdm_core")
+
+
+def app_dir(work_dir: Path) -> Path:
+    """The Flower app to run: this checkout, or, for an installed wheel, WORK_DIR/app staged
+    from the installed packages and the app definition the wheel carries (the same files, so
+    the same app bundle as a checkout of this version)."""
     root = Path(__file__).resolve().parent.parent
-    if "[tool.flwr.app]" not in (root / "pyproject.toml").read_text(errors="ignore"):
-        raise HmgdmError(f"{root}: no pyproject.toml with [tool.flwr.app]; run from a checkout")
-    return root
+    if _flower_app(root / "pyproject.toml"):
+        return root
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("hmgdm")
+    except PackageNotFoundError:
+        raise HmgdmError(f"{root}: hmgdm is neither a checkout nor installed") from None
+    data_dirs = (("share", "hmgdm"), ("hmgdm", "configs"))
+    shared = [
+        Path(str(dist.locate_file(f)))
+        for f in dist.files or []
+        if Path(str(f)).parts[-3:-1] in data_dirs
+    ]
+    project = next((p for p in shared if p.name == "pyproject.toml"), None)
+    if project is None or not _flower_app(project):
+        raise HmgdmError(f"{dist.locate_file('')}: the installed hmgdm carries no Flower app")
+    stage = Path(work_dir) / "app"
+    shutil.rmtree(stage, ignore_errors=True)
+    for package in APP_PACKAGES:
+        shutil.copytree(root / package, stage / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    (stage / "configs").mkdir()
+    for path in shared:
+        shutil.copy(path, stage / ("configs" if path.parent.name == "configs" else "") / path.name)
+    return stage
+
+
+def _flower_app(pyproject: Path) -> bool:
+    return pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text(errors="ignore")
 
 
 def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.Popen:
@@ -133,7 +166,7 @@ def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.
     path = Path(work_dir) / "run_config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(run_config))
-    cmd = [flower_bin("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", str(path)]
+    cmd = [flower_bin("flwr"), "run", str(app_dir(work_dir)), CONNECTION, "--run-config", str(path)]
     return subprocess.Popen(
         [*cmd, "--stream"],
         env=flwr_env(flwr_home),

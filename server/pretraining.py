@@ -20,6 +20,7 @@ from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.events import EventLog
 from hmgdm_core.privacy.config import CENTRAL_MODES
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
+from hmgdm_core.tracking import add_scalars, summary_writer
 from server.messaging import (
     FederationError,
     broadcast,
@@ -39,6 +40,7 @@ from server.strategy import (
 from server.summary import (
     STATUS_FAILED,
     RunFailed,
+    round_scalars,
     run_summary,
     untrained_reason,
     write_run_summary,
@@ -158,9 +160,11 @@ def run_pretraining(grid: Grid, run: PretrainRun, events: EventLog) -> Path:
         ))  # fmt: skip
 
     status = "finished"
+    tensorboard = summary_writer(run_dir)
     for rnd in range(start, fed.total_rounds + 1):
         try:
             history.append(run_round(grid, strategy, cfg, run_key, rnd, state, events, accountant))
+            add_scalars(tensorboard, round_scalars(history[-1]), rnd)
         except PrivacyBudgetExhausted as err:
             events.emit("privacy_budget_exhausted", level=WARNING, round=rnd, reason=str(err))
             status = f"stopped before round {rnd}: central DP budget spent"

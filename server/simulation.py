@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from client.flower_env import free_port
 from client.records import SimulatedSites
 from hmgdm_core.config import HmgdmConfig, load_config, load_local_dp
 from server.flwr_cli import submit_run
 from server.run_config import submission
 from server.summary import check_run, print_run_summary
-from server.superlink import free_port, start_superlink
+from server.superlink import start_superlink
 
 
 def sim_config(config: Path | None, sites: int, overrides: dict | None = None) -> HmgdmConfig:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.flower_env import free_port, stop_tree, terminate
 from hmgdm_core.exceptions import HmgdmError
 from server.certs import TlsFiles
 from server.flwr_cli import flower_bin, flwr_env, write_flower_config
@@ -38,37 +39,7 @@ class SuperLink:
         stop_tree(self.proc, timeout)
         # Simulation workers (Ray) can be reparented while the tree shuts down, escaping the
         # snapshot above; everything started for this SuperLink carries its FLWR_HOME.
-        _terminate(_processes_with_flwr_home(self.flwr_home), timeout)
-
-
-def stop_tree(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Terminate `proc` and every process it started, by pid (SIGKILL after `timeout`).
-
-    Flower starts its SuperExec in a new session, so killing the process group is not enough.
-    """
-    import psutil
-
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    _terminate(tree, timeout)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout)
-
-
-def _terminate(procs: list, timeout: float) -> None:
-    """SIGTERM, then SIGKILL what is still alive after `timeout`."""
-    import psutil
-
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=timeout)
+        terminate(_processes_with_flwr_home(self.flwr_home), timeout)
 
 
 def _processes_with_flwr_home(flwr_home: Path) -> list:
@@ -80,12 +51,6 @@ def _processes_with_flwr_home(flwr_home: Path) -> list:
             if p.pid != os.getpid() and p.environ().get("FLWR_HOME") == home:
                 found.append(p)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_listening(procs: list[subprocess.Popen], host: str, port: int, timeout: float) -> None:
@@ -169,4 +134,7 @@ def start_superlink(
     except HmgdmError as err:
         link.stop()
         raise HmgdmError(f"SuperLink did not start: {err}; see {log_path}") from None
+    except BaseException:  # Ctrl-C or SIGTERM while starting: leave nothing running
+        link.stop()
+        raise
     return link

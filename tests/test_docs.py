@@ -36,7 +36,9 @@ NOT_RUN = {
     ("hmgdm-client", "join"): "needs a running SuperLink (covered by tests/server)",
     ("hmgdm-server", "start"): "runs a federation until it finishes",
     ("hmgdm-server", "sites", "add"): "needs a running SuperLink",
-    ("hmgdm-server", "sites", "list"): "needs a running SuperLink",
+    ("hmgdm-server", "sites", "list"): "needs a SuperLink's state (test_service_ops.py)",
+    ("hmgdm-server", "sites", "remove"): "needs a running SuperLink (test_service_ops.py)",
+    ("hmgdm-server", "report"): "needs a run directory; tests/server/test_report.py runs it",
     ("hmgdm-server", "simulate"): "starts Ray and trains; tests/server/test_simulation.py runs it",
     ("hmgdm-server", "study", "run"): "a grid of trainings; tests/server/test_study_sim.py runs it",
 }
@@ -141,6 +143,8 @@ def resolve(inv: Invocation, apps: dict[str, click.Command]) -> Invocation:
         seen, rest = _parse_params(cmd, args, where)
         if not rest and seen & {"version", "help"}:  # `hmgdm-client --version`
             return Invocation(inv.guide, inv.line, inv.argv, (*path, f"--{min(seen)}"))
+        if not rest and cmd.invoke_without_command:  # `hmgdm-server certs --out DIR`
+            return Invocation(inv.guide, inv.line, inv.argv, tuple(path))
         assert rest, f"{where}: no subcommand of {' '.join(path)}"
         sub = cmd.get_command(click.Context(cmd), rest[0])
         assert sub is not None, f"{where}: {' '.join(path)} has no command {rest[0]!r}"
@@ -182,7 +186,8 @@ def test_the_static_check_rejects_what_the_cli_rejects():
     bad = [
         "hmgdm-client keygen --outt /tmp/k",
         "hmgdm-client keygen",
-        "hmgdm-server sites remove x.pub",
+        "hmgdm-server sites remove",
+        "hmgdm-server sites delete x.pub",
         "hmgdm-client build-graphs --out cache",
         "hmgdm-client evaluate classify --graphs g --checkpoint c --labels l --out o --folds 3",
         "hmgdm-server start --tls-dir",
@@ -209,7 +214,8 @@ def test_guides_cover_the_workflows_they_promise():
     ]:
         assert needed in hospital, f"docs/hospital.md does not show {' '.join(needed)}"
     operator = {p[1:] for p in paths["docs/operator.md"]}
-    for needed in [("certs",), ("sites", "add"), ("sites", "list"), ("start",)]:
+    for needed in [("certs",), ("sites", "add"), ("sites", "list"), ("sites", "remove"),
+                   ("start",), ("report",)]:  # fmt: skip
         assert needed in operator, f"docs/operator.md does not show {' '.join(needed)}"
     resume = [i for i in guide_invocations("docs/operator.md") if i.path[1:] == ("start",)]
     assert any("--resume" in i.argv for i in resume), "operator.md never shows --resume"
@@ -411,7 +417,10 @@ def test_operator_guide_runs(tmp_path, data_dir):
     env = {k: str(tmp_path / k.lower()) for k in ("TLS", "SITES", "STATE")}
     ran = _run_guide("docs/operator.md", work, env)
 
-    assert {path[1:] for path in ran} >= {("info",), ("certs",), ("build-graphs",)}
+    assert {path[1:] for path in ran} >= {
+        ("info",), ("certs",), ("certs", "renew"), ("build-graphs",)
+    }  # fmt: skip
+    assert (tmp_path / "tls" / "server.pem.old").is_file()  # renewed, same host (below)
     assert "flwr 1.42" in ran[("hmgdm-server", "info")]
     cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -13,10 +13,10 @@ import pytest
 from conftest import DATA, free_port
 
 from client.commands_fed import supernode_command, write_keypair
-from client.flower_env import flower_env
+from client.flower_env import flower_env, stop_tree
 from server.certs import TlsFiles, make_certificates
 from server.flwr_cli import register_site
-from server.superlink import SuperLink, start_superlink, stop_tree
+from server.superlink import SuperLink, start_superlink
 
 KATHER = DATA / "kather2016_tiles"
 

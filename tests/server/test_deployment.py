@@ -14,6 +14,7 @@ import torch
 from conftest import DATA
 
 from client.cox import site_rows
+from client.flower_env import stop_tree
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.downstream.concordance import pooled_cindex
 from hmgdm_core.downstream.fedcox import FederatedCox
@@ -22,7 +23,6 @@ from hmgdm_core.exceptions import HmgdmError
 from server.flwr_cli import list_sites, register_site, submit_run, write_flower_config
 from server.run_config import submission
 from server.strategy import load_last_round
-from server.superlink import stop_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
