@@ -114,3 +114,36 @@ def test_training_batches_jitter_windows_per_graph_only_when_asked(tiles):
     assert all(torch.equal(batch.win[i], batch.win[0]) for i in (1, 2))
     assert all(torch.equal(batch.win[i], batch.win[3]) for i in (4, 5))
     assert not torch.equal(batch.win[0], batch.win[3])
+
+
+def test_both_steps_of_the_training_loop_jitter_their_batches(tiles):
+    """train.stain_jitter reaches the batches of the one loop's plain step and of its DP step."""
+    from torch_geometric.data import Data
+
+    from hmgdm_core.model.config import TrainConfig
+    from hmgdm_core.privacy.config import LocalDP
+    from hmgdm_core.privacy.local import patient_batch
+    from hmgdm_core.train import BatchStep
+
+    windows = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)[:, :, :32, :32].contiguous()
+    graphs = [Data(x=torch.zeros(3, 2), win=windows, pos=torch.rand(3, 2), num_nodes=3)] * 2
+    cpu, weight = torch.device("cpu"), torch.nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+
+    def drawn(jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = TrainConfig(stain_jitter=jitter, batch_size=2, max_nodes=10)
+        seen = []
+
+        def objective(batch):
+            seen.append(batch.win)
+            return {"loss": weight * 2}
+
+        BatchStep(graphs, cfg, device=cpu, generator=torch.Generator().manual_seed(0))(
+            objective, optimizer
+        )
+        make = patient_batch(cfg, LocalDP(), device=cpu, generator=torch.Generator())
+        return seen[0], make(graphs).win
+
+    for plain, jittered in zip(drawn(0.0), drawn(0.2), strict=True):
+        assert torch.equal(plain, torch.cat([windows, windows]))
+        assert (jittered.int() - plain.int()).abs().float().mean() > 1
