@@ -9,37 +9,40 @@ whose budget is spent answers with an error saying so, and the server goes on wi
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import asdict, dataclass
-from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import log
-from flwr.common.constant import ErrorCode
 from torch_geometric.data import Data
 
 from client.faults import fault_mod
+from client.guard import (
+    Guard,
+    bounded,
+    request_config,
+    request_stage,
+    run_key,
+    server_round,
+    sim_value,
+    site_state_dir,
+)
 from client.privacy import PATIENTS_KEY, patient_table, privacy_mod, site_privacy
 from client.records import (
     FROZEN,
-    NUM_EXAMPLES,
     SHARED,
     load_into,
     pack_metrics,
     pack_state,
     record_names,
-    unpack_config,
 )
+from client.report import report_mod
 from client.secagg import secagg_mod
 from hmgdm_core.atomic import save_torch
 from hmgdm_core.config import HmgdmConfig
-from hmgdm_core.events import EVENTS_FILE, EventLog
 from hmgdm_core.exceptions import GraphDataError
 from hmgdm_core.privacy.config import PrivacyConfig
-from hmgdm_core.privacy.errors import PrivacyError
 
 
 @dataclass(frozen=True)
@@ -53,23 +56,23 @@ class Site:
 
     @classmethod
     def from_context(cls, context: Context) -> Site:
-        node, run = context.node_config, context.run_config
+        node = context.node_config
         if "graphs-dir" in node:
             patients = node.get(PATIENTS_KEY)
             return cls(
                 Path(str(node["graphs-dir"])),
-                Path(str(node["state-dir"])),
+                site_state_dir(context),
                 patients_csv=Path(str(patients)) if patients else None,
             )
-        # Simulation: virtual SuperNodes get partition ids, the graphs come from the run config.
-        if not run.get("sim-graphs-dir"):
+        # Simulation: virtual SuperNodes get partition ids, the graphs come from the run config
+        # (a real SuperNode refuses to read a directory the server names).
+        if not (graphs_dir := sim_value(context, "sim-graphs-dir")):
             raise GraphDataError(
                 "this SuperNode has no 'graphs-dir' in its node config; start it with "
                 "`hmgdm-client join --graphs DIR`"
             )
         pid, n = int(node["partition-id"]), int(node["num-partitions"])
-        state = Path(str(run.get("sim-state-dir") or "sim_sites")) / f"site-{pid}"
-        return cls(Path(str(run["sim-graphs-dir"])), state, (pid, n))
+        return cls(Path(graphs_dir), site_state_dir(context), (pid, n))
 
     def graphs(self) -> list[Data]:
         return _load_graphs(self.graphs_dir, self.partition)
@@ -93,8 +96,16 @@ class Site:
             [g for i, g in enumerate(graphs) if i in held_idx],
         )
 
-    def checkpoint(self, run_key: str) -> Path:
-        return self.state_dir / f"{run_key}.pt"
+    def checkpoint(self, key: object) -> Path:
+        """The private checkpoint of the server's run `key` (checked: it names a file)."""
+        return self.state_dir / f"{run_key(key)}.pt"
+
+    def patients(self, graphs: list[Data]) -> int:
+        """Distinct patients behind `graphs` (by the site's table; else one per slide)."""
+        from hmgdm_core.privacy.patients import read_patients
+
+        table = read_patients(self.patients_csv) if self.patients_csv else {}
+        return len({table.get(str(g.slide_id), str(g.slide_id)) for g in graphs})
 
     @property
     def ledger(self) -> Path:
@@ -104,38 +115,10 @@ class Site:
         return self.state_dir / LEDGER_NAME
 
 
-def event_mod(msg: Message, context: Context, call_next) -> Message:
-    """One structured event per message this site handled: kind, round, outcome, seconds.
-
-    Written to the SuperNode's log and to STATE_DIR/events.jsonl, so a site's IT team can see
-    what the consortium asked of their machine without reading Flower's own logs.
-    """
-    t0 = time.monotonic()
-    reply = call_next(msg, context)
-    try:
-        site = Site.from_context(context)
-    except GraphDataError:
-        return reply  # the handler has already answered with this error
-    label = f"site-{site.partition[0]}" if site.partition else f"node-{context.node_id}"
-    config = msg.content.config_records.get("config", {})
-    metrics = {} if reply.has_error() else reply.content.metric_records.get("metrics", {})
-    EventLog(site.state_dir / EVENTS_FILE, log=log, site=label).emit(
-        "message",
-        level=WARNING if reply.has_error() else INFO,
-        type=msg.metadata.message_type,
-        round=config.get("server-round"),
-        status="error" if reply.has_error() else "ok",
-        reason=reply.error.reason if reply.has_error() else None,
-        loss=metrics.get("loss"),
-        examples=metrics.get(NUM_EXAMPLES),
-        seconds=round(time.monotonic() - t0, 2),
-    )
-    return reply
-
-
-# secagg_mod first: a SecAgg+ round becomes a plain train message that privacy_mod then clips.
-# fault_mod (simulation only) sits outside privacy_mod: a broken site skips the clipping too.
-app = ClientApp(mods=[secagg_mod, fault_mod, privacy_mod, event_mod])
+# report_mod outermost: whatever fails below, the server gets a category, the site's log the
+# detail. secagg_mod next: a SecAgg+ round becomes a plain train message that privacy_mod then
+# clips. fault_mod (simulation only) sits outside privacy_mod: a broken site skips the clipping.
+app = ClientApp(mods=[report_mod, secagg_mod, fault_mod, privacy_mod])
 
 
 @functools.lru_cache(maxsize=4)
@@ -202,11 +185,16 @@ def stats(msg: Message, context: Context) -> Message:
     site = Site.from_context(context)
     graphs = site.graphs()
     validate_graphs(graphs, str(site.graphs_dir))
+    guard = Guard.from_context(context)
+    guard.patients(site.patients(graphs), "feature moments")
+    guard.query("stats")
     dims = {k: int(v) for k, v in asdict(graph_dims(graphs)).items()}
     content = RecordDict(
         {
             "dims": MetricRecord(dims),
             "moments": pack_state(feature_moments(graphs)),
+            # The most this site may weigh in any round (the server caps num-examples by it).
+            "metrics": MetricRecord({"graphs": len(graphs)}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -223,7 +211,7 @@ def _train_round(
     """The round's local training: DP-SGD under the site's ledger, or the plain training step."""
     from hmgdm_core.train import make_optimizer, resolve_device, train_steps
 
-    stage, rnd, fed = str(config["stage"]), int(config["server-round"]), cfg.federation
+    stage, rnd, fed = request_stage(config), server_round(config), cfg.federation
     common = dict(
         stage=stage,
         steps=fed.local_steps,
@@ -251,30 +239,26 @@ def _train_round(
 def train(msg: Message, context: Context) -> Message:
     """Local epochs/steps of the round's stage from the global weights; send the shared ones."""
     config = msg.content["config"]
-    cfg, rnd = unpack_config(config), int(config["server-round"])
+    cfg, rnd = request_config(config), server_round(config)
     fed = cfg.federation
     site = Site.from_context(context)
-    try:
-        privacy = site_privacy(
-            dict(context.node_config), cfg.privacy, simulated=site.partition is not None
-        )
-        graphs, _ = site.split(fed.eval_fraction, fed.seed)
-        model = _site_model(site, cfg, msg, graphs)
-        shared = record_names(msg.content[SHARED])
-        if float(config.get("proximal-mu", 0.0)) > 0:
-            _add_proximal_term(model, float(config["proximal-mu"]), set(shared))
-        metrics = _train_round(site, model, graphs, cfg, privacy, config)
-    except PrivacyError as err:
-        # An error reply, not an exception: the server logs the reason and goes on without us.
-        log(WARNING, "round %d: not training: %s", rnd, err)
-        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err))
-        return Message(error, reply_to=msg)
+    # A refusal (e.g. a spent budget) raises: report_mod answers with its category and the
+    # server goes on without this site.
+    privacy = site_privacy(
+        dict(context.node_config), cfg.privacy, simulated=site.partition is not None
+    )
+    graphs, _ = site.split(fed.eval_fraction, fed.seed)
+    model = _site_model(site, cfg, msg, graphs)
+    shared = record_names(msg.content[SHARED])
+    if mu := bounded(config.get("proximal-mu", 0.0), "proximal-mu", 0, 1e6):
+        _add_proximal_term(model, mu, set(shared))
+    metrics = _train_round(site, model, graphs, cfg, privacy, config)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     num_graphs = int(metrics.pop("num_graphs"))
     # The full model stays here: unshared parts (e.g. the decoder) live only in this file,
     # next to a record of what this site contributed to the round.
     save_torch(
-        {"model": state, "round": rnd, "stage": str(config["stage"]), "sent": shared,
+        {"model": state, "round": rnd, "stage": request_stage(config), "sent": shared,
          "num_examples": num_graphs},
         site.checkpoint(str(config["run"])),
     )  # fmt: skip
@@ -287,12 +271,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     from hmgdm_core.train import eval_loss, resolve_device
 
     config = msg.content["config"]
-    cfg, stage = unpack_config(config), str(config["stage"])
+    cfg, stage = request_config(config), request_stage(config)
     fed = cfg.federation
     site = Site.from_context(context)
     train_graphs, held_out = site.split(fed.eval_fraction, fed.seed)
     if not held_out:
         raise GraphDataError(f"{site.graphs_dir}: no held-out graphs (eval_fraction is 0)")
+    guard = Guard.from_context(context)
+    guard.patients(site.patients(held_out), "a held-out loss")
+    guard.query("evaluate", guard.policy.max_evaluations_per_run)
     model = _site_model(site, cfg, msg, train_graphs)
     metrics = eval_loss(
         model,

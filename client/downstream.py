@@ -14,6 +14,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.app import Site, app
+from client.guard import Guard, request_config, server_round, sim_value
+from client.privacy import site_privacy
 from client.records import (
     FROZEN,
     SHARED,
@@ -21,13 +23,13 @@ from client.records import (
     pack_metrics,
     pack_state,
     record_names,
-    unpack_config,
     unpack_task,
 )
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.downstream.finetune import Bag, Task
 from hmgdm_core.downstream.labels import Labels
 from hmgdm_core.exceptions import LabelError
+from hmgdm_core.privacy.errors import PrivacyError
 
 
 def task_from_config(config: ConfigRecord) -> Task:
@@ -42,6 +44,10 @@ class SiteCohort:
     labels: Labels
     train: np.ndarray
     test: np.ndarray
+
+    def patients(self, rows: np.ndarray) -> int:
+        """Distinct patients among `rows` of the table."""
+        return len(set(self.labels.groups[rows].tolist()))
 
     def target(self, task: Task) -> np.ndarray:
         t = self.labels.table
@@ -58,10 +64,14 @@ def site_cohort(site: Site, context: Context, cfg: HmgdmConfig, task: Task) -> S
     from hmgdm_core.downstream.labels import read_labels
     from hmgdm_core.downstream.splits import patient_folds
 
-    node, run = context.node_config, context.run_config
-    prefix = "" if "labels" in node else "sim-"
-    source = node if "labels" in node else run
-    path = str(source.get(f"{prefix}labels", "") or "")
+    node = context.node_config
+    if "labels" in node:
+        source = {k: str(v) for k, v in node.items()}
+    else:
+        # A real site that joined without --labels refuses here: no path comes from the server.
+        keys = ("labels", "labels-id-column", "labels-patient-column")
+        source = {k: sim_value(context, f"sim-{k}") for k in keys}
+    path = source.get("labels", "")
     if not path:
         raise LabelError(
             "this site has no labels: start it with `hmgdm-client join --labels labels.csv`"
@@ -74,8 +84,8 @@ def site_cohort(site: Site, context: Context, cfg: HmgdmConfig, task: Task) -> S
         by_slide,
         n_folds=cfg.evaluation.folds,
         task=task.kind,
-        id_column=str(source.get(f"{prefix}labels-id-column", "slide_id")),
-        patient_column=str(source.get(f"{prefix}labels-patient-column", "patient_id")),
+        id_column=source.get("labels-id-column") or "slide_id",
+        patient_column=source.get("labels-patient-column") or "patient_id",
         only_known=site.partition is not None,
     )
     if task.kind == "classification":
@@ -90,7 +100,7 @@ def site_cohort(site: Site, context: Context, cfg: HmgdmConfig, task: Task) -> S
 
 def _site_net(msg: Message, context: Context):
     config = msg.content["config"]
-    cfg, task = unpack_config(config), task_from_config(config)
+    cfg, task = request_config(config), task_from_config(config)
     site = Site.from_context(context)
     cohort = site_cohort(site, context, cfg, task)
     from hmgdm_core.data import graph_dims
@@ -106,10 +116,14 @@ def entity_moments(msg: Message, context: Context) -> Message:
     """Count, sum and sum of squares of the global encoder's entity embeddings over this
     site's training patients: the server pools them into the head's input standardisation."""
     _, _, cohort, net = _site_net(msg, context)
+    guard = Guard.from_context(context)
+    guard.patients(cohort.patients(cohort.train), "entity-embedding moments")
+    guard.query("entity-moments")
     n, total, total_sq = net.entity_moments([cohort.bags[i] for i in cohort.train])
     content = RecordDict(
         {
-            "metrics": MetricRecord({"entities": n}),
+            # Its labelled slides: the most this site may weigh in fine-tuning and evaluation.
+            "metrics": MetricRecord({"entities": n, "slides": len(cohort.bags)}),
             "moments": pack_state({"total": total, "total_sq": total_sq}),
         }
     )
@@ -126,8 +140,17 @@ def finetune(msg: Message, context: Context) -> Message:
         train_epochs,
     )
 
+    run_privacy = request_config(msg.content["config"]).privacy
+    simulated = Site.from_context(context).partition is not None
+    if site_privacy(dict(context.node_config), run_privacy, simulated=simulated).mode == "local_dp":
+        # Trained weights leave only under the site's DP and ledger; fine-tuning has no DP-SGD
+        # path yet (the deep Cox loss couples patients), so a local-DP site refuses it.
+        raise PrivacyError(
+            "fine-tuning under this site's local DP is not supported; it sends no trained "
+            "weights outside DP-SGD rounds"
+        )
     cfg, task, cohort, net = _site_net(msg, context)
-    ev, rnd = cfg.evaluation, int(msg.content["config"]["server-round"])
+    ev, rnd = cfg.evaluation, server_round(msg.content["config"])
     y = cohort.target(task)[cohort.train]
     weight = class_weights(y, task.out_channels) if task.kind == "classification" else None
     loss = train_epochs(
@@ -155,6 +178,9 @@ def evaluate_downstream(msg: Message, context: Context) -> Message:
 
     _, task, cohort, net = _site_net(msg, context)
     test = cohort.test
+    guard = Guard.from_context(context)
+    guard.patients(cohort.patients(test), "held-out metrics")
+    guard.query("evaluate-downstream", guard.policy.max_evaluations_per_run)
     out = predict(net, [cohort.bags[i] for i in test])
     y = cohort.target(task)[test]
     if task.kind == "classification":

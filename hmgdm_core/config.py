@@ -16,6 +16,7 @@ from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.model.config import DiffusionConfig, ModelConfig, TrainConfig
 from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.disclosure import DisclosureConfig
 from hmgdm_core.section import Section
 
 
@@ -63,6 +64,8 @@ class HmgdmConfig(Section):
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    # Site-owned: a deployed site reads it from its own file only (client/disclosure.py).
+    disclosure: DisclosureConfig = DisclosureConfig()
 
 
 S = TypeVar("S", bound=Section)
@@ -92,6 +95,15 @@ def read_toml(path: Path, what: str = "config file") -> dict:
         raise ConfigError(f"{path}: {what} not found") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+def parse_config_text(text: str, source: str) -> HmgdmConfig:
+    """A whole config from TOML text (e.g. a run config's `config-toml`), errors naming `source`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source} is not valid TOML: {err}") from None
+    return parse_section(HmgdmConfig, data, source)
 
 
 def load_config(path: Path | str | None = None, overrides: dict | None = None) -> HmgdmConfig:

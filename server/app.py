@@ -13,7 +13,6 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
@@ -21,13 +20,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from client.records import FROZEN, pack_config, pack_state, unpack_state
-from hmgdm_core.config import HmgdmConfig, parse_section
+from hmgdm_core.config import HmgdmConfig, parse_config_text
 from hmgdm_core.events import EVENTS_FILE, EventLog
-from hmgdm_core.exceptions import ConfigError, HmgdmError
+from hmgdm_core.exceptions import HmgdmError
 from hmgdm_core.federation_config import FederationConfig, Stage, shared_names
 from hmgdm_core.privacy.config import CENTRAL_MODES
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
 from server.privacy import CentralAccountant
+from server.replies import InvalidReply, SiteStats, site_stats
 from server.secagg import secagg_train
 from server.strategy import (
     RoundOutcome,
@@ -53,11 +53,7 @@ class FederationError(HmgdmError):
 
 def run_config_to_cfg(run_config: dict[str, Any]) -> tuple[HmgdmConfig, Path, bool]:
     """The HmgdmConfig, run directory and resume flag a run was submitted with."""
-    try:
-        data = tomllib.loads(str(run_config.get("config-toml", "")))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"run config 'config-toml' is not valid TOML: {err}") from None
-    cfg = parse_section(HmgdmConfig, data, "run config")
+    cfg = parse_config_text(str(run_config.get("config-toml", "")), "run config 'config-toml'")
     run_dir = Path(str(run_config.get("run-dir") or cfg.federation.run_dir))
     return cfg, run_dir, bool(run_config.get("resume", False))
 
@@ -104,32 +100,38 @@ def exchange(
     return replies
 
 
-def _query_stats(grid: Grid, cfg: HmgdmConfig, nodes: list[int]) -> tuple[dict, dict]:
-    """Input sizes (must agree) and summed feature moments: no site sends rows, only sums."""
+def _query_stats(
+    grid: Grid, cfg: HmgdmConfig, nodes: list[int]
+) -> tuple[dict, dict, dict[int, int]]:
+    """Input sizes (must agree), summed feature moments and each site's graph count (which caps
+    its weight later): no site sends rows, only sums. Malformed replies are left out."""
     fed = cfg.federation
     msgs = [
         Message(RecordDict({"config": pack_config(cfg)}), dst_node_id=n, message_type=QUERY_STATS)
         for n in nodes
     ]
     replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
-    ok = [m for m in replies.values() if not m.has_error()]
+    ok: dict[int, SiteStats] = {}
     for node, m in replies.items():
-        if m.has_error():
-            log(WARNING, "site %s could not report statistics: %s", node, m.error.reason)
+        try:
+            if m.has_error():
+                raise InvalidReply(m.error.reason)
+            ok[node] = site_stats(m)
+        except InvalidReply as err:
+            log(WARNING, "site %s could not report statistics: %s", node, err)
     if len(ok) < fed.min_replies:
         raise FederationError(f"only {len(ok)} sites reported statistics, need {fed.min_replies}")
-    dims = {k: int(v) for k, v in ok[0].content["dims"].items()}
+    dims = next(iter(ok.values())).dims
     moments: dict[str, torch.Tensor] = {}
-    for m in ok:
-        site_dims = {k: int(v) for k, v in m.content["dims"].items()}
-        if site_dims != dims:
+    for node, stats in ok.items():
+        if stats.dims != dims or set(stats.moments) != set(next(iter(ok.values())).moments):
             raise FederationError(
-                f"site {m.metadata.src_node_id} has input sizes {site_dims}, another has {dims}; "
+                f"site {node} has input sizes {stats.dims}, another has {dims}; "
                 "all sites must build graphs with the same graph config"
             )
-        for k, v in unpack_state(m.content["moments"]).items():
+        for k, v in stats.moments.items():
             moments[k] = moments.get(k, 0) + v.double()
-    return dims, moments
+    return dims, moments, {node: stats.graphs for node, stats in ok.items()}
 
 
 def initial_state(cfg: HmgdmConfig, dims: dict, moments: dict) -> dict[str, torch.Tensor]:
@@ -175,10 +177,12 @@ def _run_round(
     run_key: str,
     rnd: int,
     state: dict[str, torch.Tensor],
+    sizes: dict[int, int],
     events: EventLog,
     accountant: CentralAccountant | None = None,
 ) -> dict[str, Any]:
     """One training (+ evaluation) round; updates `state` in place when it is aggregated.
+    Each site weighs at most its `sizes` entry (the graph count of its statistics reply).
 
     With central DP, raises PrivacyBudgetExhausted before contacting any site when releasing
     this round's aggregate would exceed the run's max_epsilon.
@@ -203,8 +207,9 @@ def _run_round(
         sent_to = [m.metadata.dst_node_id for m in msgs]
         replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
         outcome = aggregate_train(
-            strategy, rnd, replies, sent_to, fed.min_replies, sent=sent, privacy=cfg.privacy
-        )
+            strategy, rnd, replies, sent_to, fed.min_replies, sent=sent, privacy=cfg.privacy,
+            sizes=sizes, equal_weights=fed.weighting == "equal",
+        )  # fmt: skip
     record = _round_record(rnd, stage, outcome, sites, events)
     record["bytes_down"] = sum(_array_bytes(m) for m in msgs)
     # SecAgg+ replies travel inside its workflow, uncounted here: bytes_up stays 0 then.
@@ -222,7 +227,10 @@ def _run_round(
                 frozen,
             )
             ev_replies = exchange(grid, ev_msgs, fed.round_timeout_s, fed.poll_interval_s)
-            if (ev := aggregate_evaluate(strategy, rnd, ev_replies)) is not None:
+            ev = aggregate_evaluate(
+                strategy, rnd, ev_replies, sizes=sizes, equal_weights=fed.weighting == "equal"
+            )
+            if ev is not None:
                 record["eval"] = ev
     record["seconds"] = time.monotonic() - t0
     events.emit(
@@ -365,10 +373,11 @@ def pretrain(
     events.emit("sites_connected", sites=sorted(site_names(grid).values()), count=len(nodes))
     if ckpt is not None:
         state, dims, history = ckpt["arrays"], ckpt["dims"], ckpt["history"]
+        sizes = {int(n): int(g) for n, g in ckpt.get("site_sizes", {}).items()}
         restore_strategy_state(strategy, ckpt["strategy"])
         start = ckpt["round"] + 1
     else:
-        dims, moments = _query_stats(grid, cfg, nodes)
+        dims, moments, sizes = _query_stats(grid, cfg, nodes)
         state, history, start = initial_state(cfg, dims, moments), [], 1
     # Sites key their private checkpoint by this, so a resumed run finds its local weights.
     run_key = "run-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
@@ -382,7 +391,9 @@ def pretrain(
     status = "finished"
     for rnd in range(start, fed.total_rounds + 1):
         try:
-            history.append(_run_round(grid, strategy, cfg, run_key, rnd, state, events, accountant))
+            history.append(
+                _run_round(grid, strategy, cfg, run_key, rnd, state, sizes, events, accountant)
+            )
         except PrivacyBudgetExhausted as err:
             events.emit("privacy_budget_exhausted", level=WARNING, round=rnd, reason=str(err))
             status = f"stopped before round {rnd}: central DP budget spent"
@@ -395,6 +406,7 @@ def pretrain(
             "config": cfg.model_dump(mode="json"),
             "run_config": dict(context.run_config),
             "history": history,
+            "site_sizes": {str(n): g for n, g in sizes.items()},
         }
         path = save_round(run_dir, rnd, payload)
         summarise("running")

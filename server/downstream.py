@@ -34,7 +34,9 @@ from client.records import (
 from hmgdm_core.atomic import write_json
 from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.finetune import Task, save_slide_net, slide_net_for
+from hmgdm_core.privacy.errors import PrivacyError
 from hmgdm_core.train import load_checkpoint
+from server.replies import InvalidReply, downstream_metrics, entity_moments
 from server.strategy import aggregate_train, make_strategy
 
 PAIR_KEYS = ("concordant", "discordant", "tied-risk", "comparable")
@@ -77,6 +79,19 @@ def site_figures(task: Task, metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def _checked(replies: dict[int, Message], names: dict[int, str], what: str, parse) -> dict:
+    """node -> `parse(reply)` for the replies without error that parse; the others logged."""
+    out = {}
+    for node, reply in replies.items():
+        try:
+            if reply.has_error():
+                raise InvalidReply(reply.error.reason)
+            out[node] = parse(reply)
+        except InvalidReply as err:
+            log(WARNING, "site %s: no %s: %s", names.get(node, node), what, err)
+    return out
+
+
 def run_downstream(grid: Grid, context: Context) -> Path:
     """Fine-tune for `evaluation.fed_rounds` FedAvg rounds, evaluate, write metrics and model."""
     from server.app import (
@@ -105,6 +120,12 @@ def run_downstream(grid: Grid, context: Context) -> Path:
     # The diffusion decoder plays no part downstream: it never travels.
     frozen = [k for k in state if k not in shared and not k.startswith("backbone.decoder.")]
     strategy = make_strategy(fed, cfg.privacy)
+    if cfg.privacy.secure_aggregation:
+        # Refused rather than ignored: the sites' updates would reach the server unmasked.
+        raise PrivacyError(
+            "[privacy] secure_aggregation is not available for federated fine-tuning yet; "
+            "unset it to fine-tune with each site's update visible to the server"
+        )
     nodes = wait_for_sites(grid, fed.min_sites, fed.wait_timeout_s, fed.poll_interval_s)
     names = site_names(grid)
     history = []
@@ -121,23 +142,21 @@ def run_downstream(grid: Grid, context: Context) -> Path:
     replies = exchange(
         grid, messages(QUERY_ENTITY_MOMENTS, 0), fed.round_timeout_s, fed.poll_interval_s
     )
-    moments = [r for r in replies.values() if not r.has_error()]
+    moments = _checked(replies, names, "entity moments",
+                       lambda r: entity_moments(r, net.input_mean.numel()))  # fmt: skip
     if len(moments) < fed.min_replies:
         raise FederationError(f"only {len(moments)} sites sent entity moments")
-    sums = [unpack_state(r.content["moments"]) for r in moments]
-    net.set_input_stats(
-        sum(int(r.content["metrics"]["entities"]) for r in moments),
-        sum(m["total"] for m in sums),
-        sum(m["total_sq"] for m in sums),
-    )
+    sizes = {node: slides for node, (*_, slides) in moments.items()}
+    net.set_input_stats(*(sum(m[i] for m in moments.values()) for i in range(3)))
     state.update({k: v.detach().clone() for k, v in net.state_dict().items() if k in frozen})
 
     for rnd in range(1, ev.fed_rounds + 1):
         msgs = messages(TRAIN_FINETUNE, rnd)
         replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
         outcome = aggregate_train(
-            strategy, rnd, replies, nodes, fed.min_replies, sent=msgs[0].content[SHARED]
-        )
+            strategy, rnd, replies, nodes, fed.min_replies, sent=msgs[0].content[SHARED],
+            privacy=cfg.privacy, sizes=sizes, equal_weights=fed.weighting == "equal",
+        )  # fmt: skip
         if not outcome.aggregated:
             reasons = {names.get(n, n): r for n, r in {**outcome.failed, **outcome.dropped}.items()}
             raise FederationError(f"fine-tuning round {rnd} not aggregated: {reasons}")
@@ -148,14 +167,13 @@ def run_downstream(grid: Grid, context: Context) -> Path:
     replies = exchange(
         grid, messages(EVALUATE_DOWNSTREAM, ev.fed_rounds), fed.round_timeout_s, fed.poll_interval_s
     )
+    checked = _checked(replies, names, "evaluation", lambda r: downstream_metrics(r, task.kind))
     per_site = {}
-    for node, reply in replies.items():
-        if reply.has_error():
-            log(
-                WARNING, "site %s could not evaluate: %s", names.get(node, node), reply.error.reason
-            )
-            continue
-        per_site[names.get(node, f"node-{node}")] = dict(reply.content["metrics"])
+    for node, metrics in checked.items():
+        # A site weighs at most its labelled slides (or 1 each with weighting = "equal").
+        cap = 1 if fed.weighting == "equal" else sizes.get(node, min(sizes.values()))
+        metrics[NUM_EXAMPLES] = min(int(metrics[NUM_EXAMPLES]), cap)
+        per_site[names.get(node, f"node-{node}")] = metrics
     if not per_site:
         raise FederationError("no site returned evaluation metrics")
     result = {

@@ -23,9 +23,11 @@ from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, Privacy
 from server.privacy import (
     check_secure_aggregation,
     drop_invalid,
+    finite_metrics,
     validate_metrics,
     wrap_strategy,
 )
+from server.weight import bound_weights
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +126,16 @@ def aggregate_train(
     *,
     sent: ArrayRecord,
     privacy: PrivacyConfig | None = None,
+    sizes: Mapping[int, float] | None = None,
+    equal_weights: bool = False,
 ) -> RoundOutcome:
     """Aggregate a round only if at least `min_replies` sites sent a valid update.
 
     Replies with an error are failures; replies whose arrays differ in names, shapes or dtypes
     from `sent`, hold NaN/Inf or exceed `max_update_norm` are dropped. Flower's strategies
     average whatever arrived (one reply suffices); a federation that promised each site its
-    update is mixed with at least `min_replies - 1` others must not.
+    update is mixed with at least `min_replies - 1` others must not. Each weight is capped at
+    the size its site reported (`sizes`, node -> count), or 1 with `equal_weights`.
     """
     ok = {node: m for node, m in replies.items() if not m.has_error()}
     failed = {node: m.error.reason for node, m in replies.items() if m.has_error()}
@@ -140,6 +145,7 @@ def aggregate_train(
     kept, dropped = drop_invalid(
         ok, sent, privacy or PrivacyConfig(), weight_key=_weight_key(strategy)
     )
+    bound_weights(kept, _weight_key(strategy), sizes, equal=equal_weights)
     outcome = RoundOutcome(None, None, sorted(kept), failed, dropped, _site_metrics(kept))
     if len(kept) >= min_replies:
         arrays, outcome.metrics = strategy.aggregate_train(
@@ -150,14 +156,22 @@ def aggregate_train(
 
 
 def aggregate_evaluate(
-    strategy: Strategy, server_round: int, replies: Mapping[int, Message]
+    strategy: Strategy,
+    server_round: int,
+    replies: Mapping[int, Message],
+    *,
+    sizes: Mapping[int, float] | None = None,
+    equal_weights: bool = False,
 ) -> dict[str, float] | None:
-    """Mean held-out metrics of the replies without error and with a valid weight."""
+    """Mean held-out metrics of the replies without error, with a valid weight (capped as in
+    `aggregate_train`) and only finite metrics."""
     key = _weight_key(strategy)
-    ok = [m for m in replies.values() if not m.has_error() and validate_metrics(m, key)[0]]
+    ok = {n: m for n, m in replies.items() if not m.has_error() and validate_metrics(m, key)[0]}
+    ok = {n: m for n, m in ok.items() if finite_metrics(m)}
     if not ok:
         return None
-    return dict(strategy.aggregate_evaluate(server_round, _common_metrics(ok)) or {})
+    bound_weights(ok, key, sizes, equal=equal_weights)
+    return dict(strategy.aggregate_evaluate(server_round, _common_metrics(ok.values())) or {})
 
 
 def _weight_key(strategy: Strategy) -> str:

@@ -17,11 +17,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from client.records import COX_ARRAYS as ARRAYS
-from client.records import QUERY_COX, pack_arrays, unpack_float64
+from client.records import QUERY_COX, pack_arrays
 from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.fedcox import CoxStats, FederatedCox, Moments
 from hmgdm_core.downstream.fedsurvival import GROUPS, SiteEvaluation, write_survival_report
 from hmgdm_core.downstream.tcga import COVARIATES
+from server.replies import InvalidReply, array, count, metric
 
 TIES = "efron"
 PAIR_FIELDS = ("concordant", "discordant", "tied_risk", "comparable")
@@ -57,43 +58,83 @@ def run_clinical_survival(grid: Grid, context: Context) -> Path:
         for node, reply in replies.items():
             pid = reply.content["metrics"].get("partition-id")
             name = names.get(node, f"node-{node}")
-            by_name[sim_names[int(pid)] if pid is not None and sim_names else name] = reply
+            if isinstance(pid, int) and 0 <= pid < len(sim_names):
+                name = sim_names[pid]  # a simulated site: its tissue source site(s)
+            by_name[name] = reply
         return by_name
 
-    replies = ask("moments").values()
-    moments = sum(
-        (Moments(int(r.content["metrics"]["patients"]),
-                 *unpack_float64(r.content[ARRAYS], "total", "total_sq")) for r in replies),
-        Moments(0, 0.0, 0.0),
-    )  # fmt: skip
+    moments = sum(_parsed(ask("moments"), _moments).values(), Moments(0, 0.0, 0.0))
 
     def summed_stats(beta: np.ndarray) -> CoxStats:
-        replies = ask("newton", beta=beta, mean=model.mean_, std=model.std_).values()
-        stats = [
-            CoxStats(int(r.content["metrics"]["patients"]), float(r.content["metrics"]["loglik"]),
-                     *unpack_float64(r.content[ARRAYS], "gradient", "hessian"))
-            for r in replies
-        ]  # fmt: skip
+        replies = ask("newton", beta=beta, mean=model.mean_, std=model.std_)
+        stats = list(_parsed(replies, _stats).values())
         return sum(stats[1:], stats[0])
 
     model = FederatedCox(ties=TIES)
     model.fit_stats(moments, summed_stats)
     log(INFO, "federated Cox: %d Newton rounds, coefficients %s", model.rounds_, model.params_)
-    evaluations = {
-        name: _evaluation(reply)
-        for name, reply in sorted(ask("evaluate", params=model.params_, center=model.mean_).items())
-    }
+    replies = ask("evaluate", params=model.params_, center=model.mean_)
+    evaluations = dict(sorted(_parsed(replies, _evaluation).items()))
     write_survival_report(model, evaluations, run_dir, covariates=COVARIATES, bin_width=bin_width)
     return run_dir / "metrics.json"
 
 
+D = len(COVARIATES)
+MAX_BINS = 100_000  # no honest site's life table is longer (a site allows at most max_bins)
+
+
+def _parsed(replies: dict[str, Message], parse) -> dict:
+    """Each site's reply through `parse`; a malformed one stops the run, naming the site."""
+    from server.app import FederationError
+
+    out = {}
+    for name, reply in replies.items():
+        try:
+            out[name] = parse(reply)
+        except InvalidReply as err:
+            reason = f"federated Cox: site {name} sent an invalid reply: {err}"
+            raise FederationError(reason) from None
+    return out
+
+
+def _moments(reply: Message) -> Moments:
+    arrays = reply.content.array_records.get(ARRAYS, {})
+    total, total_sq = (array(arrays, k, (D,)) for k in ("total", "total_sq"))
+    if (total_sq < 0).any():
+        raise InvalidReply("a negative sum of squares")
+    return Moments(count(reply.content["metrics"], "patients"), total, total_sq)
+
+
+def _stats(reply: Message) -> CoxStats:
+    m, arrays = reply.content["metrics"], reply.content.array_records.get(ARRAYS, {})
+    return CoxStats(
+        count(m, "patients"),
+        metric(m, "loglik", high=1e-9),  # a log partial likelihood is never positive
+        array(arrays, "gradient", (D,)),
+        array(arrays, "hessian", (D, D)),
+    )
+
+
 def _evaluation(reply: Message) -> SiteEvaluation:
     m = reply.content["metrics"]
-    counts = PairCounts(*(int(m[k.replace("_", "-")]) for k in PAIR_FIELDS))
-    tables = {
-        g: reply.content[ARRAYS][g.replace(" ", "-")].numpy().astype(np.int64) for g in GROUPS
-    }
-    return SiteEvaluation(int(m["patients"]), int(m["events"]), counts, tables)
+    patients = count(m, "patients")
+    counts = PairCounts(*(count(m, k.replace("_", "-")) for k in PAIR_FIELDS))
+    if counts.concordant + counts.discordant + counts.tied_risk != counts.comparable or (
+        counts.comparable > patients * (patients - 1) // 2
+    ):
+        raise InvalidReply(f"pair counts {counts} do not add up for {patients} patients")
+    tables = {}
+    if count(m, "life-tables", high=1):
+        arrays = reply.content.array_records.get(ARRAYS, {})
+        tables = {
+            g: array(arrays, g.replace(" ", "-"), (2, None), nonnegative=True, integer=True)
+            for g in GROUPS
+        }
+        if sum(int(t.sum()) for t in tables.values()) != patients or any(
+            not 1 <= t.shape[1] <= MAX_BINS for t in tables.values()
+        ):
+            raise InvalidReply(f"life tables do not hold its {patients} patients")
+    return SiteEvaluation(patients, count(m, "events", high=patients), counts, tables)
 
 
 def simulate_clinical_survival(

@@ -38,6 +38,14 @@ def cache(tmp_path_factory) -> Path:
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
+def site_policy(directory: Path) -> str:
+    """The site's own TOML: 6 tiles are fewer patients than the default small-cell minimum
+    (tests/client/test_disclosure.py checks the policy itself)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "site.toml").write_text("[disclosure]\nmin_patients = 1\n")
+    return str(directory / "site.toml")
+
+
 class Server:
     """Plays the ServerApp's part: the same messages it sends, addressed to one site."""
 
@@ -49,8 +57,9 @@ class Server:
             node_id=7,
             state=RecordDict(),
             run_config={},
-            node_config={"graphs-dir": str(cache), "state-dir": str(state_dir)},
-        )
+            node_config={"graphs-dir": str(cache), "state-dir": str(state_dir),
+                         "privacy-config": site_policy(state_dir.parent)},
+        )  # fmt: skip
         self.sent: list[Message] = []
         stats = self.send(QUERY_STATS, RecordDict({"config": pack_config(self.cfg)}))
         dims = {k: int(v) for k, v in stats.content["dims"].items()}
@@ -155,7 +164,7 @@ def test_downstream_replies_hold_only_head_weights_and_scalars(cache, tmp_path):
     ctx = Context(
         run_id=1, node_id=7, state=RecordDict(), run_config={},
         node_config={"graphs-dir": str(cache), "state-dir": str(tmp_path / "s"),
-                     "labels": str(labels)},
+                     "labels": str(labels), "privacy-config": site_policy(tmp_path)},
     )  # fmt: skip
     replies = []
     for kind in (QUERY_ENTITY_MOMENTS, TRAIN_FINETUNE, EVALUATE_DOWNSTREAM):

@@ -71,6 +71,10 @@ class Federation:
         return keys
 
     def join(self, name: str, graphs: Path, key: Path | None, **kwargs) -> subprocess.Popen:
+        # Test caches hold 6-9 tiles, fewer patients than the default small-cell minimum.
+        policy = self.root / "site_policy.toml"
+        policy.write_text("[disclosure]\nmin_patients = 1\n")
+        kwargs.setdefault("privacy_config", policy)
         cmd = supernode_command(
             superlink=self.address, graphs=graphs, state_dir=self.root / "sites" / name,
             root_cert=kwargs.pop("root_cert", self.tls.ca_cert), auth_key=key,
