@@ -27,7 +27,7 @@ from hmgdm_core.federation_config import FederationConfig, Stage, shared_names
 from hmgdm_core.privacy.config import CENTRAL_MODES
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
 from server.privacy import CentralAccountant
-from server.replies import InvalidReply, SiteStats, site_stats
+from server.replies import parse_replies, site_stats
 from server.secagg import secagg_train
 from server.strategy import (
     RoundOutcome,
@@ -111,14 +111,9 @@ def _query_stats(
         for n in nodes
     ]
     replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
-    ok: dict[int, SiteStats] = {}
-    for node, m in replies.items():
-        try:
-            if m.has_error():
-                raise InvalidReply(m.error.reason)
-            ok[node] = site_stats(m)
-        except InvalidReply as err:
-            log(WARNING, "site %s could not report statistics: %s", node, err)
+    ok, bad = parse_replies(replies, site_stats)
+    for node, reason in bad.items():
+        log(WARNING, "site %s could not report statistics: %s", node, reason)
     if len(ok) < fed.min_replies:
         raise FederationError(f"only {len(ok)} sites reported statistics, need {fed.min_replies}")
     dims = next(iter(ok.values())).dims

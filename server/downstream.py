@@ -36,7 +36,7 @@ from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.finetune import Task, save_slide_net, slide_net_for
 from hmgdm_core.privacy.errors import PrivacyError
 from hmgdm_core.train import load_checkpoint
-from server.replies import InvalidReply, downstream_metrics, entity_moments
+from server.replies import downstream_metrics, entity_moments, parse_replies
 from server.strategy import aggregate_train, make_strategy
 
 PAIR_KEYS = ("concordant", "discordant", "tied-risk", "comparable")
@@ -81,15 +81,10 @@ def site_figures(task: Task, metrics: dict[str, float]) -> dict[str, float]:
 
 def _checked(replies: dict[int, Message], names: dict[int, str], what: str, parse) -> dict:
     """node -> `parse(reply)` for the replies without error that parse; the others logged."""
-    out = {}
-    for node, reply in replies.items():
-        try:
-            if reply.has_error():
-                raise InvalidReply(reply.error.reason)
-            out[node] = parse(reply)
-        except InvalidReply as err:
-            log(WARNING, "site %s: no %s: %s", names.get(node, node), what, err)
-    return out
+    ok, bad = parse_replies(replies, parse)
+    for node, reason in bad.items():
+        log(WARNING, "site %s: no %s: %s", names.get(node, node), what, reason)
+    return ok
 
 
 def run_downstream(grid: Grid, context: Context) -> Path:

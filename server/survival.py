@@ -22,7 +22,7 @@ from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.fedcox import CoxStats, FederatedCox, Moments
 from hmgdm_core.downstream.fedsurvival import GROUPS, SiteEvaluation, write_survival_report
 from hmgdm_core.downstream.tcga import COVARIATES
-from server.replies import InvalidReply, array, count, metric
+from server.replies import InvalidReply, array, count, metric, parse_replies
 
 TIES = "efron"
 PAIR_FIELDS = ("concordant", "discordant", "tied_risk", "comparable")
@@ -87,14 +87,10 @@ def _parsed(replies: dict[str, Message], parse) -> dict:
     """Each site's reply through `parse`; a malformed one stops the run, naming the site."""
     from server.app import FederationError
 
-    out = {}
-    for name, reply in replies.items():
-        try:
-            out[name] = parse(reply)
-        except InvalidReply as err:
-            reason = f"federated Cox: site {name} sent an invalid reply: {err}"
-            raise FederationError(reason) from None
-    return out
+    ok, bad = parse_replies(replies, parse)
+    if bad:
+        raise FederationError(f"federated Cox: invalid replies: {bad}")
+    return ok
 
 
 def _moments(reply: Message) -> Moments:

@@ -21,6 +21,7 @@ from server.superlink import (
     register_site,
     start_superlink,
     stop_tree,
+    submit_run,
 )
 
 KATHER = DATA / "kather2016_tiles"
@@ -81,6 +82,16 @@ class Federation:
             local_port=free_port(), **kwargs,
         )  # fmt: skip
         return self.spawn(cmd, self.root / f"supernode_{name}.log")
+
+    def submit(self, run_config: dict, timeout: float) -> str:
+        """`flwr run` with `run_config` from the operator's side; its output once it ends."""
+        proc = submit_run(self.home, run_config, self.root)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return out
 
     def spawn(self, cmd: list[str], log: Path) -> subprocess.Popen:
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor

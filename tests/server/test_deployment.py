@@ -55,13 +55,7 @@ def clinical_tables(root: Path) -> dict[str, Path]:
 
 
 def _run(fed, run_dir, timeout=420) -> str:
-    proc = submit_run(fed.home, {"config-toml": RUN_TOML, "run-dir": str(run_dir)}, fed.root)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return out
+    return fed.submit({"config-toml": RUN_TOML, "run-dir": str(run_dir)}, timeout)
 
 
 def test_two_sites_average_weighted_by_graphs_and_outsiders_are_refused(federation, site_caches):

@@ -13,7 +13,6 @@ from conftest import DATA
 
 from hmgdm_core.events import EVENTS_FILE
 from hmgdm_core.privacy.disclosure import LOG_NAME
-from server.superlink import submit_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,13 +23,7 @@ RUN_TOML = DEBUG_TOML.read_text() + (
 
 
 def _submit(fed, run_config: dict) -> str:
-    proc = submit_run(fed.home, {"config-toml": RUN_TOML, **run_config}, fed.root)
-    try:
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return out
+    return fed.submit({"config-toml": RUN_TOML, **run_config}, timeout=240)
 
 
 def test_a_hostile_operator_gets_no_fine_life_tables_and_no_error_detail(federation, site_caches):
