@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, tiny_site_policy
 from flwr.app import Context, Message, RecordDict
 
 from client.app import app
@@ -38,14 +38,6 @@ def cache(tmp_path_factory) -> Path:
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def site_policy(directory: Path) -> str:
-    """The site's own TOML: 6 tiles are fewer patients than the default small-cell minimum
-    (tests/client/test_disclosure.py checks the policy itself)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "site.toml").write_text("[disclosure]\nmin_patients = 1\n")
-    return str(directory / "site.toml")
-
-
 class Server:
     """Plays the ServerApp's part: the same messages it sends, addressed to one site."""
 
@@ -58,7 +50,7 @@ class Server:
             state=RecordDict(),
             run_config={},
             node_config={"graphs-dir": str(cache), "state-dir": str(state_dir),
-                         "privacy-config": site_policy(state_dir.parent)},
+                         "privacy-config": tiny_site_policy(state_dir.parent)},
         )  # fmt: skip
         self.sent: list[Message] = []
         stats = self.send(QUERY_STATS, RecordDict({"config": pack_config(self.cfg)}))
@@ -164,7 +156,7 @@ def test_downstream_replies_hold_only_head_weights_and_scalars(cache, tmp_path):
     ctx = Context(
         run_id=1, node_id=7, state=RecordDict(), run_config={},
         node_config={"graphs-dir": str(cache), "state-dir": str(tmp_path / "s"),
-                     "labels": str(labels), "privacy-config": site_policy(tmp_path)},
+                     "labels": str(labels), "privacy-config": tiny_site_policy(tmp_path)},
     )  # fmt: skip
     replies = []
     for kind in (QUERY_ENTITY_MOMENTS, TRAIN_FINETUNE, EVALUATE_DOWNSTREAM):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from conftest import DATA
+from conftest import DATA, tiny_site_policy
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import app
@@ -44,10 +44,9 @@ def cache(tmp_path_factory) -> Path:
 
 def site(cache: Path, state: Path, run_config: dict | None = None, **node) -> Context:
     """A deployed site (its own cache and state dir; a policy for its 3 tiles)."""
-    state.mkdir(parents=True, exist_ok=True)
-    policy = state / "site.toml"
+    policy = state / "site_policy.toml"
     if not policy.exists():
-        policy.write_text("[disclosure]\nmin_patients = 1\n")
+        tiny_site_policy(state)
     node = {"graphs-dir": str(cache), "state-dir": str(state), "privacy-config": str(policy),
             **node}  # fmt: skip
     return Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config or {},
@@ -120,7 +119,7 @@ def test_a_local_dp_site_sends_no_fine_tuned_weights(cache, tmp_path):
     22,723 trained values, no DP and no ledger entry."""
     state = tmp_path / "state"
     state.mkdir()
-    policy = state / "site.toml"
+    policy = state / "site_policy.toml"
     policy.write_text(tomli_w.dumps({"privacy": {"mode": "local_dp", "max_epsilon": 1.0},
                                      "disclosure": {"min_patients": 1}}))  # fmt: skip
     ctx = site(cache, state)

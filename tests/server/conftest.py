@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import DATA, free_port
+from conftest import DATA, free_port, tiny_site_policy
 
 from client.commands_fed import supernode_command, write_keypair
 from client.flower_env import flower_env
@@ -72,10 +72,7 @@ class Federation:
         return keys
 
     def join(self, name: str, graphs: Path, key: Path | None, **kwargs) -> subprocess.Popen:
-        # Test caches hold 6-9 tiles, fewer patients than the default small-cell minimum.
-        policy = self.root / "site_policy.toml"
-        policy.write_text("[disclosure]\nmin_patients = 1\n")
-        kwargs.setdefault("privacy_config", policy)
+        kwargs.setdefault("privacy_config", tiny_site_policy(self.root))  # 6-9 tiles a site
         cmd = supernode_command(
             superlink=self.address, graphs=graphs, state_dir=self.root / "sites" / name,
             root_cert=kwargs.pop("root_cert", self.tls.ca_cert), auth_key=key,
