@@ -50,7 +50,7 @@ class FederationConfig(Section):
     )
     weighting: Literal["examples", "equal"] = Field(
         "examples",
-        description="weight of a site's update: its example count (capped at the graph count "
+        description="weight of a site's update: its example count (capped by the graph count "
         "it reported before round 1) or 1 for every site",
     )
     local_epochs: int = Field(1, ge=1, description="local epochs per round")

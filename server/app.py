@@ -40,6 +40,7 @@ from server.strategy import (
     strategy_state,
 )
 from server.summary import run_summary, write_run_summary
+from server.weight import round_caps
 
 app = ServerApp()
 
@@ -177,7 +178,7 @@ def _run_round(
     accountant: CentralAccountant | None = None,
 ) -> dict[str, Any]:
     """One training (+ evaluation) round; updates `state` in place when it is aggregated.
-    Each site weighs at most its `sizes` entry (the graph count of its statistics reply).
+    A site's weight is capped by its `sizes` entry (the graph count of its statistics reply).
 
     With central DP, raises PrivacyBudgetExhausted before contacting any site when releasing
     this round's aggregate would exceed the run's max_epsilon.
@@ -203,7 +204,8 @@ def _run_round(
         replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
         outcome = aggregate_train(
             strategy, rnd, replies, sent_to, fed.min_replies, sent=sent, privacy=cfg.privacy,
-            sizes=sizes, equal_weights=fed.weighting == "equal",
+            sizes=round_caps(sizes, fed, cfg.train.batch_size),
+            equal_weights=fed.weighting == "equal",
         )  # fmt: skip
     record = _round_record(rnd, stage, outcome, sites, events)
     record["bytes_down"] = sum(_array_bytes(m) for m in msgs)

@@ -1,7 +1,7 @@
 """The aggregation weight the server accepts from each site: its claimed example count capped
-at the size it reported before training (the graph count of its statistics reply, or the
-labelled slides of its entity-moments reply), or 1 for every site. One site claiming 1e15
-examples must not become the global model.
+at what the size it reported before training allows (the graph count of its statistics reply,
+or the labelled slides of its entity-moments reply), or 1 for every site. One site claiming
+1e15 examples must not become the global model.
 """
 
 from __future__ import annotations
@@ -11,9 +11,19 @@ from collections.abc import Mapping
 
 from flwr.app import Message
 
+from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY
 
 log = logging.getLogger(__name__)
+
+
+def round_caps(graphs: Mapping[int, int], fed: FederationConfig, batch_size: int) -> dict:
+    """node -> the most examples a site with that many graphs processes honestly in a training
+    round: local_epochs passes over its graphs, or local_steps batches of at most batch_size
+    (and at least its graph count, what a local-DP site reports)."""
+    if fed.local_steps is None:
+        return {n: fed.local_epochs * g for n, g in graphs.items()}
+    return {n: max(g, fed.local_steps * min(batch_size, g)) for n, g in graphs.items()}
 
 
 def bound_weights(

@@ -15,6 +15,7 @@ from hmgdm_core.privacy.config import PrivacyConfig
 from server.replies import InvalidReply, downstream_metrics, entity_moments, site_stats
 from server.strategy import aggregate_evaluate, aggregate_train, make_strategy
 from server.survival import _evaluation, _moments, _stats
+from server.weight import round_caps
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 FED = FederationConfig(min_sites=2, min_replies=2)
@@ -141,3 +142,10 @@ def test_cox_sums_and_counts_are_checked_before_they_are_summed():
     too_many = {**counts, "comparable": 10**9, "concordant": 10**9 - 6, "life-tables": 0}
     with pytest.raises(InvalidReply):  # more comparable pairs than 12 patients have
         _evaluation(_cox(too_many))
+
+
+def test_honest_weights_stay_within_the_caps_their_graph_counts_give():
+    # 2 steps of batches of 8: a site with 6 graphs (5 for training) honestly claims 2 x 5 = 10.
+    fed = FederationConfig(local_steps=2)
+    assert round_caps({1: 6, 2: 100}, fed, batch_size=8) == {1: 12, 2: 100}
+    assert round_caps({1: 6}, FederationConfig(local_epochs=3), batch_size=8) == {1: 18}
