@@ -1,298 +1,32 @@
-"""The ClientApp a site runs: report feature moments, train a round, evaluate held-out graphs.
+"""The ClientApp a site runs: its mods (one event per message and generic error replies,
+SecAgg+, simulated faults, central-DP clipping) and every message kind it answers, each routed
+to its handler by name.
 
-Each handler unpacks arrays, builds the model from the server's config, loads this site's graphs,
-calls `hmgdm_core`, and packs arrays + scalar metrics. Only names the server sent come back.
-Under local DP a round is patient-level DP-SGD with the site's own settings and ledger; a site
-whose budget is spent answers with an error saying so, and the server goes on without it.
+Handlers unpack the message, check what the server sent (client/guard.py), call `hmgdm_core`
+and pack arrays + scalar metrics; only names the server sent come back (pretraining.py,
+downstream.py, cox.py).
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch_geometric.data import Data
 
+from client import cox, downstream, pretraining
 from client.faults import fault_mod
-from client.guard import (
-    Guard,
-    bounded,
-    request_config,
-    request_stage,
-    run_key,
-    server_round,
-    sim_value,
-    site_state_dir,
-)
-from client.privacy import PATIENTS_KEY, patient_table, privacy_mod, site_privacy
-from client.records import (
-    FROZEN,
-    SHARED,
-    load_into,
-    pack_metrics,
-    pack_state,
-    record_names,
-)
+from client.privacy import privacy_mod
 from client.report import report_mod
 from client.secagg import secagg_mod
-from hmgdm_core.atomic import save_torch
-from hmgdm_core.config import HmgdmConfig
-from hmgdm_core.exceptions import GraphDataError
-from hmgdm_core.privacy.config import PrivacyConfig
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where this site's graphs and its private checkpoints are (from the SuperNode's config)."""
-
-    graphs_dir: Path
-    state_dir: Path
-    partition: tuple[int, int] | None = None  # (id, count) when simulating sites from one cache
-    patients_csv: Path | None = None  # slide_id,patient_id: the privacy unit of local DP
-
-    @classmethod
-    def from_context(cls, context: Context) -> Site:
-        node = context.node_config
-        if "graphs-dir" in node:
-            patients = node.get(PATIENTS_KEY)
-            return cls(
-                Path(str(node["graphs-dir"])),
-                site_state_dir(context),
-                patients_csv=Path(str(patients)) if patients else None,
-            )
-        # Simulation: virtual SuperNodes get partition ids, the graphs come from the run config
-        # (a real SuperNode refuses to read a directory the server names).
-        if not (graphs_dir := sim_value(context, "sim-graphs-dir")):
-            raise GraphDataError(
-                "this SuperNode has no 'graphs-dir' in its node config; start it with "
-                "`hmgdm-client join --graphs DIR`"
-            )
-        pid, n = int(node["partition-id"]), int(node["num-partitions"])
-        return cls(Path(graphs_dir), site_state_dir(context), (pid, n))
-
-    def graphs(self) -> list[Data]:
-        return _load_graphs(self.graphs_dir, self.partition)
-
-    def split(self, fraction: float, seed: int) -> tuple[list[Data], list[Data]]:
-        """(train, held-out): whole slides are held out when the site has several."""
-        graphs = self.graphs()
-        slides = sorted({str(g.slide_id) for g in graphs})
-        gen = torch.Generator().manual_seed(seed)
-        if len(slides) >= 2:
-            n_eval = max(1, round(fraction * len(slides))) if fraction > 0 else 0
-            held = {slides[i] for i in torch.randperm(len(slides), generator=gen)[:n_eval]}
-            return (
-                [g for g in graphs if str(g.slide_id) not in held],
-                [g for g in graphs if str(g.slide_id) in held],
-            )
-        n_eval = max(1, int(fraction * len(graphs))) if fraction > 0 and len(graphs) > 1 else 0
-        held_idx = set(torch.randperm(len(graphs), generator=gen)[:n_eval].tolist())
-        return (
-            [g for i, g in enumerate(graphs) if i not in held_idx],
-            [g for i, g in enumerate(graphs) if i in held_idx],
-        )
-
-    def checkpoint(self, key: object) -> Path:
-        """The private checkpoint of the server's run `key` (checked: it names a file)."""
-        return self.state_dir / f"{run_key(key)}.pt"
-
-    def patients(self, graphs: list[Data]) -> int:
-        """Distinct patients behind `graphs` (by the site's table; else one per slide)."""
-        from hmgdm_core.privacy.patients import read_patients
-
-        table = read_patients(self.patients_csv) if self.patients_csv else {}
-        return len({table.get(str(g.slide_id), str(g.slide_id)) for g in graphs})
-
-    @property
-    def ledger(self) -> Path:
-        """The site's privacy ledger: one per site, shared by all runs on the same data."""
-        from hmgdm_core.privacy.ledger import LEDGER_NAME
-
-        return self.state_dir / LEDGER_NAME
-
 
 # report_mod outermost: whatever fails below, the server gets a category, the site's log the
 # detail. secagg_mod next: a SecAgg+ round becomes a plain train message that privacy_mod then
 # clips. fault_mod (simulation only) sits outside privacy_mod: a broken site skips the clipping.
 app = ClientApp(mods=[report_mod, secagg_mod, fault_mod, privacy_mod])
 
-
-@functools.lru_cache(maxsize=4)
-def _load_graphs(graphs_dir: Path, partition: tuple[int, int] | None) -> list[Data]:
-    # Cached: simulation reuses its worker processes across rounds, so graphs load once.
-    from hmgdm_core.graph.cache import load_graph_dir
-
-    if partition is None:
-        return load_graph_dir(graphs_dir)
-    pid, n = partition
-    own = Path(graphs_dir) / f"site-{pid}"
-    if own.is_dir():
-        # A study wrote each virtual site its own cache (label or quantity skew, stain shift).
-        return load_graph_dir(own)
-    graphs = load_graph_dir(graphs_dir)
-    slides = sorted({str(g.slide_id) for g in graphs})
-    if len(slides) >= n:
-        mine = set(slides[pid::n])
-        return [g for g in graphs if str(g.slide_id) in mine]
-    return graphs[pid::n]
-
-
-def _site_model(site: Site, cfg: HmgdmConfig, msg: Message, graphs: list[Data]):
-    """This site's model: its own last weights for what is not shared, the server's for the rest."""
-    from hmgdm_core.data import graph_dims
-    from hmgdm_core.train import build_model
-
-    model = build_model(cfg, graph_dims(graphs))
-    path = site.checkpoint(str(msg.content["config"]["run"]))
-    if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-    records = [msg.content[k] for k in (SHARED, FROZEN) if k in msg.content.array_records]
-    load_into(model, *records)
-    return model
-
-
-def _add_proximal_term(model: torch.nn.Module, mu: float, names: set[str]) -> None:
-    """FedProx: loss + mu/2 * ||w - w_global||^2 over the shared parameters."""
-    anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
-    base = model.loss
-
-    def loss(batch, **kwargs):
-        terms = base(batch, **kwargs)
-        prox = sum((p - anchor[n]).pow(2).sum() for n, p in model.named_parameters() if n in anchor)
-        terms["loss"] = terms["loss"] + 0.5 * mu * prox
-        terms["proximal"] = torch.as_tensor(prox).detach()
-        return terms
-
-    model.loss = loss
-
-
-def _reply(msg: Message, metrics: MetricRecord, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": metrics})
-    if arrays is not None:
-        content[SHARED] = arrays
-    return Message(content=content, reply_to=msg)
-
-
-@app.query("stats")
-def stats(msg: Message, context: Context) -> Message:
-    """Input sizes and per-column count/sum/sum-of-squares: what pooled standardisation needs."""
-    from hmgdm_core.data import feature_moments, graph_dims, validate_graphs
-
-    site = Site.from_context(context)
-    graphs = site.graphs()
-    validate_graphs(graphs, str(site.graphs_dir))
-    guard = Guard.from_context(context)
-    guard.patients(site.patients(graphs), "feature moments")
-    guard.query("stats")
-    dims = {k: int(v) for k, v in asdict(graph_dims(graphs)).items()}
-    content = RecordDict(
-        {
-            "dims": MetricRecord(dims),
-            "moments": pack_state(feature_moments(graphs)),
-            # The most this site may weigh in any round (the server caps num-examples by it).
-            "metrics": MetricRecord({"graphs": len(graphs)}),
-        }
-    )
-    return Message(content=content, reply_to=msg)
-
-
-def _train_round(
-    site: Site,
-    model: torch.nn.Module,
-    graphs: list[Data],
-    cfg: HmgdmConfig,
-    privacy: PrivacyConfig,
-    config: ConfigRecord,
-) -> dict[str, float]:
-    """The round's local training: DP-SGD under the site's ledger, or the plain training step."""
-    from hmgdm_core.train import make_optimizer, resolve_device, train_steps
-
-    stage, rnd, fed = request_stage(config), server_round(config), cfg.federation
-    common = dict(
-        stage=stage,
-        steps=fed.local_steps,
-        epochs=None if fed.local_steps else fed.local_epochs,
-        device=resolve_device(),
-        generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + rnd),
-    )
-    optimizer = make_optimizer(model, cfg.train, stage)
-    if privacy.mode != "local_dp":
-        return train_steps(model, optimizer, graphs, cfg.train, **common)
-    # Imported only here: opacus and scipy add seconds to every message's fresh process.
-    from hmgdm_core.privacy.local import private_round
-
-    metrics, _ = private_round(
-        model, optimizer, graphs, cfg.train, privacy, ledger_path=site.ledger, server_round=rnd,
-        patients=patient_table(site.patients_csv, graphs), **common,
-    )  # fmt: skip
-    # How many patients the Poisson draw picked is what dividing by the expected batch size
-    # hides; the server gets the site's graph count as its weight instead.
-    metrics.pop("num_patient_samples")
-    return metrics | {"num_graphs": float(len(graphs))}
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Local epochs/steps of the round's stage from the global weights; send the shared ones."""
-    config = msg.content["config"]
-    cfg, rnd = request_config(config), server_round(config)
-    fed = cfg.federation
-    site = Site.from_context(context)
-    # A refusal (e.g. a spent budget) raises: report_mod answers with its category and the
-    # server goes on without this site.
-    privacy = site_privacy(
-        dict(context.node_config), cfg.privacy, simulated=site.partition is not None
-    )
-    graphs, _ = site.split(fed.eval_fraction, fed.seed)
-    model = _site_model(site, cfg, msg, graphs)
-    shared = record_names(msg.content[SHARED])
-    if mu := bounded(config.get("proximal-mu", 0.0), "proximal-mu", 0, 1e6):
-        _add_proximal_term(model, mu, set(shared))
-    metrics = _train_round(site, model, graphs, cfg, privacy, config)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    num_graphs = int(metrics.pop("num_graphs"))
-    # The full model stays here: unshared parts (e.g. the decoder) live only in this file,
-    # next to a record of what this site contributed to the round.
-    save_torch(
-        {"model": state, "round": rnd, "stage": request_stage(config), "sent": shared,
-         "num_examples": num_graphs},
-        site.checkpoint(str(config["run"])),
-    )  # fmt: skip
-    return _reply(msg, pack_metrics(metrics, num_graphs), pack_state(state, shared))
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Loss of the global model on held-out graphs (stage 2: masked reconstruction)."""
-    from hmgdm_core.train import eval_loss, resolve_device
-
-    config = msg.content["config"]
-    cfg, stage = request_config(config), request_stage(config)
-    fed = cfg.federation
-    site = Site.from_context(context)
-    train_graphs, held_out = site.split(fed.eval_fraction, fed.seed)
-    if not held_out:
-        raise GraphDataError(f"{site.graphs_dir}: no held-out graphs (eval_fraction is 0)")
-    guard = Guard.from_context(context)
-    guard.patients(site.patients(held_out), "a held-out loss")
-    guard.query("evaluate", guard.policy.max_evaluations_per_run)
-    model = _site_model(site, cfg, msg, train_graphs)
-    metrics = eval_loss(
-        model,
-        held_out,
-        cfg.train,
-        stage=stage,
-        device=resolve_device(),
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )
-    num_graphs = int(metrics.pop("num_graphs"))
-    return _reply(msg, pack_metrics(metrics, num_graphs))
-
-
-# Registers the downstream handlers (train.finetune, evaluate.downstream, query.cox) on `app`.
-from client import downstream as _downstream  # noqa: E402, F401
-from client import survival as _survival  # noqa: E402, F401
+# Flower's decorators return the function: registering here names every message kind served.
+app.query("stats")(pretraining.stats)
+app.train()(pretraining.train)
+app.evaluate()(pretraining.evaluate)
+app.query("entity_moments")(downstream.entity_moments)
+app.train("finetune")(downstream.finetune)
+app.evaluate("downstream")(downstream.evaluate_downstream)
+app.query("cox")(cox.cox)

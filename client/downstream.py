@@ -2,7 +2,8 @@
 standardisation (`query.entity_moments`), fine-tune the slide head on this site's own labels
 (`train.finetune`) and evaluate the global head on this site's held-out patients
 (`evaluate.downstream`). Replies carry model arrays and scalars only: metrics, counts and, for
-survival, the concordance pair counts of the site's own patients.
+survival, the concordance pair counts of the site's own patients; statistics and metrics only
+within the site's disclosure policy, trained weights never from a local-DP site (no DP path).
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import Site, app
-from client.guard import Guard, request_config, server_round, sim_value
-from client.privacy import site_privacy
+from client.guard import request_config, server_round
+from client.privacy import site_local_dp
 from client.records import (
     FROZEN,
     SHARED,
@@ -25,6 +25,7 @@ from client.records import (
     record_names,
     unpack_task,
 )
+from client.site import Site
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.downstream.finetune import Bag, Task
 from hmgdm_core.downstream.labels import Labels
@@ -58,21 +59,13 @@ class SiteCohort:
         return np.stack([t["time"].to_numpy(float), t["event"].to_numpy(float)], axis=1)
 
 
-def site_cohort(site: Site, context: Context, cfg: HmgdmConfig, task: Task) -> SiteCohort:
-    """Read the site's labels (node config `labels`, or `sim-labels` in simulation), keep the
-    site's own slides, and hold out the first patient-grouped fold for evaluation."""
+def site_cohort(site: Site, cfg: HmgdmConfig, task: Task) -> SiteCohort:
+    """Read the site's labels, keep the site's own slides, and hold out the first
+    patient-grouped fold for evaluation."""
     from hmgdm_core.downstream.labels import read_labels
     from hmgdm_core.downstream.splits import patient_folds
 
-    node = context.node_config
-    if "labels" in node:
-        source = {k: str(v) for k, v in node.items()}
-    else:
-        # A real site that joined without --labels refuses here: no path comes from the server.
-        keys = ("labels", "labels-id-column", "labels-patient-column")
-        source = {k: sim_value(context, f"sim-{k}") for k in keys}
-    path = source.get("labels", "")
-    if not path:
+    if site.labels is None:
         raise LabelError(
             "this site has no labels: start it with `hmgdm-client join --labels labels.csv`"
         )
@@ -80,18 +73,18 @@ def site_cohort(site: Site, context: Context, cfg: HmgdmConfig, task: Task) -> S
     for g in site.graphs():
         by_slide.setdefault(str(g.slide_id), []).append(g)
     labels = read_labels(
-        path,
+        site.labels,
         by_slide,
         n_folds=cfg.evaluation.folds,
         task=task.kind,
-        id_column=source.get("labels-id-column") or "slide_id",
-        patient_column=source.get("labels-patient-column") or "patient_id",
+        id_column=site.labels_id_column,
+        patient_column=site.labels_patient_column,
         only_known=site.partition is not None,
     )
     if task.kind == "classification":
         unknown = set(labels.table["label"]) - set(task.classes)
         if unknown:
-            raise LabelError(f"{path}: classes {sorted(unknown)} are not the consortium's")
+            raise LabelError(f"{site.labels}: classes {sorted(unknown)} are not the consortium's")
     train, test = patient_folds(
         labels.strata, labels.groups, cfg.evaluation.folds, cfg.evaluation.seed
     )[0]
@@ -102,7 +95,7 @@ def _site_net(msg: Message, context: Context):
     config = msg.content["config"]
     cfg, task = request_config(config), task_from_config(config)
     site = Site.from_context(context)
-    cohort = site_cohort(site, context, cfg, task)
+    cohort = site_cohort(site, cfg, task)
     from hmgdm_core.data import graph_dims
     from hmgdm_core.downstream.finetune import slide_net_for
 
@@ -111,12 +104,15 @@ def _site_net(msg: Message, context: Context):
     return cfg, task, cohort, net
 
 
-@app.query("entity_moments")
+def _guard(context: Context):
+    return Site.from_context(context).guard(context.run_id)
+
+
 def entity_moments(msg: Message, context: Context) -> Message:
     """Count, sum and sum of squares of the global encoder's entity embeddings over this
     site's training patients: the server pools them into the head's input standardisation."""
     _, _, cohort, net = _site_net(msg, context)
-    guard = Guard.from_context(context)
+    guard = _guard(context)
     guard.patients(cohort.patients(cohort.train), "entity-embedding moments")
     guard.query("entity-moments")
     n, total, total_sq = net.entity_moments([cohort.bags[i] for i in cohort.train])
@@ -130,7 +126,6 @@ def entity_moments(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.train("finetune")
 def finetune(msg: Message, context: Context) -> Message:
     """Local epochs of the slide head (+ encoder) on this site's training patients."""
     from hmgdm_core.downstream.finetune import (
@@ -140,9 +135,8 @@ def finetune(msg: Message, context: Context) -> Message:
         train_epochs,
     )
 
-    run_privacy = request_config(msg.content["config"]).privacy
-    simulated = Site.from_context(context).partition is not None
-    if site_privacy(dict(context.node_config), run_privacy, simulated=simulated).mode == "local_dp":
+    site, run_privacy = Site.from_context(context), request_config(msg.content["config"]).privacy
+    if site_local_dp(site, run_privacy) is not None:
         # Trained weights leave only under the site's DP and ledger; fine-tuning has no DP-SGD
         # path yet (the deep Cox loss couples patients), so a local-DP site refuses it.
         raise PrivacyError(
@@ -168,7 +162,6 @@ def finetune(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate("downstream")
 def evaluate_downstream(msg: Message, context: Context) -> Message:
     """The global head on this site's held-out patients: classification metrics, or the
     concordance pair counts of the site's own patients (pooled by summing at the server)."""
@@ -178,7 +171,7 @@ def evaluate_downstream(msg: Message, context: Context) -> Message:
 
     _, task, cohort, net = _site_net(msg, context)
     test = cohort.test
-    guard = Guard.from_context(context)
+    guard = _guard(context)
     guard.patients(cohort.patients(test), "held-out metrics")
     guard.query("evaluate-downstream", guard.policy.max_evaluations_per_run)
     out = predict(net, [cohort.bags[i] for i in test])

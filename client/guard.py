@@ -1,7 +1,7 @@
-"""What a site checks before it answers the server: every value the server sent (run key,
-sizes, arrays, simulation-only keys), and its disclosure policy and release log, which a
-deployed site takes from its own file (never from the run config the server sends) and a
-simulated site from the operator's run config.
+"""What a site checks before it answers the server: every value the server sent (run keys by
+pattern, choices and numbers within bounds, arrays of the right shape, the run's config within
+this site's limits, no simulation-only keys at a deployed site), and its disclosure policy with
+its release log (`Guard`; the policy is the site's own, `client.site.Site.disclosure`).
 """
 
 from __future__ import annotations
@@ -9,30 +9,22 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 
-from client.privacy import PRIVACY_CONFIG_KEY
+from client.records import SIM_GRAPHS_DIR, SIM_SITES, unpack_config
 from hmgdm_core.exceptions import HmgdmError
 from hmgdm_core.federation_config import Stage
-from hmgdm_core.privacy.disclosure import (
-    LOG_NAME,
-    DisclosureConfig,
-    ReleaseLog,
-    require_patients,
-)
+from hmgdm_core.privacy.disclosure import DisclosureConfig, ReleaseLog, require_patients
 
 if TYPE_CHECKING:
-    from flwr.app import ConfigRecord, Context
+    from flwr.app import ConfigRecord
 
     from hmgdm_core.config import HmgdmConfig
 
-STATE_KEY = "state-dir"
-SIM_STATE_DIR = "sim-state-dir"  # run config: where simulated sites keep their state
-SIM_PREFIX = "sim-"  # run-config keys only simulated sites (the operator's own) may read
 # A run key names the site's private checkpoint file: no separators, no dots.
 RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -98,8 +90,6 @@ def request_config(record: ConfigRecord) -> HmgdmConfig:
     """The run's config as the server sent it: a valid HmgdmConfig within `LIMITS`."""
     from pydantic import ValidationError
 
-    from client.records import unpack_config
-
     try:
         cfg = unpack_config(record)
     except (KeyError, ValueError, ValidationError) as err:
@@ -119,64 +109,21 @@ def request_stage(record: ConfigRecord) -> Stage:
     return choice(record.get("stage"), get_args(Stage), "stage")  # type: ignore[return-value]
 
 
-def sim_value(context: Context, key: str) -> str:
-    """A simulation-only run-config value; refused at a real site, whose data the server must
-    never point at (paths, partitions, faults)."""
-    if not key.startswith(SIM_PREFIX):
-        raise ValueError(f"{key} is not a simulation-only key")
-    value = str(context.run_config.get(key, "") or "")
-    if value and deployed(context):
-        raise RefusedRequest(f"run-config key {key!r} is for simulated sites only")
-    return value
-
-
-def refuse_sim_keys(context: Context) -> None:
-    """A real site refuses a run whose config sets any simulation-only key."""
-    if deployed(context):
-        keys = sorted(k for k, v in context.run_config.items() if k.startswith(SIM_PREFIX) and v)
-        if keys:
-            raise RefusedRequest(f"run-config keys {keys} are for simulated sites only")
-
-
-def deployed(context: Context) -> bool:
-    """A real SuperNode: only Flower's simulation engine gives a node a partition id (a node's
-    config is its own; the server cannot set it)."""
-    return "partition-id" not in context.node_config
-
-
-def site_state_dir(context: Context) -> Path:
-    """This site's private state: checkpoints, privacy ledger, release log."""
-    if deployed(context):
-        if STATE_KEY not in context.node_config:
-            raise HmgdmError("this SuperNode has no 'state-dir'; start it with `hmgdm-client join`")
-        return Path(str(context.node_config[STATE_KEY]))
-    pid = int(context.node_config["partition-id"])
-    return Path(sim_value(context, SIM_STATE_DIR) or "sim_sites") / f"site-{pid}"
-
-
-def site_disclosure(context: Context) -> DisclosureConfig:
-    """The [disclosure] this site answers under."""
-    from hmgdm_core.config import load_config, parse_config_text
-
-    if deployed(context):
-        path = context.node_config.get(PRIVACY_CONFIG_KEY)
-        return load_config(Path(str(path))).disclosure if path else DisclosureConfig()
-    text = str(context.run_config.get("config-toml", ""))
-    return parse_config_text(text, "run config 'config-toml'").disclosure
+def refuse_sim_keys(run_config: Mapping[str, Any]) -> None:
+    """A deployed site refuses a run whose config sets simulation-only keys: they name the
+    operator's data (paths, partitions, faults), never a real site's."""
+    if keys := sorted(k for k in (SIM_SITES, SIM_GRAPHS_DIR) if run_config.get(k)):
+        raise RefusedRequest(f"run-config keys {keys} are for simulated sites only")
 
 
 @dataclass(frozen=True)
 class Guard:
-    """The checks of one message: the policy, the run it belongs to and the site's log."""
+    """The disclosure checks of one message: the site's policy, the run asking and the site's
+    release log (`client.site.Site.guard`)."""
 
     policy: DisclosureConfig
     run: str
     log: ReleaseLog
-
-    @classmethod
-    def from_context(cls, context: Context) -> Guard:
-        log = ReleaseLog(site_state_dir(context) / LOG_NAME)
-        return cls(site_disclosure(context), str(context.run_id), log)
 
     def patients(self, count: int, what: str) -> None:
         require_patients(count, what, self.policy)

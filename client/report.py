@@ -9,7 +9,9 @@ import time
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING
 
-from client.guard import RefusedRequest, deployed, refuse_sim_keys, site_state_dir
+from client.guard import RefusedRequest, refuse_sim_keys
+from client.records import NUM_EXAMPLES
+from client.site import Site
 from hmgdm_core.exceptions import HmgdmError
 from hmgdm_core.privacy.disclosure import DisclosureRefused
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
@@ -45,12 +47,12 @@ def report_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     from flwr.common import log
     from flwr.common.constant import ErrorCode
 
-    from hmgdm_core.events import EVENTS_FILE, EventLog
-
     t0 = time.monotonic()
     detail = None
     try:
-        refuse_sim_keys(context)  # a real site never runs what the server set up for simulation
+        if Site.from_context(context).partition is None:
+            # A real site never runs what the server set up for simulated sites.
+            refuse_sim_keys(context.run_config)
         reply = call_next(msg, context)
         if reply.has_error():
             # A mod or handler answered with an error itself: keep its text here, send less.
@@ -63,16 +65,29 @@ def report_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         if reason == UNEXPECTED:
             log(WARNING, "%s failed", msg.metadata.message_type, exc_info=True)
         reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+    _emit(msg, reply, context, detail, time.monotonic() - t0)
+    return reply
+
+
+def _emit(msg: Message, reply: Message, context: Context, detail: str | None, seconds: float):
+    """One event in the site's STATE_DIR/events.jsonl and its log (the log only, when the site
+    has no state dir of its own)."""
+    from flwr.common import log
+
+    from hmgdm_core.events import EVENTS_FILE, EventLog
+
     try:
-        state_dir = site_state_dir(context)
-    except (HmgdmError, KeyError, ValueError):
-        log(WARNING, "%s: %s (no state dir for events)", msg.metadata.message_type, detail)
-        return reply
-    node = context.node_config
-    label = f"node-{context.node_id}" if deployed(context) else f"site-{node['partition-id']}"
+        site = Site.from_context(context)
+    except HmgdmError:
+        site = None
+    if site is None or site.state_dir is None:
+        log(WARNING if reply.has_error() else INFO, "%s: %s", msg.metadata.message_type,
+            detail or "ok")  # fmt: skip
+        return
+    label = f"site-{site.partition[0]}" if site.partition else f"node-{context.node_id}"
     config = msg.content.config_records.get("config", {})
     metrics = {} if reply.has_error() else reply.content.metric_records.get("metrics", {})
-    EventLog(state_dir / EVENTS_FILE, log=log, site=label).emit(
+    EventLog(site.state_dir / EVENTS_FILE, log=log, site=label).emit(
         "message",
         level=WARNING if reply.has_error() else INFO,
         type=msg.metadata.message_type,
@@ -80,7 +95,6 @@ def report_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         status="error" if reply.has_error() else "ok",
         reason=detail,
         loss=metrics.get("loss"),
-        examples=metrics.get("num-examples"),
-        seconds=round(time.monotonic() - t0, 2),
+        examples=metrics.get(NUM_EXAMPLES),
+        seconds=round(seconds, 2),
     )
-    return reply

@@ -15,7 +15,7 @@ from hmgdm_core.downstream.config import EvalConfig
 from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.model.config import DiffusionConfig, ModelConfig, TrainConfig
-from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.config import LocalDP, PrivacyConfig
 from hmgdm_core.privacy.disclosure import DisclosureConfig
 from hmgdm_core.section import Section
 
@@ -64,11 +64,12 @@ class HmgdmConfig(Section):
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
-    # Site-owned: a deployed site reads it from its own file only (client/disclosure.py).
-    disclosure: DisclosureConfig = DisclosureConfig()
 
 
 S = TypeVar("S", bound=Section)
+# A site's own sections, never in HmgdmConfig: nothing a run sends can set them.
+LOCAL_DP, DISCLOSURE = "local_dp", "disclosure"
+SITE_SECTIONS: dict[str, type[Section]] = {LOCAL_DP: LocalDP, DISCLOSURE: DisclosureConfig}
 
 
 def _format_validation_error(path: Path | str, err: ValidationError) -> str:
@@ -97,25 +98,45 @@ def read_toml(path: Path, what: str = "config file") -> dict:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
 
 
-def parse_config_text(text: str, source: str) -> HmgdmConfig:
-    """A whole config from TOML text (e.g. a run config's `config-toml`), errors naming `source`."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source} is not valid TOML: {err}") from None
-    return parse_section(HmgdmConfig, data, source)
-
-
-def load_config(path: Path | str | None = None, overrides: dict | None = None) -> HmgdmConfig:
-    """Load a TOML config (all defaults when `path` is None), then apply nested `overrides`."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        data = read_toml(path)
+def with_overrides(data: dict, overrides: dict | None) -> dict:
+    """`data` (nested sections) with each dotted key of `overrides` ("train.lr") set in it."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: dict | None = None) -> HmgdmConfig:
+    """Load a TOML config (all defaults when `path` is None), then apply nested `overrides`.
+
+    A site's own file may hold its [local_dp] and [disclosure] too: checked here, read by
+    `load_local_dp` and `load_disclosure` only, never part of the HmgdmConfig that a run sends
+    between parties.
+    """
+    data = with_overrides(read_toml(Path(path)) if path is not None else {}, overrides)
+    for name in SITE_SECTIONS:
+        _site_section(data, path, name)
+        data.pop(name, None)
     return parse_section(HmgdmConfig, data, path or "<defaults>")
+
+
+def load_local_dp(path: Path | str | None, overrides: dict | None = None) -> LocalDP | None:
+    """The [local_dp] section of a site's own TOML (None when it has none: no local DP)."""
+    data = with_overrides(read_toml(Path(path)) if path is not None else {}, overrides)
+    return _site_section(data, path, LOCAL_DP)
+
+
+def load_disclosure(path: Path | str | None, overrides: dict | None = None) -> DisclosureConfig:
+    """The [disclosure] section of a site's own TOML (its defaults when it has none)."""
+    data = with_overrides(read_toml(Path(path)) if path is not None else {}, overrides)
+    return _site_section(data, path, DISCLOSURE) or DisclosureConfig()
+
+
+def _site_section(data: dict, source: Path | str | None, name: str):
+    section = data.get(name)
+    if section is None:
+        return None
+    return parse_section(SITE_SECTIONS[name], section, f"{source or '<defaults>'} [{name}]")

@@ -6,16 +6,18 @@ The server receives model arrays, per-site metrics and counts only. It reports e
 figures and the pooled ones: the count-weighted mean of classification metrics; for survival
 the C-index of the summed concordance pair counts, i.e. pairs within a site (patients of two
 different sites are never compared, so the pooled figure is not the C-index of the union).
+Every reply is checked before use (server/replies.py), and a site weighs at most the labelled
+slides it reported before fine-tuning.
 """
 
 from __future__ import annotations
 
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -34,9 +36,17 @@ from client.records import (
 from hmgdm_core.atomic import write_json
 from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.finetune import Task, save_slide_net, slide_net_for
+from hmgdm_core.events import EventLog
 from hmgdm_core.privacy.errors import PrivacyError
 from hmgdm_core.train import load_checkpoint
-from server.replies import downstream_metrics, entity_moments, parse_replies
+from server.messaging import (
+    FederationError,
+    Replies,
+    broadcast,
+    wait_for_sites,
+)
+from server.replies import downstream_metrics, entity_moments
+from server.run_config import DownstreamRun
 from server.strategy import aggregate_train, make_strategy
 
 PAIR_KEYS = ("concordant", "discordant", "tied-risk", "comparable")
@@ -79,35 +89,15 @@ def site_figures(task: Task, metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _checked(replies: dict[int, Message], names: dict[int, str], what: str, parse) -> dict:
-    """node -> `parse(reply)` for the replies without error that parse; the others logged."""
-    ok, bad = parse_replies(replies, parse)
-    for node, reason in bad.items():
-        log(WARNING, "site %s: no %s: %s", names.get(node, node), what, reason)
-    return ok
-
-
-def run_downstream(grid: Grid, context: Context) -> Path:
+def run_downstream(grid: Grid, run: DownstreamRun, events: EventLog) -> Path:
     """Fine-tune for `evaluation.fed_rounds` FedAvg rounds, evaluate, write metrics and model."""
-    from server.app import (
-        FederationError,
-        exchange,
-        run_config_to_cfg,
-        site_names,
-        wait_for_sites,
-    )
-
-    run = dict(context.run_config)
-    run_cfg, run_dir, _ = run_config_to_cfg(run)
-    ckpt = load_checkpoint(Path(str(run["checkpoint"])))
+    ckpt = load_checkpoint(run.checkpoint)
     # The backbone's shape is the checkpoint's; how to fine-tune and federate is this run's.
     cfg = ckpt.cfg.model_copy(
-        update={k: getattr(run_cfg, k) for k in ("evaluation", "federation", "privacy")}
+        update={k: getattr(run.cfg, k) for k in ("evaluation", "federation", "privacy")}
     )
     fed, ev = cfg.federation, cfg.evaluation
-    classes = [c for c in str(run.get("classes", "")).split(",") if c]
-    task_entries = pack_task(str(run["task"]), classes)
-    task = Task(task_entries["task"], tuple(c for c in task_entries["classes"].split(",") if c))
+    task, task_entries = Task(run.task, run.classes), pack_task(run.task, run.classes)
     net = slide_net_for(cfg, ckpt.model.dims, task)
     net.backbone.load_state_dict(ckpt.model.state_dict())
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -115,62 +105,38 @@ def run_downstream(grid: Grid, context: Context) -> Path:
     # The diffusion decoder plays no part downstream: it never travels.
     frozen = [k for k in state if k not in shared and not k.startswith("backbone.decoder.")]
     strategy = make_strategy(fed, cfg.privacy)
-    if cfg.privacy.secure_aggregation:
+    if cfg.privacy.secagg.enabled:
         # Refused rather than ignored: the sites' updates would reach the server unmasked.
-        raise PrivacyError(
-            "[privacy] secure_aggregation is not available for federated fine-tuning yet; "
-            "unset it to fine-tune with each site's update visible to the server"
-        )
+        raise PrivacyError("[privacy.secagg] is not available for federated fine-tuning yet")
     nodes = wait_for_sites(grid, fed.min_sites, fed.wait_timeout_s, fed.poll_interval_s)
-    names = site_names(grid)
-    history = []
 
-    def messages(kind: str, rnd: int) -> list[Message]:
+    def content(rnd: int) -> RecordDict:
         config = pack_config(cfg, **task_entries, **{"server-round": rnd})
-        content = {SHARED: pack_state(state, shared), FROZEN: pack_state(state, frozen)}
-        return [
-            Message(RecordDict({**content, "config": config}), dst_node_id=n, message_type=kind)
-            for n in nodes
-        ]
+        arrays = {SHARED: pack_state(state, shared), FROZEN: pack_state(state, frozen)}
+        return RecordDict({**arrays, "config": config})
 
-    # The head's input standardisation, from every site's entity-embedding sums.
-    replies = exchange(
-        grid, messages(QUERY_ENTITY_MOMENTS, 0), fed.round_timeout_s, fed.poll_interval_s
-    )
-    moments = _checked(replies, names, "entity moments",
-                       lambda r: entity_moments(r, net.input_mean.numel()))  # fmt: skip
-    if len(moments) < fed.min_replies:
-        raise FederationError(f"only {len(moments)} sites sent entity moments")
-    sizes = {node: slides for node, (*_, slides) in moments.items()}
-    net.set_input_stats(*(sum(m[i] for m in moments.values()) for i in range(3)))
+    moments = broadcast(grid, QUERY_ENTITY_MOMENTS, content(0), fed, nodes)
+    sizes = _standardise_head_input(net, moments, fed.min_replies)
+    if fed.weighting == "equal":
+        sizes = dict.fromkeys(sizes, 1)
     state.update({k: v.detach().clone() for k, v in net.state_dict().items() if k in frozen})
-
+    history = []
     for rnd in range(1, ev.fed_rounds + 1):
-        msgs = messages(TRAIN_FINETUNE, rnd)
-        replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
+        sent = content(rnd)
+        replies = broadcast(grid, TRAIN_FINETUNE, sent, fed, nodes)
         outcome = aggregate_train(
-            strategy, rnd, replies, nodes, fed.min_replies, sent=msgs[0].content[SHARED],
-            privacy=cfg.privacy, sizes=sizes, equal_weights=fed.weighting == "equal",
+            strategy, rnd, replies, fed.min_replies, sent=sent[SHARED], privacy=cfg.privacy,
+            sizes=sizes,
         )  # fmt: skip
         if not outcome.aggregated:
-            reasons = {names.get(n, n): r for n, r in {**outcome.failed, **outcome.dropped}.items()}
+            reasons = {replies.name(n): r for n, r in {**outcome.failed, **outcome.dropped}.items()}
             raise FederationError(f"fine-tuning round {rnd} not aggregated: {reasons}")
         state.update(unpack_state(outcome.arrays))
         history.append({"round": rnd, "train": dict(outcome.metrics or {})})
         log(INFO, "fine-tuning round %d: %s", rnd, history[-1]["train"])
 
-    replies = exchange(
-        grid, messages(EVALUATE_DOWNSTREAM, ev.fed_rounds), fed.round_timeout_s, fed.poll_interval_s
-    )
-    checked = _checked(replies, names, "evaluation", lambda r: downstream_metrics(r, task.kind))
-    per_site = {}
-    for node, metrics in checked.items():
-        # A site weighs at most its labelled slides (or 1 each with weighting = "equal").
-        cap = 1 if fed.weighting == "equal" else sizes.get(node, min(sizes.values()))
-        metrics[NUM_EXAMPLES] = min(int(metrics[NUM_EXAMPLES]), cap)
-        per_site[names.get(node, f"node-{node}")] = metrics
-    if not per_site:
-        raise FederationError("no site returned evaluation metrics")
+    evaluated = broadcast(grid, EVALUATE_DOWNSTREAM, content(ev.fed_rounds), fed, nodes)
+    per_site = _site_metrics(evaluated, task, sizes)
     result = {
         "task": task.kind,
         "classes": list(task.classes),
@@ -181,7 +147,29 @@ def run_downstream(grid: Grid, context: Context) -> Path:
         "history": history,
     }
     net.load_state_dict(state)
-    save_slide_net(run_dir / MODEL_NAME, net, cfg, task, ev)
-    path = write_json(run_dir / RESULT_NAME, result)
+    save_slide_net(run.run_dir / MODEL_NAME, net, cfg, task, ev)
+    path = write_json(run.run_dir / RESULT_NAME, result)
     log(INFO, "federated %s: pooled %s", task.kind, result["pooled"])
     return path
+
+
+def _site_metrics(replies: Replies, task: Task, sizes: dict[int, int]) -> dict[str, dict]:
+    """Site name -> its checked held-out figures, weighing at most the labelled slides it
+    reported (`sizes`; 1 each with weighting = "equal")."""
+    checked = replies.parse(lambda r: downstream_metrics(r, task.kind))
+    replies.warn_failed().require(1)
+    floor = min(sizes.values())  # a site that sent no moments weighs as the smallest that did
+    return {
+        replies.name(node): m | {NUM_EXAMPLES: min(m[NUM_EXAMPLES], sizes.get(node, floor))}
+        for node, m in checked.items()
+    }
+
+
+def _standardise_head_input(net, replies: Replies, minimum: int) -> dict[int, int]:
+    """The head's input standardisation, from the sites' checked entity-embedding sums; each
+    site's labelled slides (its weight cap) by node."""
+    width = net.input_mean.numel()
+    sums = replies.parse(lambda r: entity_moments(r, width))
+    replies.warn_failed().require(minimum)
+    net.set_input_stats(*(sum(m[i] for m in sums.values()) for i in range(3)))
+    return {node: slides for node, (*_, slides) in sums.items()}

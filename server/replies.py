@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,25 +16,9 @@ from flwr.app import ArrayRecord, Message
 
 from hmgdm_core.exceptions import HmgdmError
 
-T = TypeVar("T")
-
 
 class InvalidReply(HmgdmError):
     """A site's reply is malformed: missing, wrong-shape, non-finite or out-of-range values."""
-
-
-def parse_replies(replies: Mapping, parse: Callable[[Message], T]) -> tuple[dict, dict]:
-    """(key -> `parse(reply)`, key -> why not) for `replies` keyed by node or site name; an
-    error reply or one `parse` refuses (`InvalidReply`) goes to the second."""
-    ok, bad = {}, {}
-    for key, reply in replies.items():
-        try:
-            if reply.has_error():
-                raise InvalidReply(reply.error.reason)
-            ok[key] = parse(reply)
-        except InvalidReply as err:
-            bad[key] = str(err)
-    return ok, bad
 
 
 def metric(record: Mapping, key: str, *, low: float = -math.inf, high: float = math.inf) -> float:

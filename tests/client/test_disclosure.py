@@ -15,7 +15,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from client.app import app
 from client.records import COX_ARRAYS as ARRAYS
 from client.records import QUERY_COX
-from client.survival import CLINICAL_KEY
 from hmgdm_core.downstream.tcga import read_tcga_survival
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -31,7 +30,7 @@ class ClinicalSite:
         table, _ = read_tcga_survival(root / "table.csv")
         self.time, self.event = table["time"].to_numpy(), table["event"].to_numpy()
         self.age = table["age"].to_numpy()
-        self.node = {CLINICAL_KEY: str(root / "table.csv"), "state-dir": str(root / "state")}
+        self.node = {"clinical": str(root / "table.csv"), "state-dir": str(root / "state")}
         if policy is not None:
             (root / "site.toml").write_text(policy)
             self.node["privacy-config"] = str(root / "site.toml")

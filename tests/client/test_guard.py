@@ -16,8 +16,10 @@ from client.app import app
 from client.guard import RefusedRequest, run_key
 from client.records import (
     QUERY_ENTITY_MOMENTS,
+    QUERY_STATS,
     SHARED,
     TRAIN_FINETUNE,
+    SimulatedSites,
     pack_config,
     pack_state,
     pack_task,
@@ -26,7 +28,7 @@ from client.records import (
 from hmgdm_core.config import load_config
 from hmgdm_core.events import EVENTS_FILE
 from hmgdm_core.federation_config import shared_names
-from server.app import QUERY_STATS, initial_state
+from server.pretraining import initial_state
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
@@ -90,7 +92,8 @@ def test_a_real_site_refuses_simulation_keys_and_never_reads_a_server_chosen_pat
     cfg = load_config(DEBUG)
     config = pack_config(cfg, **pack_task("classification", ["a", "b"]), **{"server-round": 1})
     # Joined without --labels: the server names a labels file (and another cache) instead.
-    for run_config in ({"sim-labels": str(labels)}, {"sim-graphs-dir": str(tmp_path)}):
+    sim = SimulatedSites(labels=labels).model_dump_json()
+    for run_config in ({"sim": sim}, {"sim-graphs-dir": str(tmp_path)}):
         ctx = site(cache, tmp_path / "state", run_config)
         reply = send(ctx, QUERY_ENTITY_MOMENTS, config)
         assert reply.has_error() and reply.error.reason == "refused: invalid request"
@@ -120,7 +123,7 @@ def test_a_local_dp_site_sends_no_fine_tuned_weights(cache, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     policy = state / "site_policy.toml"
-    policy.write_text(tomli_w.dumps({"privacy": {"mode": "local_dp", "max_epsilon": 1.0},
+    policy.write_text(tomli_w.dumps({"local_dp": {"max_epsilon": 1.0},
                                      "disclosure": {"min_patients": 1}}))  # fmt: skip
     ctx = site(cache, state)
     config = pack_config(load_config(DEBUG), **pack_task("classification", ["a", "b"]),

@@ -13,16 +13,10 @@ import pytest
 from conftest import DATA, free_port, tiny_site_policy
 
 from client.commands_fed import supernode_command, write_keypair
-from client.flower_env import flower_env
-from server.superlink import (
-    SuperLink,
-    TlsFiles,
-    make_certificates,
-    register_site,
-    start_superlink,
-    stop_tree,
-    submit_run,
-)
+from client.flower_env import flower_env, stop_tree
+from server.certs import TlsFiles, make_certificates
+from server.flwr_cli import register_site, submit_run
+from server.superlink import SuperLink, start_superlink
 
 KATHER = DATA / "kather2016_tiles"
 

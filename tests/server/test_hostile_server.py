@@ -11,19 +11,21 @@ import pandas as pd
 import pytest
 from conftest import DATA
 
+from client.records import SimulatedSites
+from hmgdm_core.config import load_config
 from hmgdm_core.events import EVENTS_FILE
 from hmgdm_core.privacy.disclosure import LOG_NAME
+from server.run_config import submission
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
-RUN_TOML = DEBUG_TOML.read_text() + (
-    "\n[federation]\nmin_sites = 1\nmin_replies = 1\nwait_timeout_s = 90\nround_timeout_s = 120\n"
-)
+DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
+RUN = {"federation.min_sites": 1, "federation.min_replies": 1, "federation.wait_timeout_s": 90,
+       "federation.round_timeout_s": 120}  # fmt: skip
 
 
-def _submit(fed, run_config: dict) -> str:
-    return fed.submit({"config-toml": RUN_TOML, **run_config}, timeout=240)
+def _submit(fed, **fields) -> str:
+    return fed.submit(submission(load_config(DEBUG, RUN), **fields), timeout=240)
 
 
 def test_a_hostile_operator_gets_no_fine_life_tables_and_no_error_detail(federation, site_caches):
@@ -38,8 +40,7 @@ def test_a_hostile_operator_gets_no_fine_life_tables_and_no_error_detail(federat
     # The honest ServerApp, asked by its operator for life tables at a hundredth of a month:
     # enough to read off every patient's (time, event) before the site had a policy.
     cox_dir = fed.root / "cox"
-    out = _submit(fed, {"mode": "survival-clinical", "km-bin-width": 0.01,
-                        "run-dir": str(cox_dir)})  # fmt: skip
+    out = _submit(fed, mode="survival-clinical", km_bin_width=0.01, run_dir=cox_dir)
     assert (cox_dir / "metrics.json").is_file(), out[-3000:]
     metrics = json.loads((cox_dir / "metrics.json").read_text())
     assert metrics["patients"] == 36 and metrics["km_sites"] == []
@@ -49,8 +50,8 @@ def test_a_hostile_operator_gets_no_fine_life_tables_and_no_error_detail(federat
 
     # A run that points the site at a file of the server's choosing: refused, and the server
     # learns only the category; the detail stays in the site's own event log.
-    out = _submit(fed, {"mode": "survival-clinical", "run-dir": str(fed.root / "cox2"),
-                        "sim-clinical-dir": str(fed.root)})  # fmt: skip
+    out = _submit(fed, mode="survival-clinical", run_dir=fed.root / "cox2",
+                  sim=SimulatedSites(clinical_dir=fed.root))  # fmt: skip
     assert "refused: invalid request" in out, out[-3000:]
     assert "for simulated sites only" not in out
     events = [json.loads(line) for line in (site_state / EVENTS_FILE).read_text().splitlines()]

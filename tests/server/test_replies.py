@@ -12,9 +12,10 @@ from flwr.app import Message, MetricRecord, RecordDict
 from client.records import COX_ARRAYS, SHARED, pack_arrays, pack_metrics, pack_state
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.config import PrivacyConfig
+from server.cox import _evaluation, _moments, _stats
+from server.messaging import Replies
 from server.replies import InvalidReply, downstream_metrics, entity_moments, site_stats
 from server.strategy import aggregate_evaluate, aggregate_train, make_strategy
-from server.survival import _evaluation, _moments, _stats
 from server.weight import round_caps
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -35,22 +36,29 @@ def _train(node: int, value: float, examples: int) -> Message:
                          "metrics": pack_metrics({"loss": 0.5}, examples)})  # fmt: skip
 
 
-@pytest.mark.parametrize("privacy", [PrivacyConfig(), PrivacyConfig(max_update_norm=10.0)])
+def _replies(replies: dict[int, Message]) -> Replies:
+    return Replies.sort("train", list(replies), replies)
+
+
+NORM_CAPPED = PrivacyConfig(validation={"max_update_norm": 10.0})
+
+
+@pytest.mark.parametrize("privacy", [PrivacyConfig(), NORM_CAPPED])
 def test_a_site_claiming_1e15_examples_weighs_no_more_than_the_graphs_it_reported(privacy):
     sent = pack_state(_state(0.0))
     replies = {1: _train(1, 1.0, 40), 2: _train(2, 3.0, 10**15)}
     strategy = make_strategy(FED, privacy)
     # Before: the liar's update became the global model, max_update_norm or not.
-    out = aggregate_train(strategy, 1, replies, [1, 2], 2, sent=sent, privacy=privacy,
+    out = aggregate_train(strategy, 1, _replies(replies), 2, sent=sent, privacy=privacy,
                           sizes={1: 40, 2: 40})  # fmt: skip
     assert out.aggregated
     assert next(iter(out.arrays.values())).numpy() == pytest.approx(2.0)
     # A site that never reported a size weighs as the smallest that did; or all sites equally.
     replies = {1: _train(1, 1.0, 40), 3: _train(3, 3.0, 10**15)}
-    out = aggregate_train(strategy, 1, replies, [1, 3], 2, sent=sent, sizes={1: 40, 2: 120})
+    out = aggregate_train(strategy, 1, _replies(replies), 2, sent=sent, sizes={1: 40, 2: 120})
     assert next(iter(out.arrays.values())).numpy() == pytest.approx(2.0)
     replies = {1: _train(1, 1.0, 40), 2: _train(2, 3.0, 120)}
-    out = aggregate_train(strategy, 1, replies, [1, 2], 2, sent=sent, sizes={1: 40, 2: 120},
+    out = aggregate_train(strategy, 1, _replies(replies), 2, sent=sent, sizes={1: 40, 2: 120},
                           equal_weights=True)  # fmt: skip
     assert next(iter(out.arrays.values())).numpy() == pytest.approx(2.0)
 
@@ -92,6 +100,14 @@ def test_malformed_feature_moments_are_refused(override):
     assert site_stats(_stats_reply()).graphs == 6
     with pytest.raises(InvalidReply):
         site_stats(_stats_reply(**override))
+
+
+def test_a_reply_the_parser_refuses_counts_as_failed_with_the_reason():
+    bad = _stats_reply(x_sum=torch.tensor([np.nan, 1, 1, 1], dtype=torch.float64))
+    replies = _replies({1: _stats_reply(), 2: bad})
+    parsed = replies.parse(site_stats)
+    assert list(parsed) == [1] and list(replies.ok) == [1]
+    assert replies.failed[2].startswith("invalid reply: moment 'x_sum'")
 
 
 def test_entity_moments_and_downstream_metrics_are_checked():

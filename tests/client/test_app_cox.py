@@ -12,7 +12,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from client.app import app
 from client.records import COX_ARRAYS as ARRAYS
 from client.records import QUERY_COX
-from client.survival import CLINICAL_KEY
 from hmgdm_core.downstream.concordance import linear_risk, pair_counts
 from hmgdm_core.downstream.fedcox import site_cox_stats
 from hmgdm_core.downstream.tcga import COVARIATES, read_tcga_survival
@@ -46,7 +45,7 @@ def ask(path, phase: str, **arrays: np.ndarray) -> Message:
     # site's own file lowers it (tests/client/test_disclosure.py checks the policy itself).
     policy = path.with_suffix(".toml")
     policy.write_text("[disclosure]\nmin_patients = 1\n")
-    node = {CLINICAL_KEY: str(path), "state-dir": str(path.with_suffix("")),
+    node = {"clinical": str(path), "state-dir": str(path.with_suffix("")),
             "privacy-config": str(policy)}  # fmt: skip
     ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config=node)
     content = {"config": ConfigRecord({"phase": phase, "ties": "efron", "bin-width": 1.0})}

@@ -19,38 +19,32 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
 
-from client.app import app
-from client.guard import Guard, choice, finite_vector, sim_value
+from client.guard import Guard, choice, finite_vector
 from client.records import COX_ARRAYS as ARRAYS
 from client.records import pack_arrays, unpack_float64
+from client.site import Site
 from hmgdm_core.exceptions import LabelError
 from hmgdm_core.privacy.disclosure import DisclosureRefused, bin_count
 
 if TYPE_CHECKING:
-    from hmgdm_core.downstream.fedcox import Site
+    from hmgdm_core.downstream.fedcox import SiteRows
 
-CLINICAL_KEY = "clinical"  # node config: this site's clinical table (TCGA survival CSV format)
-SIM_CLINICAL_DIR = "sim-clinical-dir"  # run config: site-K.csv per virtual site K
 PHASES = ("moments", "newton", "evaluate")
 TIES = ("efron", "breslow")
 
 
-def clinical_path(context: Context) -> tuple[Path, int | None]:
-    """This site's clinical table and, in simulation, its partition id."""
-    node = context.node_config
-    if CLINICAL_KEY in node:
-        return Path(str(node[CLINICAL_KEY])), None
-    # A real site that joined without --clinical refuses here: the server names no file of ours.
-    if directory := sim_value(context, SIM_CLINICAL_DIR):
-        pid = int(node["partition-id"])
-        return Path(directory) / f"site-{pid}.csv", pid
-    raise LabelError(
-        "this site has no clinical table: start it with `hmgdm-client join --clinical table.csv`"
-    )
+def clinical_path(site: Site) -> Path:
+    """This site's clinical table."""
+    if site.clinical is None:
+        raise LabelError(
+            "this site has no clinical table: start it with "
+            "`hmgdm-client join --clinical table.csv`"
+        )
+    return site.clinical
 
 
 @functools.lru_cache(maxsize=4)
-def site_rows(path: Path) -> Site:
+def site_rows(path: Path) -> SiteRows:
     """(covariates (n, d), time (n,), event (n,)) of the site's table, one row per patient."""
     from hmgdm_core.downstream.tcga import COVARIATES, read_tcga_survival
 
@@ -72,7 +66,6 @@ def table_key(x: np.ndarray, time: np.ndarray, event: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-@app.query("cox")
 def cox(msg: Message, context: Context) -> Message:
     """One phase of the federated Cox exchange on this site's own patients, within the site's
     disclosure policy: no answer about fewer than `min_patients`, a bounded number of queries
@@ -84,15 +77,14 @@ def cox(msg: Message, context: Context) -> Message:
 
     config: ConfigRecord = msg.content["config"]
     phase = choice(config.get("phase"), PHASES, "query.cox phase")
-    path, pid = clinical_path(context)
-    x, time, event = site_rows(path)
-    guard = Guard.from_context(context)
+    site = Site.from_context(context)
+    x, time, event = site_rows(clinical_path(site))
+    guard = site.guard(context.run_id)
     guard.patients(len(time), "this site's clinical table")
-    limit = guard.policy.max_newton_steps if phase == "newton" else None
-    guard.query(f"cox-{phase}", limit)
+    guard.query(f"cox-{phase}", guard.policy.max_newton_steps if phase == "newton" else None)
     metrics = MetricRecord({"patients": len(time), "events": int(event.sum())})
-    if pid is not None:
-        metrics["partition-id"] = pid  # names the virtual site in the server's report
+    if site.partition is not None:
+        metrics["partition-id"] = site.partition[0]  # names the virtual site in the report
     d = x.shape[1]
     if phase == "moments":
         m = site_moments(x)
@@ -121,7 +113,9 @@ def cox(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics, ARRAYS: arrays}), reply_to=msg)
 
 
-def _life_table_width(guard: Guard, width: object, rows: Site, params, center) -> float | None:
+def _life_table_width(
+    guard: Guard, width: object, rows: SiteRows, params: np.ndarray, center: np.ndarray
+) -> float | None:
     """The bin width to release life tables at, or None to withhold them (the reason stays in
     the site's log; the server sees `life-tables = 0`). Checked before any table is built."""
     from hmgdm_core.downstream.concordance import linear_risk
