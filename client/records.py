@@ -44,7 +44,7 @@ COX_ARRAYS = "cox"
 # Run config keys: what the virtual sites of a simulation read instead of a node config (JSON),
 # and its one flat knob for a Flower user: the graph cache they split.
 SIM_SITES, SIM_GRAPHS_DIR = "sim", "sim-graphs-dir"
-Fault = Literal["nan", "shape", "huge"]
+Fault = Literal["nan", "shape", "huge", "liar"]
 
 
 class SimulatedSites(Section):
@@ -59,7 +59,7 @@ class SimulatedSites(Section):
     clinical_dir: Path | None = Field(None, description="site-K.csv: virtual site K's table")
     names: tuple[str, ...] = Field((), description="site names in reports, by partition id")
     faults: dict[int, Fault] = Field(
-        {}, description='partition -> corrupted train replies, or a spec "2:nan,3:shape,4:huge"'
+        {}, description='partition -> corrupted train replies, or a spec "1:liar,2:nan,3:shape"'
     )
     local_dp: LocalDP | None = Field(None, description="every virtual site's own [local_dp]")
     disclosure: DisclosureConfig = Field(

@@ -173,6 +173,11 @@ def _round_record(
         "replied": [name(n) for n in outcome.replied],
         "failed": {name(n): r for n, r in outcome.failed.items()},
         "dropped": {name(n): r for n, r in outcome.dropped.items()},
+        # Used, but weighing only what the site's size reported before round 1 allows.
+        "capped": {
+            name(n): f"claimed {claimed:g} examples, capped at {cap:g}"
+            for n, (claimed, cap) in outcome.capped.items()
+        },
         "aggregated": outcome.aggregated,
         "train": dict(outcome.metrics or {}),
         # Local DP sites report their ledger's epsilon; an average of those would mean nothing.
@@ -188,7 +193,7 @@ def _round_record(
         m = outcome.site_metrics.get(node, {})
         events.emit("site_replied", round=rnd, site=name(node), loss=m.get("loss"),
                     epsilon=m.get("epsilon"), seconds=m.get("seconds"))  # fmt: skip
-    for kind, reasons in (("site_failed", record["failed"]), ("site_dropped", record["dropped"])):
-        for site, reason in reasons.items():
-            events.emit(kind, level=WARNING, round=rnd, site=site, reason=reason)
+    for kind in ("failed", "dropped", "capped"):
+        for site, reason in record[kind].items():
+            events.emit(f"site_{kind}", level=WARNING, round=rnd, site=site, reason=reason)
     return record

@@ -82,7 +82,7 @@ def simulate(
     simulation SuperLink, stopped on return). A cache with `site-K/` sub-caches gives virtual
     site K its own graphs; otherwise sites split the slides round-robin. `backend` sets what
     each virtual site gets from Ray (see `write_flower_config`); Ray joins the cluster named by
-    `RAY_ADDRESS` when set. `faults` ("2:nan,3:shape") makes those virtual sites send corrupted
+    `RAY_ADDRESS` when set. `faults` ("1:liar,2:nan") makes those virtual sites send corrupted
     updates (client/faults.py), to exercise validation. Returns the path of `final.pt`.
     """
     out_dir = Path(out_dir).resolve()

@@ -103,7 +103,8 @@ class RoundOutcome:
     """One training round as the server saw it.
 
     `replied`: sites whose update was used; `failed`: error or no reply (node -> reason);
-    `dropped`: malformed updates refused by validation (node -> reason).
+    `dropped`: malformed updates refused by validation (node -> reason); `capped`: sites whose
+    claimed weight exceeded what they reported before (node -> (claimed, cap)).
     """
 
     arrays: ArrayRecord | None
@@ -112,6 +113,7 @@ class RoundOutcome:
     failed: dict[int, str] = field(default_factory=dict)
     dropped: dict[int, str] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    capped: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def aggregated(self) -> bool:
@@ -140,9 +142,9 @@ def aggregate_train(
     kept, dropped = drop_invalid(
         replies.ok, sent, privacy or PrivacyConfig(), weight_key=_weight_key(strategy)
     )
-    bound_weights(kept, _weight_key(strategy), sizes, equal=equal_weights)
+    capped = bound_weights(kept, _weight_key(strategy), sizes, equal=equal_weights)
     outcome = RoundOutcome(
-        None, None, sorted(kept), dict(replies.failed), dropped, _site_metrics(kept)
+        None, None, sorted(kept), dict(replies.failed), dropped, _site_metrics(kept), capped
     )
     if len(kept) >= min_replies:
         arrays, outcome.metrics = strategy.aggregate_train(

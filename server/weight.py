@@ -32,12 +32,13 @@ def bound_weights(
     sizes: Mapping[int, float] | None,
     *,
     equal: bool = False,
-) -> None:
+) -> dict[int, tuple[float, float]]:
     """Rewrite each reply's weight `key` in place: 1 when `equal` (or for central DP's equal
     weights), else at most the size its site reported (`sizes`: node -> size; a site that did
     not report weighs as the smallest that did). Replies must hold one valid weight each
-    (`server.privacy.validate_metrics`)."""
+    (`server.privacy.validate_metrics`). Returns node -> (claimed, cap) of the weights capped."""
     floor = min(sizes.values()) if sizes else None
+    capped = {}
     for node, msg in replies.items():
         record = next(iter(msg.content.metric_records.values()))
         if equal or key == UNIFORM_WEIGHT_KEY:
@@ -47,4 +48,6 @@ def bound_weights(
         if cap is not None and record[key] > cap:
             log.warning("node %s claims %s = %s; capped at its reported %s", node, key,
                         record[key], cap)  # fmt: skip
+            capped[node] = (float(record[key]), float(cap))
             record[key] = type(record[key])(cap)
+    return capped

@@ -51,7 +51,7 @@ def test_a_site_claiming_1e15_examples_weighs_no_more_than_the_graphs_it_reporte
     # Before: the liar's update became the global model, max_update_norm or not.
     out = aggregate_train(strategy, 1, _replies(replies), 2, sent=sent, privacy=privacy,
                           sizes={1: 40, 2: 40})  # fmt: skip
-    assert out.aggregated
+    assert out.aggregated and out.capped == {2: (1e15, 40.0)}
     assert next(iter(out.arrays.values())).numpy() == pytest.approx(2.0)
     # A site that never reported a size weighs as the smallest that did; or all sites equally.
     replies = {1: _train(1, 1.0, 40), 3: _train(3, 3.0, 10**15)}
