@@ -76,22 +76,9 @@ class Site:
 
     def split(self, fraction: float, seed: int) -> tuple[list[Data], list[Data]]:
         """(train, held-out): whole slides are held out when the site has several."""
-        graphs = self.graphs()
-        slides = sorted({str(g.slide_id) for g in graphs})
-        gen = torch.Generator().manual_seed(seed)
-        if len(slides) >= 2:
-            n_eval = max(1, round(fraction * len(slides))) if fraction > 0 else 0
-            held = {slides[i] for i in torch.randperm(len(slides), generator=gen)[:n_eval]}
-            return (
-                [g for g in graphs if str(g.slide_id) not in held],
-                [g for g in graphs if str(g.slide_id) in held],
-            )
-        n_eval = max(1, int(fraction * len(graphs))) if fraction > 0 and len(graphs) > 1 else 0
-        held_idx = set(torch.randperm(len(graphs), generator=gen)[:n_eval].tolist())
-        return (
-            [g for i, g in enumerate(graphs) if i not in held_idx],
-            [g for i, g in enumerate(graphs) if i in held_idx],
-        )
+        from hmgdm_core.data import holdout_split
+
+        return holdout_split(self.graphs(), fraction, seed)
 
     def checkpoint(self, run_key: str) -> Path:
         return self.state_dir / f"{run_key}.pt"

@@ -50,6 +50,23 @@ def pretrain(
         console.print("[yellow]interrupted[/yellow]: rerun with --resume to continue")
         raise typer.Exit(130) from None
     console.print(f"checkpoint: {out / CHECKPOINT_NAME}; metrics: {out / 'metrics.csv'}")
+    _print_context_share(out / "metrics.csv", console)
+
+
+def _print_context_share(metrics_csv: Path, console) -> None:
+    """The run's last held-out diagnostic, with what it means (the full series is in the CSV)."""
+    import pandas as pd
+
+    rows = pd.read_csv(metrics_csv)
+    shares = rows["context_share"].dropna()
+    if shares.empty:
+        return
+    console.print(
+        f"held-out context share {shares.iloc[-1]:.3f}: the share of the masked entities' "
+        "variance that the encoder's view of the rest of the graph explains (near 0: the "
+        "diffusion decoder does not use the encoder)",
+        soft_wrap=True,
+    )
 
 
 def embed(

@@ -14,11 +14,18 @@ from torch_geometric.data import Batch, Data
 
 from hmgdm_core.atomic import save_figure, write_csv
 from hmgdm_core.config import HmgdmConfig
-from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments, validate_graphs
+from hmgdm_core.data import (
+    feature_moments,
+    graph_dims,
+    holdout_split,
+    stats_from_moments,
+    validate_graphs,
+)
 from hmgdm_core.exceptions import CheckpointError
 from hmgdm_core.model.hmgdm import HMGDM, Stage
 from hmgdm_core.train import (
     build_model,
+    eval_loss,
     load_checkpoint,
     make_optimizer,
     make_scheduler,
@@ -38,13 +45,17 @@ METRIC_COLUMNS = (
     "edge_kl",
     "node_mse",
     "edge_mse",
+    "eval_loss",
+    "eval_node_mse",
+    "context_share",
     "lr",
     "graphs_per_s",
 )
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
-    """RUN_DIR/metrics.csv (one row per epoch) and RUN_DIR/loss.png, both written atomically."""
+    """RUN_DIR/metrics.csv (one row per epoch) and RUN_DIR/loss.png, both written atomically:
+    training and held-out loss per stage, and the stage-2 context share on held-out graphs."""
     write_csv(run_dir / "metrics.csv", pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS))
 
     import matplotlib
@@ -52,13 +63,24 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for stage in ("autoencoder", "diffusion"):
-        pts = [(r["epoch"], r["loss"]) for r in rows if r["stage"] == stage]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=stage)
-    ax.set(xlabel="epoch", ylabel="training loss", yscale="log")
-    ax.legend()
+    fig, (ax, share_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for stage, colour in (("autoencoder", "C0"), ("diffusion", "C1")):
+        for key, style, what in (("loss", "-o", "train"), ("eval_loss", "--s", "held-out")):
+            pts = [(r["epoch"], r[key]) for r in rows if r["stage"] == stage and key in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, color=colour, label=f"{stage} {what}")
+    ax.set(xlabel="epoch", ylabel="loss", yscale="log")
+    ax.legend(fontsize="small")
+    pts = [(r["epoch"], r["context_share"]) for r in rows if "context_share" in r]
+    if pts:
+        share_ax.plot(*zip(*pts, strict=True), "-o", color="C1")
+    share_ax.axhline(0.0, color="grey", lw=0.8)
+    share_ax.set(
+        xlabel="epoch",
+        ylabel="context share (held-out)",
+        title="masked-target variance the encoder's context explains",
+    )
+    share_ax.title.set_fontsize("small")
     save_figure(run_dir / "loss.png", fig, dpi=100)
     plt.close(fig)
 
@@ -77,11 +99,16 @@ def pretrain(
     progress: bool = False,
     source: str = "graphs",
 ) -> HMGDM:
-    """Train both stages on `graphs`, checkpointing to RUN_DIR/last.pt after every epoch."""
+    """Train both stages on `graphs`, checkpointing to RUN_DIR/last.pt after every epoch.
+
+    `train.eval_fraction` of the slides is held out: after every epoch the stage's loss on
+    them (and, in stage 2, the context share) goes into the metrics.
+    """
     validate_graphs(graphs, source)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT_NAME
     tc = cfg.train
+    graphs, held_out = holdout_split(graphs, tc.eval_fraction, tc.seed)
     steps_per_epoch = max(1, math.ceil(len(graphs) / tc.batch_size))
     generator = torch.Generator().manual_seed(tc.seed)
     if resume:
@@ -122,15 +149,23 @@ def pretrain(
             progress=progress,
             scheduler=scheduler,
         )
-        rows.append(
-            {
-                **out,
-                "epoch": epoch,
-                "stage": stage,
-                "step": (len(rows) + 1) * steps_per_epoch,
-                "graphs_per_s": out["num_graphs"] / max(out["seconds"], 1e-9),
-            }
-        )
+        row = {
+            **out,
+            "epoch": epoch,
+            "stage": stage,
+            "step": (len(rows) + 1) * steps_per_epoch,
+            "graphs_per_s": out["num_graphs"] / max(out["seconds"], 1e-9),
+        }
+        if held_out:
+            # A fixed generator: every epoch is scored on the same masks, noise and timesteps.
+            ev = eval_loss(
+                model, held_out, tc, stage=stage, device=device,
+                generator=torch.Generator().manual_seed(tc.seed + 1),
+            )  # fmt: skip
+            row |= {f"eval_{k}": v for k, v in ev.items() if k in ("loss", "node_mse")}
+            if "context_share" in ev:
+                row["context_share"] = ev["context_share"]
+        rows.append(row)
         save_checkpoint(
             ckpt_path,
             model=model,

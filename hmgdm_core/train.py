@@ -277,19 +277,31 @@ def eval_loss(
     device: torch.device,
     generator: torch.Generator,
 ) -> dict[str, float]:
-    """Mean masked-reconstruction (or stage-1) loss terms over held-out `graphs`."""
+    """Mean masked-reconstruction (or stage-1) loss terms over held-out `graphs`.
+
+    Stage 2 adds the context diagnostic: `context_share` = (loss with another graph's encoder
+    states - loss with the true ones) / variance of the masked targets (zeroed states when
+    only one graph is held out). Near 0, the decoder
+    denoises without using the encoder, and stage 2 cannot be teaching the encoder much.
+    """
     model.to(device).eval()
     sums: dict[str, float] = {}
-    for i in range(0, len(graphs), cfg.batch_size):
-        chunk = graphs[i : i + cfg.batch_size]
+    starts = list(range(0, len(graphs), cfg.batch_size))
+    if len(starts) > 1 and len(graphs) - starts[-1] == 1:
+        starts.pop()  # no batch of one graph: the context swap needs another graph
+    for i, end in zip(starts, [*starts[1:], len(graphs)], strict=True):
+        chunk = graphs[i:end]
         batch = make_batch(chunk, cfg.max_nodes, generator).to(device)
         with _autocast(device, cfg.amp):
-            terms = model.loss(batch, stage=stage, generator=generator)
+            terms = model.loss(
+                batch, stage=stage, generator=generator, diagnose=stage == "diffusion"
+            )
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
-    return {key: value / len(graphs) for key, value in sums.items()} | {
-        "num_graphs": float(len(graphs))
-    }
+    out = {key: value / len(graphs) for key, value in sums.items()}
+    if "context_gain" in out:  # a ratio of means: small batches do not dominate
+        out["context_share"] = out["context_gain"] / max(out.pop("target_var"), 1e-12)
+    return out | {"num_graphs": float(len(graphs))}
 
 
 @dataclasses.dataclass

@@ -29,8 +29,8 @@ def malformed_counts(history: list[dict[str, Any]]) -> Counter[str]:
     return Counter(site for h in history for site in h.get("dropped", {}))
 
 
-def _loss(metrics: dict | None) -> float | None:
-    return float(metrics["loss"]) if metrics and "loss" in metrics else None
+def _loss(metrics: dict | None, key: str = "loss") -> float | None:
+    return float(metrics[key]) if metrics and key in metrics else None
 
 
 def run_summary(
@@ -85,6 +85,8 @@ def run_summary(
                 "aggregated": h["aggregated"],
                 "train_loss": _loss(h.get("train")),
                 "eval_loss": _loss(h.get("eval")),
+                # Held-out share of the masked targets' variance the encoder's context explains.
+                "context_share": _loss(h.get("eval"), "context-share"),
                 "seconds": round(float(h.get("seconds", 0.0)), 3),
             }
             for h in history
@@ -169,7 +171,8 @@ def summary_table(summary: dict[str, Any]):
     if summary.get("reason"):
         caption += f"\n{escape(summary['reason'])}"  # reasons quote config sections: [privacy]
     rounds = Table(title=title, caption=caption)
-    for col in ("round", "stage", "sites", "train loss", "eval loss", "aggregated", "s"):
+    columns = ("round", "stage", "sites", "train loss", "eval loss", "context", "aggregated", "s")
+    for col in columns:
         rounds.add_column(col, justify="right" if col in ("round", "s") else "left")
 
     def fmt(loss: float | None) -> str:
@@ -179,7 +182,8 @@ def summary_table(summary: dict[str, Any]):
         asked = len(r["replied"]) + len(r["failed"]) + len(r["dropped"])
         rounds.add_row(
             str(r["round"]), r["stage"], f"{len(r['replied'])}/{asked}", fmt(r["train_loss"]),
-            fmt(r["eval_loss"]), "yes" if r["aggregated"] else "NO", f"{r['seconds']:.1f}",
+            fmt(r["eval_loss"]), fmt(r.get("context_share")), "yes" if r["aggregated"] else "NO",
+            f"{r['seconds']:.1f}",
         )  # fmt: skip
     sites = Table("site", "rounds replied", "failed", "dropped", "local DP epsilon")
     for name, s in summary["sites"].items():

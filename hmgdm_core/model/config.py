@@ -86,3 +86,9 @@ class TrainConfig(Section):
     min_lr_fraction: float = Field(0.1, ge=0, le=1, description="cosine floor, share of peak")
     grad_clip: float = Field(10.0, gt=0, description="gradient norm clip (official: 10)")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    eval_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="local pretrain: share of slides held out for the loss and context share",
+    )

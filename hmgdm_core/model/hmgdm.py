@@ -6,6 +6,7 @@ aggregate by prefix; "stats." holds the shared standardisation buffers.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -48,6 +49,16 @@ class Standardiser(nn.Module):
         if edge_attr is not None and self.e_mean.numel():
             edge_attr = (edge_attr - self.e_mean) / self.e_std
         return x, edge_attr
+
+
+def swap_context(states: list[Tensor], visible_batch: Tensor, num_graphs: int) -> dict:
+    """Decoder context where graph g reads the visible encoder states of graph (g + 1) % B,
+    rows sorted by their new graph; a batch of one graph gets zeroed states instead."""
+    if num_graphs == 1:
+        return {"states": [torch.zeros_like(s) for s in states], "visible_batch": visible_batch}
+    shifted = (visible_batch + 1) % num_graphs
+    order = torch.sort(shifted, stable=True).indices
+    return {"states": [s[order] for s in states], "visible_batch": shifted[order]}
 
 
 class HMGDM(nn.Module):
@@ -139,11 +150,19 @@ class HMGDM(nn.Module):
     def forward(self, data: Data) -> tuple[Tensor, Tensor]:
         return self.encode(data)
 
-    def loss(self, data: Batch, *, stage: Stage, generator: torch.Generator) -> dict[str, Tensor]:
-        """The training objective of `stage`; `loss` is the term to minimise."""
+    def loss(
+        self, data: Batch, *, stage: Stage, generator: torch.Generator, diagnose: bool = False
+    ) -> dict[str, Tensor]:
+        """The training objective of `stage`; `loss` is the term to minimise.
+
+        `diagnose` (stage 2, evaluation) adds `context_gain`: the masked-node loss when every
+        graph's encoder states are swapped for another graph's of the batch, minus the loss
+        with its own (same masks, noise and timesteps), and `target_var`, the variance of the
+        masked targets; their ratio is the share of that variance the true context explains.
+        """
         if stage == "autoencoder":
             return self._autoencoder_loss(data, generator)
-        return self._diffusion_loss(data, generator)
+        return self._diffusion_loss(data, generator, diagnose)
 
     def _autoencoder_loss(self, data: Batch, generator: torch.Generator) -> dict[str, Tensor]:
         x, e = self.stats(data.x, getattr(data, "edge_attr", None))
@@ -160,7 +179,9 @@ class HMGDM(nn.Module):
             }
         return terms
 
-    def _diffusion_loss(self, data: Batch, generator: torch.Generator) -> dict[str, Tensor]:
+    def _diffusion_loss(
+        self, data: Batch, generator: torch.Generator, diagnose: bool
+    ) -> dict[str, Tensor]:
         batch, num_graphs = self._batch_vec(data)
         device = batch.device
         with torch.no_grad():
@@ -214,7 +235,8 @@ class HMGDM(nn.Module):
             edge_noise = torch.randn(ze0.shape, generator=generator).to(device)
             edge_t = t[batch[data.edge_index[0, m_emask]]]
             ze_t = self.schedule.add_noise(ze0, edge_t, edge_noise)
-        node_pred, edge_pred = self.decoder(
+        decode = functools.partial(
+            self.decoder,
             z_t,
             pos[m_idx],
             t[m_batch],
@@ -222,13 +244,18 @@ class HMGDM(nn.Module):
             m_ei,
             edge_z_t=ze_t,
             edge_t=edge_t,
-            states=states,
-            visible_batch=batch[vis_idx],
             num_graphs=num_graphs,
         )
+        node_pred, edge_pred = decode(states=states, visible_batch=batch[vis_idx])
         eps = self.prediction == "epsilon"
-        node_loss = F.mse_loss(node_pred.float(), noise if eps else z0)
+        target = noise if eps else z0
+        node_loss = F.mse_loss(node_pred.float(), target)
         terms = {"node_mse": node_loss, "loss": node_loss}
+        if diagnose:
+            with torch.no_grad():
+                swapped_pred, _ = decode(**swap_context(states, batch[vis_idx], num_graphs))
+            terms["context_gain"] = F.mse_loss(swapped_pred.float(), target) - node_loss.detach()
+            terms["target_var"] = target.var(0, unbiased=False).mean()
         if edge_pred is not None:
             # A batch without masked-masked edges still reports the term (as 0) for steady metrics.
             edge_loss = (

@@ -116,6 +116,22 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         rows = list(csv.DictReader(fh))
     assert [r["stage"] for r in rows] == ["autoencoder"] * 2 + ["diffusion"] * 2
     assert (tmp_path / "split" / "loss.png").stat().st_size > 0
+    # Every epoch is scored on held-out slides; stage 2 also reports the context share.
+    assert all(float(r["eval_loss"]) > 0 for r in rows)
+    assert [r["context_share"] == "" for r in rows] == [True, True, False, False]
+
+
+def test_eval_loss_reports_the_context_share_in_stage_2_only():
+    graphs = _graphs()
+    cfg = load_config(overrides=TINY)
+    model = build_model(cfg, graph_dims(graphs))
+    model.stats.set(stats_from_moments(feature_moments(graphs)))
+    kwargs = dict(device=CPU, generator=torch.Generator().manual_seed(1))
+    diffusion = eval_loss(model, graphs, cfg.train, stage="diffusion", **kwargs)
+    gain = diffusion["context_gain"]
+    assert diffusion["context_share"] != 0 and gain * diffusion["context_share"] > 0
+    assert "target_var" not in diffusion
+    assert "context_share" not in eval_loss(model, graphs, cfg.train, stage="autoencoder", **kwargs)
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):

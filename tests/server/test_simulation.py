@@ -38,6 +38,10 @@ def test_simulated_hospitals_train_and_report_and_broken_updates_are_dropped(
         assert any("expected float32" in r for r in reasons)
         assert any("exceeds max_update_norm" in r for r in reasons)
     assert all(torch.isfinite(torch.tensor(h["eval"]["loss"])) for h in history)
+    # The diffusion round's evaluation carries the context diagnostic, into the summary too.
+    assert "context-share" not in history[0]["eval"]
+    assert torch.isfinite(torch.tensor(history[1]["eval"]["context-share"]))
+    assert "context" in table
     assert all(torch.isfinite(p).all() for p in ckpt.model.state_dict().values())
     # Every virtual site kept its private checkpoint; nothing of the engine is left running.
     assert len(list((tmp_path / "sites").glob("site-*/run-*.pt"))) == 5

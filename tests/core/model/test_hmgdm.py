@@ -194,3 +194,32 @@ def test_epsilon_prediction_targets_the_noise():
         x0.loss(batch, stage="diffusion", generator=gen())["node_mse"],
         eps.loss(batch, stage="diffusion", generator=gen())["node_mse"],
     )
+
+
+def test_swap_context_gives_every_graph_another_graphs_visible_states():
+    from hmgdm_core.model.hmgdm import swap_context
+
+    visible_batch = torch.tensor([0, 0, 1, 2, 2, 2])
+    states = [torch.arange(6.0)[:, None]]
+    swapped = swap_context(states, visible_batch, num_graphs=3)
+    # Graph 1 now reads graph 0's rows, graph 2 graph 1's, graph 0 graph 2's; sorted by graph.
+    assert swapped["visible_batch"].tolist() == [0, 0, 0, 1, 1, 2]
+    assert swapped["states"][0].view(-1).tolist() == [3.0, 4.0, 5.0, 0.0, 1.0, 2.0]
+    alone = swap_context(states, torch.zeros(6, dtype=torch.long), num_graphs=1)
+    assert not alone["states"][0].any()  # no other graph: the null context is zeros
+
+
+def test_context_gain_is_zero_exactly_when_the_decoder_cannot_read_the_encoder():
+    graphs = _graphs()
+    batch = Batch.from_data_list(graphs)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    reads = _model(graphs)
+    terms = reads.loss(batch, stage="diffusion", generator=gen(), diagnose=True)
+    assert float(terms["context_gain"]) != 0.0 and float(terms["target_var"]) > 0
+    blind = _model(graphs, **{"model.self_attn_layers": 0})
+    for block in blind.decoder.blocks:  # cross-attention outputs nothing: context unused
+        torch.nn.init.zeros_(block.cross.out_proj.weight)
+        torch.nn.init.zeros_(block.cross.out_proj.bias)
+    terms = blind.loss(batch, stage="diffusion", generator=gen(), diagnose=True)
+    assert float(terms["context_gain"]) == 0.0
+    assert "context_gain" not in reads.loss(batch, stage="diffusion", generator=gen())
