@@ -52,7 +52,10 @@ __all__ = [  # the API the federated client calls; data helpers re-exported for 
 ]
 
 CHECKPOINT_FORMAT = "hmgdm-checkpoint/1"
-STAGE_PREFIXES = {"autoencoder": ("autoencoder.",), "diffusion": ("encoder.", "decoder.")}
+STAGE_PREFIXES = {
+    "autoencoder": ("autoencoder.",),
+    "diffusion": ("encoder.", "decoder.", "projector."),
+}
 
 
 def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
@@ -69,6 +72,8 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
             window=window,
             channels=m.window_channels,
             kl_weight=m.kl_weight,
+            recon=m.window_recon,
+            invariance_weight=m.window_invariance,
         )
         edge_vae = (
             EntityVAE(
@@ -92,6 +97,9 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
             conv=m.conv,
             heads=m.heads,
             dropout=m.dropout,
+            mask_token_dims=(m.latent_dim, max(edge_latent, 1))
+            if d.encoder_input == "mask_token"
+            else None,
         )
         decoder = MaskedGraphDecoder(
             latent_dim=m.latent_dim,
@@ -104,6 +112,7 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
             conv=m.conv,
             dropout=m.dropout,
             skip_connections=m.skip_connections,
+            own_state=d.encoder_input == "mask_token",
         )
         model = HMGDM(
             autoencoder=vae,
@@ -123,6 +132,12 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
             prediction=d.prediction,
             edge_loss_weight=d.edge_loss_weight,
             readout=m.readout,
+            standardise_latents=d.standardise_latents,
+            timestep_range=d.timestep_range,
+            encoder_input=d.encoder_input,
+            node_loss=d.node_loss,
+            sce_gamma=d.sce_gamma,
+            invariance_weight=d.invariance_weight,
         )
     model.dims = dims
     return model
