@@ -178,3 +178,16 @@ def test_bad_graphs_give_one_line_errors(case):
     with pytest.raises(GraphDataError) as err:
         validate_graphs(graphs, "cache")
     assert "\n" not in str(err.value) and str(err.value).startswith("cache")
+
+
+def test_raw_slide_features_pool_every_entity_of_a_slide():
+    from hmgdm_core.pretrain import raw_slide_features
+
+    graphs = _graphs()  # slides s0, s1, s2, two region graphs each
+    names, feats = raw_slide_features(graphs, std=True)
+    assert names == ["s0", "s1", "s2"]
+    x = torch.cat([g.x for g in graphs if g.slide_id == "s1"])
+    dim = x.shape[1]
+    assert torch.allclose(feats[1, :dim], x.mean(0), atol=1e-5)
+    assert torch.allclose(feats[1, dim:], x.std(0, unbiased=False), atol=1e-4)
+    assert raw_slide_features(graphs, std=False)[1].shape == (3, dim)
