@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -99,22 +99,24 @@ def random_twin(graphs, cfg: HmgdmConfig, seed: int):
     return model
 
 
-def pretrain_all(graphs, *, ae_epochs: int, epochs: int, seed: int, paper: bool) -> dict:
-    """Every encoder the benchmark compares, for one seed."""
+def pretrain_all(graphs, *, ae_epochs: int, epochs: int, seed: int) -> dict:
+    """The default design and what it is compared with (same stage 1, same steps), one seed."""
     cfg = design("hmgdm", seed)
     base = stage1_model(graphs, cfg, _steps(graphs, cfg, ae_epochs), seed)
     steps = _steps(graphs, cfg, epochs)
-    models = {
+    return {
         "hmgdm": hmgdm_from(base, graphs, cfg, steps, seed),
         "graphmae": graphmae_from(base, graphs, cfg, steps, seed),
         "random_twin": random_twin(graphs, cfg, seed),
         "stage1_twin": base,
     }
-    if paper:
-        pcfg = design("paper", seed)
-        pbase = stage1_model(graphs, pcfg, _steps(graphs, pcfg, ae_epochs), seed)
-        models["paper"] = hmgdm_from(pbase, graphs, pcfg, steps, seed)
-    return models
+
+
+def pretrain_paper(graphs, *, ae_epochs: int, epochs: int, seed: int):
+    """configs/paper.toml's design, its own stage 1, the same steps."""
+    cfg = design("paper", seed)
+    base = stage1_model(graphs, cfg, _steps(graphs, cfg, ae_epochs), seed)
+    return hmgdm_from(base, graphs, cfg, _steps(graphs, cfg, epochs), seed)
 
 
 def probe(X, y, splits) -> float:
@@ -156,7 +158,8 @@ def synthetic(seed: int, per_class: int, ae_epochs: int, epochs: int) -> dict:
 
     images, y = synthetic_cohort(per_class, seed=1, disorder=BENCHMARK_DISORDER)
     graphs = build_graphs(images, mpp=1.0, cfg=SYNTHETIC_GRAPHS)
-    models = pretrain_all(graphs, ae_epochs=ae_epochs, epochs=epochs, seed=seed, paper=True)
+    models = pretrain_all(graphs, ae_epochs=ae_epochs, epochs=epochs, seed=seed)
+    models["paper"] = pretrain_paper(graphs, ae_epochs=ae_epochs, epochs=epochs, seed=seed)
     splits = list(StratifiedKFold(5, shuffle=True, random_state=0).split(y, y))
     return {f"synthetic_{k}": probe(X, y, splits) for k, X in features(models, graphs).items()}
 
@@ -191,8 +194,9 @@ def finetune_accuracy(backbone, graphs, y, groups, splits, seed: int) -> float:
     from hmgdm_core.downstream.config import EvalConfig
     from hmgdm_core.downstream.finetune import Task, fit_early_stopping, predict
 
+    # Short LP-FT (2 head-only epochs, then the encoder) so 30 fits fit the benchmark's budget.
     cfg = EvalConfig(
-        finetune_epochs=8, finetune_patience=2, finetune_head_epochs=2, finetune_max_nodes=200
+        finetune_epochs=6, finetune_patience=2, finetune_head_epochs=2, finetune_max_nodes=150
     )
     task = Task("classification", tuple(str(c) for c in np.unique(y)))
     bags = [[g] for g in graphs]
@@ -207,30 +211,72 @@ def finetune_accuracy(backbone, graphs, y, groups, splits, seed: int) -> float:
     return correct / sum(len(test) for _, test in splits)
 
 
-def real(seed: int, images: int, ae_epochs: int, epochs: int, cache: str, finetune: bool):
+def _context_share(model, held, seed: int) -> float:
+    ev = eval_loss(
+        model, held, design("hmgdm", seed).train, stage="diffusion", device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed + 1),
+    )  # fmt: skip
+    return ev["context_share"]
+
+
+def _lc_scores(name: str, X, y, groups, splits) -> dict:
+    return {
+        f"lc25000_{name}": probe(X, y, splits),
+        f"lc25000_10pct_{name}": probe(X, y, label_efficient_splits(groups)),
+    }
+
+
+def _saved(cache: str, seed: int, name: str) -> Path:
+    return Path(cache) / "models" / f"seed{seed}-{name}.pt"
+
+
+def real(seed: int, images: int, ae_epochs: int, epochs: int, cache: str) -> dict:
+    """The default design, GraphMAE, the twins and raw on LC25000; keeps the pretrained and
+    the random-twin encoder (through hmgdm_core.train's checkpoint format) for fine-tuning."""
+    from sklearn.model_selection import GroupKFold
+
+    from hmgdm_core.train import save_checkpoint
+
+    graphs, y, groups, held = lc25000_graphs(images, Path(cache))
+    models = pretrain_all(graphs, ae_epochs=ae_epochs, epochs=epochs, seed=seed)
+    splits = list(GroupKFold(5).split(y, y, groups))
+    out = {}
+    for name, X in features(models, graphs).items():
+        out |= _lc_scores(name, X, y, groups, splits)
+    for name in ("hmgdm", "stage1_twin"):
+        out[f"context_share_{name}"] = _context_share(models[name], held, seed)
+    for name in ("hmgdm", "random_twin"):
+        path = _saved(cache, seed, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, model=models[name], cfg=design("hmgdm", seed), epoch=0)
+    return out
+
+
+def paper(seed: int, images: int, ae_epochs: int, epochs: int, cache: str) -> dict:
+    """configs/paper.toml's design on LC25000, same probe, folds and held-out graphs."""
     from sklearn.model_selection import GroupKFold
 
     graphs, y, groups, held = lc25000_graphs(images, Path(cache))
-    models = pretrain_all(graphs, ae_epochs=ae_epochs, epochs=epochs, seed=seed, paper=True)
+    model = pretrain_paper(graphs, ae_epochs=ae_epochs, epochs=epochs, seed=seed)
     splits = list(GroupKFold(5).split(y, y, groups))
-    efficient = label_efficient_splits(groups)
-    out = {}
-    for name, X in features(models, graphs).items():
-        out[f"lc25000_{name}"] = probe(X, y, splits)
-        out[f"lc25000_10pct_{name}"] = probe(X, y, efficient)
-    cfg = design("hmgdm", seed).train
-    for name in ("hmgdm", "paper", "stage1_twin"):
-        ev = eval_loss(
-            models[name], held, cfg, stage="diffusion", device=torch.device("cpu"),
-            generator=torch.Generator().manual_seed(seed + 1),
-        )  # fmt: skip
-        out[f"context_share_{name}"] = ev["context_share"]
-    if finetune:
-        for name in ("hmgdm", "random_twin"):
-            out[f"finetune_{name}"] = finetune_accuracy(
-                models[name], graphs, y, groups, splits, seed
-            )
-    return out
+    out = _lc_scores("paper", embeddings(model, graphs), y, groups, splits)
+    return out | {"context_share_paper": _context_share(model, held, seed)}
+
+
+def finetune(seed: int, images: int, cache: str) -> dict:
+    """Fine-tuning from the `real` job's pretrained encoder vs its random twin, same folds."""
+    from sklearn.model_selection import GroupKFold
+
+    from hmgdm_core.train import load_checkpoint
+
+    graphs, y, groups, _ = lc25000_graphs(images, Path(cache))
+    splits = list(GroupKFold(5).split(y, y, groups))
+    return {
+        f"finetune_{name}": finetune_accuracy(
+            load_checkpoint(_saved(cache, seed, name)).model, graphs, y, groups, splits, seed
+        )
+        for name in ("hmgdm", "random_twin")
+    }
 
 
 def _job(name: str, kwargs: dict) -> dict:
@@ -242,16 +288,17 @@ def _job(name: str, kwargs: dict) -> dict:
     torch.set_num_threads(1)
     try:
         with threadpool_limits(1):
-            return {"synthetic": synthetic, "real": real}[name](**kwargs)
+            parts = {"synthetic": synthetic, "real": real, "paper": paper, "finetune": finetune}
+            return parts[name](**kwargs)
     finally:
         torch.set_num_threads(threads)  # the quick version runs inside the test process
 
 
 def summarise(runs: list[dict]) -> dict[str, tuple[float, float]]:
     """Mean and std (ddof 0) over seeds of every figure."""
-    keys = runs[0].keys()
     return {
-        k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))) for k in keys
+        k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+        for k in runs[0]
     }
 
 
@@ -286,6 +333,60 @@ def targets(stats: dict, per_seed: list[dict]) -> tuple[dict, list[str]]:
     return met, text
 
 
+def _plan(args) -> list[tuple[str, dict]]:
+    """Every (part, settings) job, most important first: a cut-off run keeps those."""
+    seeds = range(1 if args.quick else args.seeds)
+    syn = {"per_class": 12, "ae_epochs": 2, "epochs": 5}
+    if args.quick:
+        return [("synthetic", {"seed": s, **syn}) for s in seeds]
+    syn = {"per_class": 40, "ae_epochs": 5, "epochs": 20}
+    lc = {"images": args.lc_images, "cache": args.cache}
+    train = {"ae_epochs": 6, "epochs": 10}
+    jobs = [] if args.skip_real else [("real", {"seed": s, **lc, **train}) for s in seeds]
+    jobs += [("synthetic", {"seed": s, **syn}) for s in seeds]
+    if not args.skip_real:
+        jobs += [("paper", {"seed": s, **lc, **train}) for s in seeds]
+        if not args.skip_finetune:
+            jobs += [("finetune", {"seed": s, **lc}) for s in seeds]
+    return jobs
+
+
+def _job_key(part: str, kwargs: dict) -> str:
+    """A finished job is reused only for the same code, designs and settings."""
+    text = Path(__file__).read_text() + design("hmgdm", 0).model_dump_json()
+    text += design("paper", 0).model_dump_json() + json.dumps([part, kwargs], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_jobs(jobs: list[tuple[str, dict]], results: Path | None) -> list[dict]:
+    """Each job's figures; with `results` (JSON lines), finished jobs are read back, not rerun,
+    and every job is appended as it finishes, so an interrupted run resumes."""
+    done = {}
+    if results is not None and results.is_file():
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row["figures"]
+    keys = [_job_key(*job) for job in jobs]
+    todo = [i for i, k in enumerate(keys) if k not in done]
+    if todo and results is None:  # quick (CI) version: in this process
+        return [_job(*job) for job in jobs]
+    if todo:
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done in {results}", flush=True)
+        lc = [jobs[i][1] for i in todo if jobs[i][0] != "synthetic"]
+        if lc:  # build the graph cache once, before the workers would race for it
+            lc25000_graphs(lc[0]["images"], Path(lc[0]["cache"]))
+        with ProcessPoolExecutor(2) as pool:
+            running = {pool.submit(_job, *jobs[i]): i for i in todo}
+            for future in as_completed(running):
+                i = running[future]
+                done[keys[i]] = future.result()
+                row = {"key": keys[i], "job": jobs[i], "figures": done[keys[i]]}
+                with results.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"done: {jobs[i][0]} seed {jobs[i][1]['seed']}", flush=True)
+    return [done[k] for k in keys]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~1 min CI version (synthetic)")
@@ -296,31 +397,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--cache",
         default=os.environ.get("HMGDM_PROBE_CACHE", "/tmp/hmgdm-probe-cache"),
-        help="where LC25000 graphs are cached (one file per graph config and image set)",
+        help="LC25000 graphs, saved encoders and finished jobs (a rerun resumes)",
     )
     args = parser.parse_args(argv)
     start, load = time.perf_counter(), os.getloadavg()[0]
+    jobs = _plan(args)
+    results = None if args.quick else Path(args.cache) / "results.jsonl"
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+    done = run_jobs(jobs, results)
     seeds = range(1 if args.quick else args.seeds)
-    if args.quick:
-        jobs = [
-            ("synthetic", {"seed": s, "per_class": 12, "ae_epochs": 2, "epochs": 5}) for s in seeds
-        ]
-    else:
-        jobs = [] if args.skip_real else [
-            ("real", {"seed": s, "images": args.lc_images, "ae_epochs": 6, "epochs": 10,
-                      "cache": args.cache, "finetune": not args.skip_finetune})
-            for s in seeds
-        ]  # fmt: skip
-        jobs += [
-            ("synthetic", {"seed": s, "per_class": 40, "ae_epochs": 5, "epochs": 20}) for s in seeds
-        ]
-    if args.quick:
-        done = [_job(*job) for job in jobs]
-    else:
-        if not args.skip_real:  # build the cache once, before the workers would race for it
-            lc25000_graphs(args.lc_images, Path(args.cache))
-        with ProcessPoolExecutor(2) as pool:
-            done = list(pool.map(_job, *zip(*jobs, strict=True)))
     per_seed = [{} for _ in seeds]
     for (_, kwargs), out in zip(jobs, done, strict=True):
         per_seed[kwargs["seed"]] |= out
