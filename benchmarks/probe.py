@@ -341,7 +341,7 @@ def _plan(args) -> list[tuple[str, dict]]:
         return [("synthetic", {"seed": s, **syn}) for s in seeds]
     syn = {"per_class": 40, "ae_epochs": 5, "epochs": 20}
     lc = {"images": args.lc_images, "cache": args.cache}
-    train = {"ae_epochs": 6, "epochs": 10}
+    train = {"ae_epochs": args.lc_ae_epochs, "epochs": args.lc_epochs}
     jobs = [] if args.skip_real else [("real", {"seed": s, **lc, **train}) for s in seeds]
     jobs += [("synthetic", {"seed": s, **syn}) for s in seeds]
     if not args.skip_real:
@@ -392,6 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="~1 min CI version (synthetic)")
     parser.add_argument("--seeds", type=int, default=3, help="pretraining seeds")
     parser.add_argument("--lc-images", type=int, default=600)
+    parser.add_argument("--lc-ae-epochs", type=int, default=6, help="LC25000 stage-1 epochs")
+    parser.add_argument("--lc-epochs", type=int, default=10, help="LC25000 stage-2 epochs")
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument(
