@@ -37,3 +37,9 @@ def new_app(name: str, help: str) -> typer.Typer:
 
     main.__doc__ = help
     return app
+
+
+def fail(err: Exception) -> typer.Exit:
+    """Print `err` as one line on stderr; the Exit (code 2) for the command to raise."""
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)

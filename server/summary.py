@@ -13,6 +13,7 @@ from typing import Any
 from hmgdm_core.atomic import write_json
 from hmgdm_core.exceptions import HmgdmError
 from hmgdm_core.federation_config import FederationConfig
+from hmgdm_core.tracking import numeric
 
 SUMMARY_FILE = "run_summary.json"
 STATUS_FAILED = "failed"
@@ -88,6 +89,14 @@ def run_summary(
                 # Held-out share of the masked targets' variance the encoder's context explains.
                 "context_share": _loss(h.get("eval"), "context-share"),
                 "seconds": round(float(h.get("seconds", 0.0)), 3),
+                # Everything else a report or a dashboard plots per round.
+                "train": numeric(h.get("train") or {}),
+                "eval": numeric(h.get("eval") or {}),
+                "site_epsilon": numeric(h.get("site_epsilon", {})),
+                "site_seconds": numeric(h.get("site_seconds", {})),
+                "central_epsilon": (h.get("central_dp") or {}).get("epsilon"),
+                "bytes_up": h.get("bytes_up", 0),
+                "bytes_down": h.get("bytes_down", 0),
             }
             for h in history
         ],
@@ -97,6 +106,28 @@ def run_summary(
             s for s, n in malformed_counts(history).items() if n >= REPEAT_OFFENDER
         ),
     }
+
+
+# How a site took part in a round, as one number per site in the TensorBoard scalars.
+PARTICIPATION = {"replied": 1.0, "failed": 0.0, "dropped": -1.0}
+
+
+def round_scalars(h: dict[str, Any]) -> dict[str, float]:
+    """A round of the history as TensorBoard tags: losses and every other train/eval metric
+    (e.g. a context-reliance figure when the model reports one), per-site participation,
+    epsilon and training time, the round's time and traffic."""
+    out: dict[str, Any] = {f"train/{k}": v for k, v in numeric(h.get("train") or {}).items()}
+    out |= {f"eval/{k}": v for k, v in numeric(h.get("eval") or {}).items()}
+    out |= {f"round/{k}": h.get(k) for k in ("aggregated", "seconds", "bytes_up", "bytes_down")}
+    for kind in ("replied", "failed", "dropped"):
+        sites = h.get(kind) or {}
+        out[f"sites/{kind}"] = len(sites)
+        out |= {f"participation/{site}": PARTICIPATION[kind] for site in sites}
+    out |= {f"epsilon/{site}": eps for site, eps in h.get("site_epsilon", {}).items()}
+    if central := h.get("central_dp"):
+        out["epsilon/central"] = central["epsilon"]
+    out |= {f"site_seconds/{site}": t for site, t in h.get("site_seconds", {}).items()}
+    return numeric({k: v for k, v in out.items() if v is not None})
 
 
 def untrained_reason(history: list[dict[str, Any]], fed: FederationConfig) -> str | None:
@@ -228,10 +259,11 @@ def privacy_table(summary: dict[str, Any]):
 
 
 def print_run_summary(run_dir: Path) -> dict[str, Any] | None:
-    """Print the tables of a run's summary (None when the run wrote none)."""
+    """Print the tables of a run's summary (None when the run wrote none). A run that stopped
+    before its first round has only a status: `check_run` reports it."""
     from rich.console import Console
 
     summary = read_run_summary(run_dir)
-    if summary is not None:
+    if summary is not None and "rounds" in summary:
         Console().print(summary_table(summary))
     return summary

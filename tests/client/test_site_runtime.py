@@ -15,9 +15,8 @@ from conftest import free_port
 from flwr.supercore.object_ref import load_app
 
 from client.commands_fed import supernode_command
-from client.flower_env import flower_env
+from client.flower_env import flower_env, stop_tree
 from client.site_runtime import APP_PACKAGES, PRELOAD, forget_app_packages
-from server.superlink import stop_tree
 
 
 def _fake_fab(root):

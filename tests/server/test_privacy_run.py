@@ -15,12 +15,12 @@ from inprocess import InProcessGrid, Tamper
 from opacus.accountants import RDPAccountant
 from rich.console import Console
 
-from client.privacy import PRIVACY_CONFIG_KEY
 from client.records import SHARED, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from server.app import main
+from server.run_config import submission
 from server.strategy import load_last_round
 from server.summary import read_run_summary, summary_table
 
@@ -35,8 +35,8 @@ def _site(root: Path, cache: Path, name: str, privacy: dict | None = None) -> Co
     node = {"graphs-dir": str(cache), "state-dir": str(root / name)}
     if privacy is not None:
         path = root / f"{name}_privacy.toml"
-        path.write_text(tomli_w.dumps({"privacy": privacy}))
-        node[PRIVACY_CONFIG_KEY] = str(path)
+        path.write_text(tomli_w.dumps({"local_dp": privacy}))
+        node["privacy-config"] = str(path)
     return Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
 
 
@@ -45,11 +45,7 @@ def _run(grid: InProcessGrid, run_dir: Path, resume: bool = False, **overrides) 
     overrides = {"federation.local_steps": 1, "federation.poll_interval_s": 0.01, **overrides}
     cfg = load_config(DEBUG, {f"federation.{k}" if "." not in k else k: v
                               for k, v in overrides.items()})  # fmt: skip
-    run_config = {
-        "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
-        "run-dir": str(run_dir),
-        "resume": resume,
-    }
+    run_config = submission(cfg, run_dir=run_dir, resume=resume)
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                        run_config=run_config))  # fmt: skip
     return torch.load(run_dir / "final.pt", weights_only=False)["extra"]["federation"]
@@ -90,8 +86,7 @@ def test_bad_updates_are_dropped_and_a_spent_site_stops_while_the_run_completes(
     # that affords exactly one round. The server never asked for local DP.
     rate, sigma = 0.5, 1.0
     budget = (_rdp(sigma, rate, 1) + _rdp(sigma, rate, 2)) / 2
-    privacy_a = {"mode": "local_dp", "sample_rate": rate, "noise_multiplier": sigma,
-                 "max_epsilon": budget}  # fmt: skip
+    privacy_a = {"sample_rate": rate, "noise_multiplier": sigma, "max_epsilon": budget}
     sites = {
         "A": _site(tmp_path, site_caches["A"], "A", privacy_a),
         "B": _site(tmp_path, site_caches["B"], "B"),
@@ -100,7 +95,7 @@ def test_bad_updates_are_dropped_and_a_spent_site_stops_while_the_run_completes(
     grid = InProcessGrid(sites, tamper={"C": _corrupt("nan", "shape", "big")})
     history = _run(
         grid, tmp_path / "run", min_sites=3, min_replies=1, stage2_rounds=2, evaluate_every=0,
-        **{"privacy.max_update_norm": 1e3},
+        **{"privacy.validation.max_update_norm": 1e3},
     )  # fmt: skip
 
     assert [h["round"] for h in history] == [1, 2, 3] and all(h["aggregated"] for h in history)
@@ -148,8 +143,8 @@ def test_central_dp_is_accounted_per_round_and_across_a_resume(site_caches, tmp_
     sigma = 0.5
     # The budget affords 3 rounds: the first run trains 2, the resumed run asks for 2 more.
     budget = (_rdp(sigma, 1.0, 3) + _rdp(sigma, 1.0, 4)) / 2
-    central = {"privacy.mode": "central", "privacy.central_noise_multiplier": sigma,
-               "privacy.central_clip_norm": 0.1, "privacy.max_epsilon": budget}  # fmt: skip
+    central = {"privacy.mode": "central", "privacy.central.noise_multiplier": sigma,
+               "privacy.central.clip_norm": 0.1, "privacy.max_epsilon": budget}  # fmt: skip
     sites = {n: _site(tmp_path, site_caches[n], n) for n in ("A", "B")}
     run_dir = tmp_path / "run"
     first = _run(InProcessGrid(sites), run_dir, min_sites=2, min_replies=2, stage2_rounds=1,

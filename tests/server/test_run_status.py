@@ -15,15 +15,27 @@ import tomllib
 from conftest import TINY_MODEL
 from flwr.app import Context, RecordDict
 from inprocess import InProcessGrid
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import graph_dims
 from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.graph.cache import load_graph_dir
+from hmgdm_core.tracking import TENSORBOARD_DIR
 from hmgdm_core.train import build_model, save_checkpoint
-from server.app import FederationError, main
-from server.summary import read_run_summary, untrained_reason
+from server.app import main
+from server.messaging import FederationError
+from server.report import write_report
+from server.run_config import submission
+from server.summary import (
+    RunFailed,
+    check_run,
+    mark_run,
+    print_run_summary,
+    read_run_summary,
+    untrained_reason,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 REFUSED = (
@@ -47,7 +59,7 @@ def test_a_simulated_run_in_which_every_site_refuses_exits_nonzero_without_final
     # The shipped hospital preset (local DP, patient-level DP-SGD) with a budget of 2: on a few
     # tiles each site's first round would already spend more, so every site refuses every round.
     cfg = tomllib.loads((CONFIGS / "hospital.toml").read_text())
-    cfg["privacy"]["max_epsilon"] = 2.0
+    cfg["local_dp"]["max_epsilon"] = 2.0
     for section, values in _nested(TINY_MODEL).items():
         cfg.setdefault(section, {}).update(values)
     cfg["federation"] = {"stage2_rounds": 1, "local_steps": 1, "evaluate_every": 0}
@@ -72,7 +84,18 @@ def test_a_simulated_run_in_which_every_site_refuses_exits_nonzero_without_final
     (failed,) = [e for e in read_events(run_dir / EVENTS_FILE) if e["event"] == "run_failed"]
     assert failed["reason"] == summary["reason"]
     # The printed table says it too, not "finished", with the config section named.
-    assert "federated pretraining: failed" in res.stdout and "[privacy]" in res.stdout
+    assert "federated pretraining: failed" in res.stdout and "[local_dp]" in res.stdout
+    # TensorBoard saw both rounds: no site took part (0 = failed or refused), nothing trained.
+    scalars = EventAccumulator(str(run_dir / TENSORBOARD_DIR)).Reload()
+    tags = scalars.Tags()["scalars"]
+    sites = [t for t in tags if t.startswith("participation/")]
+    assert len(sites) == 2 and "train/loss" not in tags
+    for tag in [*sites, "round/aggregated", "sites/replied"]:
+        assert [(e.step, e.value) for e in scalars.Scalars(tag)] == [(1, 0.0), (2, 0.0)], tag
+    assert [e.value for e in scalars.Scalars("sites/failed")] == [2.0, 2.0]
+    # The report says why, too.
+    page = write_report(run_dir).read_text()
+    assert "failed" in page and "every site (2) refused" in page
 
 
 def test_a_model_whose_encoder_never_trained_is_named_untrained():
@@ -122,7 +145,7 @@ def unlabelled_sites(site_caches, tmp_path) -> tuple[InProcessGrid, Path]:
     ("mode", "output", "why"),
     [
         ("downstream", "finetuned.pt", "this site has no labels"),
-        ("survival-clinical", "metrics.json", "phase moments: sites failed"),
+        ("survival-clinical", "metrics.json", "federated Cox, phase moments"),
     ],
 )
 def test_fine_tuning_and_survival_runs_without_answers_fail_and_say_why(
@@ -131,11 +154,10 @@ def test_fine_tuning_and_survival_runs_without_answers_fail_and_say_why(
     grid, ckpt = unlabelled_sites
     cfg = load_config(None, {"federation.poll_interval_s": 0.01, "federation.min_sites": 2})
     run_dir = tmp_path / "run"
-    run_config = {
-        "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
-        "run-dir": str(run_dir), "mode": mode, "checkpoint": str(ckpt),
-        "task": "classification", "classes": "TUMOR,STROMA",
-    }  # fmt: skip
+    run_config = submission(
+        cfg, run_dir=run_dir, mode=mode, checkpoint=ckpt, task="classification",
+        classes=("TUMOR", "STROMA"),
+    )  # fmt: skip
     with pytest.raises(FederationError):
         main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                            run_config=run_config))  # fmt: skip
@@ -145,3 +167,16 @@ def test_fine_tuning_and_survival_runs_without_answers_fail_and_say_why(
     # A pretraining run sharing the directory keeps its own summary (none here).
     assert read_run_summary(run_dir) is None
     assert json.loads((run_dir / f"{mode}_summary.json").read_text()) == summary
+
+
+def test_a_run_that_stopped_before_round_one_prints_no_table_and_says_it_did_not_finish(
+    tmp_path,
+):
+    # What main() leaves when the simulation engine or the ServerApp dies before round 1.
+    mark_run(tmp_path, "pretrain", "running")
+    assert print_run_summary(tmp_path)["status"] == "running"
+    with pytest.raises(RunFailed, match=r"the pretrain run did not finish; see .*run\.log"):
+        check_run(tmp_path, "pretrain", tmp_path / "run.log")
+    mark_run(tmp_path, "pretrain", "failed", "Ray did not start")
+    with pytest.raises(RunFailed, match="the pretrain run failed: Ray did not start"):
+        check_run(tmp_path, "pretrain", tmp_path / "run.log")
