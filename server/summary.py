@@ -34,6 +34,31 @@ def _loss(metrics: dict | None, key: str = "loss") -> float | None:
     return float(metrics[key]) if metrics and key in metrics else None
 
 
+def _round_row(h: dict[str, Any]) -> dict[str, Any]:
+    """One round of the history as the summary lists it."""
+    return {
+        "round": h["round"],
+        "stage": h["stage"],
+        "replied": h["replied"],
+        "failed": h["failed"],
+        "dropped": h.get("dropped", {}),
+        "aggregated": h["aggregated"],
+        "train_loss": _loss(h.get("train")),
+        "eval_loss": _loss(h.get("eval")),
+        # Held-out share of the masked targets' variance the encoder's context explains.
+        "context_share": _loss(h.get("eval"), "context-share"),
+        "seconds": round(float(h.get("seconds", 0.0)), 3),
+        # Everything else a report or a dashboard plots per round.
+        "train": numeric(h.get("train") or {}),
+        "eval": numeric(h.get("eval") or {}),
+        "site_epsilon": numeric(h.get("site_epsilon", {})),
+        "site_seconds": numeric(h.get("site_seconds", {})),
+        "central_epsilon": (h.get("central_dp") or {}).get("epsilon"),
+        "bytes_up": h.get("bytes_up", 0),
+        "bytes_down": h.get("bytes_down", 0),
+    }
+
+
 def run_summary(
     history: list[dict[str, Any]],
     *,
@@ -76,30 +101,7 @@ def run_summary(
         "final_train_loss": next(
             (loss for h in reversed(history) if (loss := _loss(h.get("train"))) is not None), None
         ),
-        "rounds": [
-            {
-                "round": h["round"],
-                "stage": h["stage"],
-                "replied": h["replied"],
-                "failed": h["failed"],
-                "dropped": h.get("dropped", {}),
-                "aggregated": h["aggregated"],
-                "train_loss": _loss(h.get("train")),
-                "eval_loss": _loss(h.get("eval")),
-                # Held-out share of the masked targets' variance the encoder's context explains.
-                "context_share": _loss(h.get("eval"), "context-share"),
-                "seconds": round(float(h.get("seconds", 0.0)), 3),
-                # Everything else a report or a dashboard plots per round.
-                "train": numeric(h.get("train") or {}),
-                "eval": numeric(h.get("eval") or {}),
-                "site_epsilon": numeric(h.get("site_epsilon", {})),
-                "site_seconds": numeric(h.get("site_seconds", {})),
-                "central_epsilon": (h.get("central_dp") or {}).get("epsilon"),
-                "bytes_up": h.get("bytes_up", 0),
-                "bytes_down": h.get("bytes_down", 0),
-            }
-            for h in history
-        ],
+        "rounds": [_round_row(h) for h in history],
         "sites": dict(sorted(sites.items())),
         "central_dp": central[-1] if central else None,
         "repeat_offenders": sorted(
