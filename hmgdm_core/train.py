@@ -275,7 +275,9 @@ class BatchStep:
         self, objective: Objective, optimizer: torch.optim.Optimizer
     ) -> tuple[dict[str, float], int]:
         chunk = next(self._chunks)
-        batch = make_batch(chunk, self.cfg.max_nodes, self.generator).to(self.device)
+        batch = make_batch(
+            chunk, self.cfg.max_nodes, self.generator, stain_jitter=self.cfg.stain_jitter
+        ).to(self.device)
         with _autocast(self.device, self.cfg.amp):
             terms = objective(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -389,7 +391,9 @@ def eval_loss(
         starts.pop()  # no batch of one graph: the context swap needs another graph
     for i, end in zip(starts, [*starts[1:], len(graphs)], strict=True):
         chunk = graphs[i:end]
-        batch = make_batch(chunk, cfg.max_nodes, generator).to(device)
+        batch = make_batch(chunk, cfg.max_nodes, generator, stain_jitter=cfg.stain_jitter).to(
+            device
+        )
         with _autocast(device, cfg.amp):
             terms = model.loss(
                 batch, stage=stage, generator=generator, diagnose=stage == "diffusion"

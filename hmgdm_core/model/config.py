@@ -132,3 +132,6 @@ class TrainConfig(Section):
         lt=1,
         description="local pretrain: share of slides held out for the loss and context share",
     )
+    stain_jitter: float = Field(
+        0.0, ge=0, le=0.5, description="H&E jitter of instance windows per graph (0 = off)"
+    )
