@@ -16,6 +16,7 @@ from torch_geometric.data import Data
 from client.guard import Guard, run_key
 from client.records import FROZEN, SHARED, SimulatedSites, load_into
 from hmgdm_core.config import HmgdmConfig, parse_section
+from hmgdm_core.data import holdout_split
 from hmgdm_core.exceptions import GraphDataError
 from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.disclosure import LOG_NAME, DisclosureConfig, ReleaseLog
@@ -76,22 +77,7 @@ class Site(Section):
 
     def split(self, fraction: float, seed: int) -> tuple[list[Data], list[Data]]:
         """(train, held-out): whole slides are held out when the site has several."""
-        graphs = self.graphs()
-        slides = sorted({str(g.slide_id) for g in graphs})
-        gen = torch.Generator().manual_seed(seed)
-        if len(slides) >= 2:
-            n_eval = max(1, round(fraction * len(slides))) if fraction > 0 else 0
-            held = {slides[i] for i in torch.randperm(len(slides), generator=gen)[:n_eval]}
-            return (
-                [g for g in graphs if str(g.slide_id) not in held],
-                [g for g in graphs if str(g.slide_id) in held],
-            )
-        n_eval = max(1, int(fraction * len(graphs))) if fraction > 0 and len(graphs) > 1 else 0
-        held_idx = set(torch.randperm(len(graphs), generator=gen)[:n_eval].tolist())
-        return (
-            [g for i, g in enumerate(graphs) if i not in held_idx],
-            [g for i, g in enumerate(graphs) if i in held_idx],
-        )
+        return holdout_split(self.graphs(), fraction, seed)
 
     def checkpoint(self, key: object) -> Path:
         """The private checkpoint of the server's run `key` (checked: it names a file)."""

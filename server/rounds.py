@@ -108,6 +108,7 @@ def run_round(
         min_replies=fed.min_replies,
         loss=record["train"].get("loss"),
         eval_loss=record.get("eval", {}).get("loss"),
+        context_share=record.get("eval", {}).get("context-share"),
         epsilon=record.get("central_dp", {}).get("epsilon"),
         seconds=round(record["seconds"], 2),
     )

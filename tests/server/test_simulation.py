@@ -44,6 +44,10 @@ def test_simulated_hospitals_train_and_report_and_broken_updates_are_dropped(
         assert liar in h["replied"] and reason.startswith("claimed 1e+15 examples, capped at ")
         assert 1 <= float(reason.rsplit(" ", 1)[1]) <= 20
     assert all(torch.isfinite(torch.tensor(h["eval"]["loss"])) for h in history)
+    # The diffusion round's evaluation carries the context diagnostic, into the summary too.
+    assert "context-share" not in history[0]["eval"]
+    assert torch.isfinite(torch.tensor(history[1]["eval"]["context-share"]))
+    assert "context" in table
     assert all(torch.isfinite(p).all() for p in ckpt.model.state_dict().values())
     # Every virtual site kept its private checkpoint; nothing of the engine is left running.
     assert len(list((tmp_path / "sites").glob("site-*/run-*.pt"))) == 5
