@@ -48,3 +48,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_site_policy(directory: Path) -> str:
+    """A site's own TOML for test cohorts of a few tiles: fewer patients than the default
+    small-cell minimum of 10 (tests/client/test_disclosure.py tests the policy itself)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "site_policy.toml"
+    path.write_text("[disclosure]\nmin_patients = 1\n")
+    return str(path)
