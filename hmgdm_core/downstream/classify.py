@@ -91,7 +91,6 @@ class ProbeCV:
         x, y, groups = self._rows(x), np.asarray(y), np.asarray(groups)
         self.y_, self.groups_, self.baselines_ = y, groups, {}
         self.classes_ = np.unique(y)
-        self.y_, self.groups_ = y, groups
         self.oof_proba_ = np.full((len(y), len(self.classes_)), np.nan)
         self.oof_fold_ = np.full(len(y), -1)
         rows = []
