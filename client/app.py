@@ -34,7 +34,7 @@ from client.records import (
     unpack_config,
 )
 from client.secagg import secagg_mod
-from hmgdm_core.atomic import save_torch
+from hmgdm_core.atomic import load_torch, save_torch
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.events import EVENTS_FILE, EventLog
 from hmgdm_core.exceptions import GraphDataError
@@ -166,7 +166,7 @@ def _site_model(site: Site, cfg: HmgdmConfig, msg: Message, graphs: list[Data]):
     model = build_model(cfg, graph_dims(graphs))
     path = site.checkpoint(str(msg.content["config"]["run"]))
     if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        model.load_state_dict(load_torch(path)["model"])
     records = [msg.content[k] for k in (SHARED, FROZEN) if k in msg.content.array_records]
     load_into(model, *records)
     return model

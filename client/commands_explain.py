@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from client.commands_eval import TRUST_CHECKPOINT
+
 
 def explain(
     slide: str = typer.Argument(..., help="Slide id in --graphs, or a slide's graph archive."),
@@ -25,15 +27,18 @@ def explain(
         None, "--image", help="The slide image, if not at the path recorded when graphs were built."
     ),
     max_side: int = typer.Option(1024, "--max-side", min=64, help="Thumbnail size in pixels."),
+    trust_checkpoint: bool = TRUST_CHECKPOINT,
 ) -> None:
     """Per-entity importance (attention-pooling weights, or gradient x input of the predicted
     class / Cox risk) painted on the slide thumbnail, one Voronoi cell per entity centroid."""
     from client.commands_eval import run_reporting_errors
 
-    run_reporting_errors(lambda: _explain(slide, checkpoint, out, graphs, method, image, max_side))
+    run_reporting_errors(
+        lambda: _explain(slide, checkpoint, out, graphs, method, image, max_side, trust_checkpoint)
+    )
 
 
-def _explain(slide, checkpoint, out, graphs, method, image, max_side) -> None:
+def _explain(slide, checkpoint, out, graphs, method, image, max_side, trust_checkpoint) -> None:
     from hmgdm_core.atomic import save_figure, write_csv
     from hmgdm_core.downstream.explain import entity_importance, plot_importance, thumbnail_mpp
     from hmgdm_core.downstream.finetune import load_slide_net
@@ -49,7 +54,7 @@ def _explain(slide, checkpoint, out, graphs, method, image, max_side) -> None:
     if not archive.is_file():
         raise GraphDataError(f"{archive}: no graph archive for slide '{slide}'")
     bag, meta = load_slide_graphs(archive)
-    net, task, _ = load_slide_net(checkpoint)
+    net, task, _ = load_slide_net(checkpoint, trust=trust_checkpoint)
     check_graph_dims(net.backbone, bag, str(archive))
     if method == "auto":
         method = "attention" if task.kind == "classification" else "gradient"

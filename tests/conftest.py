@@ -48,3 +48,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class RunsCommand:
+    """What an attacker puts in a checkpoint: unpickling it calls os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def write_malicious(path: Path, marker: Path) -> None:
+    """A checkpoint-shaped pickle whose loading would create `marker`."""
+    import torch
+
+    blob = {"format": "hmgdm-checkpoint/1", "model": {}, "payload": RunsCommand(f"touch {marker}")}
+    torch.save(blob, path)
