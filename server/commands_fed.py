@@ -72,6 +72,7 @@ def start(
     from server.summary import print_run_summary
     from server.superlink import (
         TlsFiles,
+        app_fab_hash,
         register_site,
         start_superlink,
         submit_run,
@@ -105,6 +106,9 @@ def start(
         f"sites connect to {link.site_address}; runs and site keys are managed on "
         f"{link.address} (log: {state / 'superlink.log'})"
     )
+    # Sites run their own installed ClientApp of this version, never this bundle's code; each
+    # logs the hash of the runs it serves.
+    typer.echo(f"app bundle: FAB sha256 {app_fab_hash()}")
     run = None
     try:
         for pub in sorted(sites_dir.glob("*.pub")) if sites_dir else []:

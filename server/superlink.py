@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import os
@@ -407,6 +408,14 @@ def app_dir() -> Path:
     if "[tool.flwr.app]" not in (root / "pyproject.toml").read_text(errors="ignore"):
         raise HmgdmError(f"{root}: no pyproject.toml with [tool.flwr.app]; run from a checkout")
     return root
+
+
+def app_fab_hash() -> str:
+    """sha256 of the app bundle (FAB) `flwr run` builds from this checkout; each site logs the
+    hash of every run it serves (and refuses a bundle of another app or version by it)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(app_dir())).hexdigest()
 
 
 def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.Popen:

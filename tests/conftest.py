@@ -66,3 +66,15 @@ def write_malicious(path: Path, marker: Path) -> None:
 
     blob = {"format": "hmgdm-checkpoint/1", "model": {}, "payload": RunsCommand(f"touch {marker}")}
     torch.save(blob, path)
+
+
+def tiny_cache(root: Path, slides: int = 1) -> Path:
+    """A graph cache of small random region graphs (one per slide), as build-graphs lays it out."""
+    from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
+    from hmgdm_core.studies.synthetic import random_region_graph
+
+    for i in range(slides):
+        with SlideGraphWriter(graph_path(root, f"s{i}")) as writer:
+            writer.add(random_region_graph(12 + i, seed=i, slide_id=f"s{i}"))
+            writer.commit({"slide_id": f"s{i}", "config_hash": "x"})
+    return root

@@ -8,21 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_malicious
-
-from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
-from hmgdm_core.studies.synthetic import random_region_graph
+from conftest import tiny_cache, write_malicious
 
 CLIENT = str(Path(sys.executable).with_name("hmgdm-client"))
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cache")
-    with SlideGraphWriter(graph_path(root, "s0")) as writer:
-        writer.add(random_region_graph(12, seed=0, slide_id="s0"))
-        writer.commit({"slide_id": "s0", "config_hash": "x"})
-    return root
+    return tiny_cache(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.mark.integration

@@ -18,7 +18,7 @@ import pytest
 from conftest import free_port
 
 from server.fleet_proxy import FLEET_ROUTES, MAX_BODY
-from server.superlink import make_certificates, stop_tree
+from server.superlink import app_fab_hash, make_certificates, stop_tree
 
 pytestmark = pytest.mark.integration
 
@@ -114,6 +114,10 @@ def test_a_fuzz_set_of_paths_only_passes_the_exact_fleet_routes(server):
     for target in sorted(targets):
         status, body = request(server, rng.choice(["POST", "GET", "PUT"]), target)
         assert (status, body) == (403, REFUSED), target
+
+
+def test_start_prints_the_sha256_of_the_app_bundle_sites_log(server):
+    assert f"app bundle: FAB sha256 {app_fab_hash()}\n" in server["log"].read_text()
 
 
 def test_fleet_routes_reach_the_superlink(server):
