@@ -10,7 +10,10 @@ from pathlib import Path
 import typer
 
 from client.flower_env import flower_env
+from hmgdm_core.atomic import atomic_write
 from hmgdm_core.exceptions import HmgdmError
+
+RUNTIME_SECRET = "runtime.secret"  # in the state dir: the SuperNode <-> launcher shared secret
 
 
 def write_keypair(out_dir: Path, name: str = "site") -> tuple[Path, Path]:
@@ -128,15 +131,54 @@ def supernode_command(
     if not warm:
         return [str(Path(sys.executable).with_name("flower-supernode")), *cmd,
                 "--isolation", "subprocess"]  # fmt: skip
+    # Only the launcher (and the site's own users) may take tasks from the Runtime API: a new
+    # secret each start, readable by this user alone.
+    secret = atomic_write(state_dir / RUNTIME_SECRET, lambda p: p.write_bytes(os.urandom(32)))
+    cmd += ["--superexec-auth-secret-file", str(secret)]
     launcher = [sys.executable, "-m", "client.site_runtime", "--runtime-port", str(local_port)]
     return [*launcher, "--", *cmd]
+
+
+def _check_transport(superlink: str, root_cert: Path | None, insecure: bool) -> None:
+    """TLS unless the site says `--insecure`, and plaintext only to this machine."""
+    from hmgdm_core.cli import check_plaintext
+
+    if insecure and root_cert is not None:
+        raise HmgdmError("--insecure and --root-cert: choose one")
+    if insecure:
+        check_plaintext(superlink.rsplit(":", 1)[0])
+    elif root_cert is None:
+        raise HmgdmError(
+            "--root-cert is required: the consortium's ca.crt, from the operator "
+            "(--insecure only for a SuperLink on this machine)"
+        )
+
+
+def _warn_unbounded_budget(privacy_config: Path | None) -> None:
+    from client.privacy import load_site_privacy
+
+    if privacy_config is None:
+        return
+    privacy = load_site_privacy(privacy_config)
+    if privacy.mode == "local_dp" and privacy.max_epsilon is None:
+        typer.secho(
+            f"warning: {privacy_config} sets no [privacy] max_epsilon: this site will train "
+            "every round the server asks for and its epsilon has no limit",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
 def join(
     superlink: str = typer.Option(..., "--superlink", help="The consortium's HOST:PORT."),
     graphs: Path = typer.Option(..., "--graphs", help="This site's graph cache (build-graphs)."),
     root_cert: Path | None = typer.Option(
-        None, "--root-cert", help="The consortium CA certificate (ca.crt); omit only for tests."
+        None,
+        "--root-cert",
+        help="The consortium CA certificate (ca.crt), unless --insecure.",
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Plaintext, no TLS: only to a SuperLink on this machine (tests)."
     ),
     auth_key: Path | None = typer.Option(
         None, "--auth-key", help="This site's private key from keygen (site.key)."
@@ -174,6 +216,8 @@ def join(
     Only model weights and scalar metrics leave this machine; graphs stay in GRAPHS.
     """
     try:
+        _check_transport(superlink, root_cert, insecure)
+        _warn_unbounded_budget(privacy_config)
         cmd = supernode_command(
             superlink=superlink,
             graphs=graphs,

@@ -122,8 +122,11 @@ class ForkServerExecutor(SubprocessExecutor):
         return LaunchResult.accepted()
 
 
-def run_launcher(runtime_api_address: str, parent_pid: int | None) -> None:
-    """Flower's SuperExec loop (task polling, signals, parent monitor) with the warm executor."""
+def run_launcher(
+    runtime_api_address: str, parent_pid: int | None, secret_file: Path | None = None
+) -> None:
+    """Flower's SuperExec loop (task polling, signals, parent monitor) with the warm executor;
+    `secret_file` is the SuperNode's `--superexec-auth-secret-file`."""
     from flwr.supercore.superexec import run_superexec as superexec
 
     executor = ForkServerExecutor()
@@ -135,6 +138,7 @@ def run_launcher(runtime_api_address: str, parent_pid: int | None) -> None:
         insecure=True,  # the Runtime API listens on loopback only (see supernode_command)
         parent_pid=parent_pid,
         runtime_dependency_install=False,
+        superexec_auth_secret=secret_file.read_bytes() if secret_file else None,
     )
 
 
@@ -158,9 +162,13 @@ def run_site(supernode_args: Sequence[str], runtime_port: int) -> int:
     signal.signal(signal.SIGTERM, lambda signum, _frame: node.send_signal(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: node.send_signal(signum))
     _wait_for_port(runtime_port, node)
+    secret = []
+    if "--superexec-auth-secret-file" in supernode_args:
+        i = list(supernode_args).index("--superexec-auth-secret-file")
+        secret = ["--secret-file", supernode_args[i + 1]]
     launcher = subprocess.Popen(
         [sys.executable, "-m", "client.site_runtime", "--launcher",
-         "--runtime-port", str(runtime_port), "--parent-pid", str(node.pid)],
+         "--runtime-port", str(runtime_port), "--parent-pid", str(node.pid), *secret],
         start_new_session=True,
     )  # fmt: skip
     code = node.wait()
@@ -177,10 +185,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--runtime-port", type=int, required=True, help="the SuperNode's --port")
     ap.add_argument("--launcher", action="store_true", help="run only the warm launcher")
     ap.add_argument("--parent-pid", type=int, help="launcher: exit when this process exits")
+    ap.add_argument("--secret-file", type=Path, help="launcher: the Runtime API's shared secret")
     ap.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- flower-supernode args")
     args = ap.parse_args(argv)
     if args.launcher:
-        run_launcher(f"127.0.0.1:{args.runtime_port}", args.parent_pid)
+        run_launcher(f"127.0.0.1:{args.runtime_port}", args.parent_pid, args.secret_file)
         return
     rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
     sys.exit(run_site(rest, args.runtime_port))

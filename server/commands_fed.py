@@ -44,7 +44,9 @@ def start(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on for sites."),
     port: int = typer.Option(9092, "--port", help="Port sites connect to."),
     state: Path = typer.Option(DEFAULT_STATE, "--state", help="SuperLink state, logs, runs."),
-    insecure: bool = typer.Option(False, "--insecure", help="No TLS, no site auth (tests only)."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="No TLS, no site auth: only with a loopback --host (tests)."
+    ),
     finetune: Path | None = typer.Option(
         None,
         "--finetune",
@@ -68,6 +70,7 @@ def start(
     registering sites stay on loopback. The SuperLink keeps its state (registered sites, runs)
     in STATE/superlink.db across restarts. Ctrl-C stops the run and the SuperLink.
     """
+    from hmgdm_core.cli import check_plaintext
     from hmgdm_core.config import load_config
     from server.summary import print_run_summary
     from server.superlink import (
@@ -82,6 +85,10 @@ def start(
     if tls_dir is None and not insecure:
         raise _fail(HmgdmError("--tls-dir is required (create it with `hmgdm-server certs`)"))
     try:
+        if insecure:
+            if tls_dir is not None:
+                raise HmgdmError("--insecure and --tls-dir: choose one")
+            check_plaintext(host)
         cfg = load_config(config)
         fed = cfg.federation
         downstream = _downstream_run_config(finetune, task, classes)

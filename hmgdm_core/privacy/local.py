@@ -23,7 +23,7 @@ from hmgdm_core.privacy.dpsgd import (
     private_generator,
 )
 from hmgdm_core.privacy.errors import PrivacyError
-from hmgdm_core.privacy.ledger import PrivacyLedger
+from hmgdm_core.privacy.ledger import PrivacyLedger, spend
 
 
 def steps_for(
@@ -89,23 +89,25 @@ def private_round(
     if not groups:
         raise PrivacyError("DP-SGD needs at least one patient at this site; found none")
     n_steps = steps_for(privacy, len(groups), steps=steps, epochs=epochs)
-    ledger = PrivacyLedger.open(ledger_path, privacy, num_patients=len(groups))
-    ledger.check_budget(n_steps)
     check_model(model)
-    model.to(device).train()
-    metrics = dp_train_steps(
-        optimizer,
-        groups,
-        patient_loss(model, train_cfg, privacy, stage=stage, device=device, generator=generator),
-        steps=n_steps,
-        sample_rate=ledger.sample_rate,
-        clip_norm=privacy.clip_norm,
-        noise_multiplier=privacy.noise_multiplier,
-        # A test seed still differs per round so rounds never repeat their noise.
-        generator=private_generator(
-            None if privacy.noise_seed is None else privacy.noise_seed + server_round, device
-        ),
-    )
-    ledger = ledger.record(server_round, n_steps, patients=len(groups))
-    ledger.save(ledger_path)
+    # The round is in the ledger before the first noisy step; refused there if over budget.
+    with spend(
+        ledger_path, privacy, num_patients=len(groups), server_round=server_round, steps=n_steps
+    ) as ledger:
+        model.to(device).train()
+        metrics = dp_train_steps(
+            optimizer,
+            groups,
+            patient_loss(
+                model, train_cfg, privacy, stage=stage, device=device, generator=generator
+            ),
+            steps=n_steps,
+            sample_rate=ledger.sample_rate,
+            clip_norm=privacy.clip_norm,
+            noise_multiplier=privacy.noise_multiplier,
+            # A test seed still differs per round so rounds never repeat their noise.
+            generator=private_generator(
+                None if privacy.noise_seed is None else privacy.noise_seed + server_round, device
+            ),
+        )
     return metrics | {"epsilon": ledger.epsilon, "num_patients": float(len(groups))}, ledger

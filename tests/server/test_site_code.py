@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import tiny_cache
 from flwr.cli.build import build_fab_from_disk
@@ -94,6 +95,13 @@ def test_a_site_never_runs_the_operators_bundle(federation, tmp_path):
     ):  # fmt: skip
         assert site.poll() is None and time.monotonic() < deadline, "site never came online"
         time.sleep(1)
+
+    # The site's Runtime API hands tasks only to the launcher holding the join's secret
+    # (RUNTIME_AUTHENTICATION_FAILED; without the secret Flower hands them to any local user).
+    port = site.args[site.args.index("--port") + 1]
+    res = httpx.post(f"http://127.0.0.1:{port}/v1/runtime/acquire-task", content=b"",
+                     headers={"content-type": "application/protobuf"})  # fmt: skip
+    assert res.status_code == 401 and "Authentication failed" in res.text, res.text
 
     # Same app and version, modified code: answered by the site's installed ClientApp.
     same = malicious_app(tmp_path / "same", marker)
