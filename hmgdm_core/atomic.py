@@ -1,5 +1,6 @@
-"""Atomic file writes (a temp file beside the target, then os.replace: never half a file) and
-the torch file format: written as tensors and plain values, read without unpickling code.
+"""Atomic, durable file writes (a temp file beside the target, fsynced, then os.replace and a
+directory fsync: never half a file, never an older one after a power loss), owner-only unless
+asked otherwise; and the torch file format: tensors and plain values, read without running code.
 """
 
 from __future__ import annotations
@@ -23,26 +24,50 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)`, then move the result onto `path`; on any error nothing changes."""
+def atomic_write(path: Path | str, write: Callable[[Path], None], *, private: bool = True) -> Path:
+    """Call `write(tmp_path)`, then move the result onto `path`; on any error nothing changes.
+
+    `private` (the default, for anything derived from patients: graphs, checkpoints, ledgers,
+    embeddings): mode 0600. `private=False` for reports a person opens (metrics, plots): the
+    mode the umask gives a new file.
+    """
     # The temp file lives in the target directory so os.replace never crosses filesystems.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    os.close(fd)  # mkstemp makes it 0600
     try:
         write(Path(tmp))
+        if not private:
+            os.chmod(tmp, 0o666 & ~_umask())
+        fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync(path.parent)  # the rename itself survives a power loss only once its directory is
     return path
 
 
-def write_json(path: Path | str, data: Any) -> Path:
+def fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)  # read it by setting it (the stricter value, should a thread race)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: Path | str, data: Any, *, private: bool = True) -> Path:
     """Write `data` as indented JSON (NaN becomes null so other tools can read it)."""
     text = json.dumps(_nan_to_none(data), indent=2, sort_keys=True)
-    return atomic_write(path, lambda p: p.write_text(text + "\n"))
+    return atomic_write(path, lambda p: p.write_text(text + "\n"), private=private)
 
 
 def save_torch(obj: Any, path: Path | str) -> Path:
@@ -133,15 +158,17 @@ def _weights_only(value: Any, where: str) -> Any:
     raise TypeError(f"{where}: a {type(value).__name__} cannot go into a weights-only file")
 
 
-def write_csv(path: Path | str, frame: pd.DataFrame) -> Path:
+def write_csv(path: Path | str, frame: pd.DataFrame, *, private: bool = True) -> Path:
     """Write a DataFrame as CSV without its index."""
-    return atomic_write(path, lambda p: frame.to_csv(p, index=False))
+    return atomic_write(path, lambda p: frame.to_csv(p, index=False), private=private)
 
 
-def save_figure(path: Path | str, fig: Figure, dpi: int = 150) -> Path:
+def save_figure(path: Path | str, fig: Figure, dpi: int = 150, *, private: bool = True) -> Path:
     """Save a matplotlib figure (format from the suffix of `path`)."""
     fmt = Path(path).suffix.lstrip(".") or "png"
-    return atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format=fmt))
+    return atomic_write(
+        path, lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format=fmt), private=private
+    )
 
 
 def _nan_to_none(value: Any) -> Any:

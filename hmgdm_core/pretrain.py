@@ -45,7 +45,9 @@ METRIC_COLUMNS = (
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     """RUN_DIR/metrics.csv (one row per epoch) and RUN_DIR/loss.png, both written atomically."""
-    write_csv(run_dir / "metrics.csv", pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS))
+    write_csv(
+        run_dir / "metrics.csv", pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS), private=False
+    )
 
     import matplotlib
 
@@ -59,7 +61,7 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
             ax.plot(*zip(*pts, strict=True), marker="o", label=stage)
     ax.set(xlabel="epoch", ylabel="training loss", yscale="log")
     ax.legend()
-    save_figure(run_dir / "loss.png", fig, dpi=100)
+    save_figure(run_dir / "loss.png", fig, dpi=100, private=False)
     plt.close(fig)
 
 

@@ -86,13 +86,14 @@ class FleetProxy:
 
     async def _http(self, scope, receive, send) -> None:
         path = scope.get("raw_path")
-        if scope["method"] != "POST" or path not in FLEET_ROUTES or scope["query_string"]:
-            await _respond(send, 403, b"not served to sites\n")
-            return
         headers = [(k.lower(), v) for k, v in scope["headers"]]
         declared = [v for k, v in headers if k == b"content-length"]
         if declared and (not declared[0].isdigit() or int(declared[0]) > self.max_body):
             await _respond(send, 413, b"request body too large\n")
+            return
+        if scope["method"] != "POST" or path not in FLEET_ROUTES or scope["query_string"]:
+            await self._discard_body(receive)
+            await _respond(send, 403, b"not served to sites\n")
             return
         body = await self._read_body(receive)
         if body is None:
@@ -111,6 +112,16 @@ class FleetProxy:
             self.buffered -= len(body)
         out = [(k.lower(), v) for k, v in res.headers.raw if k.lower() not in _HOP_HEADERS]
         await _respond(send, res.status_code, res.content, out)
+
+    async def _discard_body(self, receive) -> None:
+        """Read and drop what a refused client still sends (at most `max_body` bytes), so that
+        it gets the refusal rather than a reset connection (clients retry those)."""
+        size = 0
+        while size <= self.max_body:
+            event = await receive()
+            size += len(event.get("body", b""))
+            if event["type"] == "http.disconnect" or not event.get("more_body"):
+                return
 
     async def _read_body(self, receive) -> bytes | None:
         """The whole body, or None once it (or all bodies in flight) would pass the limits;

@@ -87,7 +87,7 @@ def run_summary(
 
 
 def write_run_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    return write_json(Path(run_dir) / SUMMARY_FILE, summary)
+    return write_json(Path(run_dir) / SUMMARY_FILE, summary, private=False)
 
 
 def read_run_summary(run_dir: Path) -> dict[str, Any] | None:

@@ -138,9 +138,9 @@ class ProbeCV:
             "metrics": self.metrics_,
         }
         return {
-            "metrics": write_json(out_dir / "metrics.json", summary),
-            "folds": write_csv(out_dir / "folds.csv", self.folds_),
-            "confusion": save_figure(out_dir / "confusion.png", self.plot().figure),
+            "metrics": write_json(out_dir / "metrics.json", summary, private=False),
+            "folds": write_csv(out_dir / "folds.csv", self.folds_, private=False),
+            "confusion": save_figure(out_dir / "confusion.png", self.plot().figure, private=False),
         }
 
 

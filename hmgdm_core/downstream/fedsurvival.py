@@ -140,10 +140,10 @@ def write_survival_report(
     }
     ax = plot_kaplan_meier(fitters, p_value)
     ax.set_title(f"Federated Kaplan-Meier, {len(sites)} sites (log-rank p = {p_value:.2g})")
-    write_json(out_dir / "metrics.json", metrics)
-    write_csv(out_dir / "sites.csv", pd.DataFrame(rows))
-    write_json(out_dir / "km.json", km_summary)
-    save_figure(out_dir / "km.png", ax.figure)
+    write_json(out_dir / "metrics.json", metrics, private=False)
+    write_csv(out_dir / "sites.csv", pd.DataFrame(rows), private=False)
+    write_json(out_dir / "km.json", km_summary, private=False)
+    save_figure(out_dir / "km.png", ax.figure, private=False)
     return metrics
 
 
@@ -183,5 +183,5 @@ def federated_survival_report(
         fed, evaluations, out_dir, covariates=covariates, bin_width=bin_width
     )
     metrics |= lifelines_check(sites, covariates, fed.params_)
-    write_json(Path(out_dir) / "metrics.json", metrics)
+    write_json(Path(out_dir) / "metrics.json", metrics, private=False)
     return metrics

@@ -206,8 +206,8 @@ class SurvivalCV:
             "metrics": self.metrics_,
         }
         return {
-            "metrics": write_json(out_dir / "metrics.json", summary),
-            "folds": write_csv(out_dir / "folds.csv", self.folds_),
-            "km_plot": save_figure(out_dir / "km.png", self.plot().figure),
-            "km": write_json(out_dir / "km.json", self.km_.summary()),
+            "metrics": write_json(out_dir / "metrics.json", summary, private=False),
+            "folds": write_csv(out_dir / "folds.csv", self.folds_, private=False),
+            "km_plot": save_figure(out_dir / "km.png", self.plot().figure, private=False),
+            "km": write_json(out_dir / "km.json", self.km_.summary(), private=False),
         }

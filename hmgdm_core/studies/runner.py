@@ -112,7 +112,7 @@ def run_study(
     out = Path(out)
     console = console or Console(stderr=True)
     _check_same_protocol(cfg, out / "study.json")
-    write_json(out / "study.json", cfg.model_dump(mode="json"))
+    write_json(out / "study.json", cfg.model_dump(mode="json"), private=False)
     grid, run = cells(cfg), StudyRun()
     prepared: dict[str, Split] = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
@@ -133,11 +133,11 @@ def run_study(
                     prepared = {cell.data_key: _prepare(cfg, cell, out, data)}
                 row = _image_cell(cfg, cell, prepared[cell.data_key], out, cell_dir, federate)
             row |= {"seconds": time.perf_counter() - start, "cell": cell.key}
-            write_json(cell_dir / RESULT, row)
+            write_json(cell_dir / RESULT, row, private=False)
             run.computed.append(cell.key)
             bar.advance(task)
     run.results = collect(out, grid)
-    write_csv(out / "results.csv", run.results)
+    write_csv(out / "results.csv", run.results, private=False)
     return run
 
 

@@ -1,8 +1,10 @@
-"""Torch files: what `save_torch` writes loads weights-only; a file that would run code when
-unpickled is refused by every reader before anything in it runs."""
+"""Atomic writes: patient-derived files owner-only, reports by the umask, file and directory
+fsynced. Torch files: what `save_torch` writes loads weights-only; a file that would run code
+when unpickled is refused by every reader before anything in it runs."""
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -82,3 +84,40 @@ def test_trust_loads_a_legacy_file_and_junk_is_a_one_line_error(tmp_path):
         load_torch(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_torch(tmp_path / "none.pt")
+
+
+def test_patient_derived_files_are_owner_only_and_reports_follow_the_umask(tmp_path):
+    from hmgdm_core.atomic import write_json
+    from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
+    from hmgdm_core.studies.synthetic import random_region_graph
+
+    old = os.umask(0o027)  # a site that lets its group read reports
+    try:
+        private = write_json(tmp_path / "ledger.json", {"epsilon": 1.0})
+        report = write_json(tmp_path / "metrics.json", {"accuracy": 0.9}, private=False)
+        ckpt = save_torch({"w": torch.zeros(1)}, tmp_path / "c.pt")
+        with SlideGraphWriter(graph_path(tmp_path, "s0")) as writer:
+            writer.add(random_region_graph(5, seed=0))
+            writer.commit({"slide_id": "s0"})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (private, report, ckpt)}
+    modes["s0.pt"] = graph_path(tmp_path, "s0").stat().st_mode & 0o777
+    assert modes == {"ledger.json": 0o600, "metrics.json": 0o640, "c.pt": 0o600, "s0.pt": 0o600}
+
+
+def test_a_write_is_fsynced_before_the_rename_and_its_directory_after(tmp_path, monkeypatch):
+    import stat
+
+    from hmgdm_core import atomic
+
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd)) or real_fsync(fd))
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: renamed.append(len(synced)) or real_replace(a, b)
+    )
+    atomic.write_json(tmp_path / "ledger.json", {"epsilon": 2.0})
+    kinds = ["dir" if stat.S_ISDIR(s.st_mode) else "file" for s in synced]
+    assert kinds == ["file", "dir"] and renamed == [1]  # file, rename, then its directory
+    assert synced[1].st_ino == tmp_path.stat().st_ino

@@ -18,7 +18,15 @@ import pytest
 from conftest import free_port
 
 from server.fleet_proxy import FLEET_ROUTES, MAX_BODY
-from server.superlink import app_fab_hash, make_certificates, stop_tree
+from server.superlink import (
+    CONNECTION,
+    app_fab_hash,
+    flower_bin,
+    flwr_env,
+    make_certificates,
+    stop_tree,
+    write_flower_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +67,7 @@ def server(tmp_path_factory):
     try:
         _wait_listening(proc, port, timeout=180)
         ctx = ssl.create_default_context(cafile=str(tls.ca_cert))
-        yield {"port": port, "ctx": ctx, "proc": proc, "log": root / "start.log"}
+        yield {"port": port, "ctx": ctx, "proc": proc, "log": root / "start.log", "ca": tls.ca_cert}
     finally:
         stop_tree(proc)
 
@@ -114,6 +122,16 @@ def test_a_fuzz_set_of_paths_only_passes_the_exact_fleet_routes(server):
     for target in sorted(targets):
         status, body = request(server, rng.choice(["POST", "GET", "PUT"]), target)
         assert (status, body) == (403, REFUSED), target
+
+
+def test_the_stock_flwr_cli_from_outside_is_refused(server, tmp_path):
+    # What the attacker used: `flwr` with the consortium's ca.crt, at the public port.
+    home = tmp_path / "outsider"
+    write_flower_config(home, f"127.0.0.1:{server['port']}", server["ca"])
+    # (tests/server/test_deployment.py tries `flwr run` and `flwr supernode register` too.)
+    res = subprocess.run([flower_bin("flwr"), "ls", CONNECTION], env=flwr_env(home),
+                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert res.returncode != 0 and "403 Forbidden" in res.stdout + res.stderr
 
 
 def test_start_prints_the_sha256_of_the_app_bundle_sites_log(server):
