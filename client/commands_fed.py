@@ -74,8 +74,10 @@ def supernode_command(
 ) -> list[str]:
     """The command that runs this site's SuperNode (also used by tests and benchmarks).
 
-    `warm` (default): with the warm ClientApp launcher of `client.site_runtime`; otherwise a
-    plain `flower-supernode` that starts every ClientApp as a cold `flwr-clientapp` process.
+    `warm` (default, what `join` runs): with the warm ClientApp launcher of
+    `client.site_runtime`, which serves only this installation's ClientApp. Otherwise a plain
+    `flower-supernode` that starts every ClientApp as a cold `flwr-clientapp` process from the
+    run's FAB: Flower's stock behaviour, kept only as a benchmark baseline.
     """
     import tomli_w
 
