@@ -24,6 +24,13 @@ $(VENV)/.installed: pyproject.toml
 			apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; \
 		else echo "note: install docker compose (or docker-compose) for tests/test_docker_static.py"; fi; \
 	fi
+	@# A real headless browser renders `hmgdm-server report` pages in the tests.
+	@if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+				|| echo "note: chromium did not install; tests/server/test_report.py skips its browser check"; \
+		else echo "note: install chromium for the browser check of tests/server/test_report.py"; fi; \
+	fi
 	touch $@
 
 # The main job end to end on the bundled real data (read in place, never copied):
@@ -48,6 +55,7 @@ demo: setup
 		--checkpoint $(DEMO_OUT)/finetune_lung/run/finetuned.pt --out $(DEMO_OUT)/explain/lungaca1000.png
 	$(BIN)/hmgdm-server survival-clinical $(DATA)/tcga_survival/tcga_lusc_survival.csv \
 		--out $(DEMO_OUT)/survival_lusc
+	$(BIN)/hmgdm-server report $(DEMO_OUT)/federated/run
 
 # The README's figures, copied from a demo run (never drawn by hand).
 readme-images: demo

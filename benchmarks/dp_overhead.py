@@ -1,12 +1,13 @@
 """Cost and utility of patient-level DP-SGD: step time with and without it, then a
 privacy/utility table a consortium can choose its operating point from.
 
-Baseline: `train_steps` (one batched backward per step). DP: `dp_train_steps` at sample rate 1
-(every patient each step, one graph per patient), i.e. one backward per patient plus clipping and
-noise. Both run stage 2 (diffusion) of the default model config on synthetic graphs, interleaved
-in repeats; the median per-step time of each is reported. One torch thread by default: on a
-shared, oversubscribed CPU two intra-op threads inflate every small op's latency, which the
-per-patient loop (8x the ops) pays 8 times; pass --threads 0 for torch's default.
+Baseline: `train_steps` (one batched backward per step). DP: the same loop with the
+`PatientDPStep` at sample rate 1 (every patient each step, one graph per patient), i.e. one
+backward per patient plus clipping and noise. Both run stage 2 (diffusion) of the default model
+config on synthetic graphs, interleaved in repeats; the median per-step time of each is
+reported. One torch thread by default: on a shared, oversubscribed CPU two intra-op threads
+inflate every small op's latency, which the per-patient loop (8x the ops) pays 8 times; pass
+--threads 0 for torch's default.
 
 Privacy/utility: a small H-MGDM is pretrained (both stages) with DP-SGD on the seeded synthetic
 cohort (hmgdm_core.studies.synthetic; one image = one patient; classes differ only in spatial
@@ -42,10 +43,10 @@ from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments  # n
 from hmgdm_core.downstream.classify import ProbeCV  # noqa: E402
 from hmgdm_core.graph.region import region_graph  # noqa: E402
 from hmgdm_core.pretrain import embed_graphs  # noqa: E402
-from hmgdm_core.privacy.accountant import epsilon  # noqa: E402
-from hmgdm_core.privacy.config import PrivacyConfig  # noqa: E402
-from hmgdm_core.privacy.dpsgd import dp_train_steps, group_by_patient, private_generator  # noqa: E402
-from hmgdm_core.privacy.local import patient_loss  # noqa: E402
+from hmgdm_core.privacy.accountant import Mechanism, epsilon  # noqa: E402
+from hmgdm_core.privacy.config import LocalDP  # noqa: E402
+from hmgdm_core.privacy.dpsgd import PatientDPStep, group_by_patient, private_generator  # noqa: E402
+from hmgdm_core.privacy.local import patient_batch  # noqa: E402
 from hmgdm_core.studies.synthetic import (  # noqa: E402
     BENCHMARK_DISORDER,
     random_region_graph,
@@ -87,7 +88,7 @@ def utility_table(args: argparse.Namespace) -> list[dict]:
     patients = group_by_patient(graphs)
     rate = args.patients_per_step / len(patients)
     steps = args.ae_steps + args.dp_steps
-    privacy = PrivacyConfig(mode="local_dp", graphs_per_patient=1)
+    privacy = LocalDP(graphs_per_patient=1)
     print(
         f"\nprivacy/utility: {len(graphs)} synthetic patients ({len(set(y))} classes, "
         f"{statistics.mean(g.num_nodes for g in graphs):.0f} nodes each), sample rate "
@@ -101,14 +102,13 @@ def utility_table(args: argparse.Namespace) -> list[dict]:
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
         gen = torch.Generator().manual_seed(0)
+        mechanism = Mechanism(sigma, privacy.clip_norm, rate)
+        batch = patient_batch(cfg.train, privacy, device=torch.device("cpu"), generator=gen)
         for stage, n in (("autoencoder", args.ae_steps), ("diffusion", args.dp_steps)):
-            loss = patient_loss(
-                model, cfg.train, privacy, stage=stage, device=torch.device("cpu"), generator=gen
-            )
-            dp_train_steps(
-                make_optimizer(model, cfg.train, stage), patients, loss, steps=n,
-                sample_rate=rate, clip_norm=privacy.clip_norm, noise_multiplier=sigma,
-                generator=private_generator(0),
+            step = PatientDPStep(patients, mechanism, batch, generator=private_generator(0))
+            train_steps(
+                model, make_optimizer(model, cfg.train, stage), graphs, cfg.train, stage=stage,
+                steps=n, device=torch.device("cpu"), generator=gen, step=step,
             )  # fmt: skip
         eps = epsilon([(sigma, rate, steps)], delta=DELTA) if sigma > 0 else math.inf
         rows.append(
@@ -155,38 +155,26 @@ def main() -> None:
     model.stats.set(stats_from_moments(feature_moments(graphs)))
     model.to(device)
     optimizer = make_optimizer(model, cfg.train, "diffusion")
-    privacy = PrivacyConfig(mode="local_dp", sample_rate=1.0, graphs_per_patient=1)
+    privacy = LocalDP(sample_rate=1.0, graphs_per_patient=1)
     patients = group_by_patient(graphs)  # one graph per patient
     gen = torch.Generator().manual_seed(0)
-    loss = patient_loss(model, cfg.train, privacy, stage="diffusion", device=device, generator=gen)
+    batch = patient_batch(cfg.train, privacy, device=device, generator=gen)
+    mechanism = Mechanism(privacy.noise_multiplier, privacy.clip_norm, 1.0)
+    step = PatientDPStep(patients, mechanism, batch, generator=private_generator(0, device))
 
-    def plain() -> float:
+    def per_step(dp_step: PatientDPStep | None) -> float:
+        # The DP step reads each patient's loss as a float, so every step ends synchronised.
         out = train_steps(
-            model,
-            optimizer,
-            graphs,
-            cfg.train,
-            stage="diffusion",
-            steps=args.steps,
-            device=device,
-            generator=gen,
-        )
+            model, optimizer, graphs, cfg.train, stage="diffusion", steps=args.steps,
+            device=device, generator=gen, step=dp_step,
+        )  # fmt: skip
         return out["seconds"] / args.steps
 
+    def plain() -> float:
+        return per_step(None)
+
     def private() -> float:
-        # dp_step reads each patient's loss as a float, so every step ends synchronised.
-        t0 = time.perf_counter()
-        dp_train_steps(
-            optimizer,
-            patients,
-            loss,
-            steps=args.steps,
-            sample_rate=1.0,
-            clip_norm=privacy.clip_norm,
-            noise_multiplier=privacy.noise_multiplier,
-            generator=private_generator(0, device),
-        )
-        return (time.perf_counter() - t0) / args.steps
+        return per_step(step)
 
     plain(), private()  # warm-up: allocator, first-call dispatch
     base, dp = [], []

@@ -28,18 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.commands_fed import supernode_command, write_keypair  # noqa: E402
-from client.flower_env import flower_env  # noqa: E402
-from hmgdm_core.config import load_config  # noqa: E402
+from client.flower_env import flower_env, stop_tree  # noqa: E402
+from hmgdm_core.config import HmgdmConfig, load_config  # noqa: E402
 from hmgdm_core.federation_config import shared_names  # noqa: E402
-from server.app import frozen_names  # noqa: E402
-from server.superlink import (  # noqa: E402
-    make_certificates,
-    register_site,
-    simulate,
-    start_superlink,
-    stop_tree,
-    submit_run,
-)
+from server.certs import make_certificates  # noqa: E402
+from server.flwr_cli import register_site, submit_run  # noqa: E402
+from server.rounds import frozen_names  # noqa: E402
+from server.run_config import submission  # noqa: E402
+from server.simulation import simulate  # noqa: E402
+from server.superlink import start_superlink  # noqa: E402
 
 KATHER = Path(os.environ.get("HMGDM_DATA", ROOT.parent / "shared" / "data")) / "kather2016_tiles"
 SITES = {"A": ("01_TUMOR", "02_STROMA", "03_COMPLEX"), "B": ("04_LYMPHO", "06_MUCOSA")}
@@ -119,7 +116,7 @@ def local_pretrain(cfg, graph_dirs: list[Path]) -> tuple[float, dict]:
 
 
 def deployment(
-    cfg_text: str, caches: dict[str, Path], work: Path, warm: bool = True
+    cfg: HmgdmConfig, caches: dict[str, Path], work: Path, warm: bool = True
 ) -> tuple[float, list]:
     """(b) a real SuperLink + 2 SuperNodes on 127.0.0.1; wall time from submit to final.pt.
 
@@ -151,9 +148,7 @@ def deployment(
                 env = flower_env() | {"OMP_NUM_THREADS": str(SITE_THREADS)}
                 nodes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         t0 = time.perf_counter()
-        run = submit_run(
-            link.flwr_home, {"config-toml": cfg_text, "run-dir": str(work / "run")}, work
-        )
+        run = submit_run(link.flwr_home, submission(cfg, run_dir=work / "run"), work)
         run.communicate(timeout=1800)
         wall = time.perf_counter() - t0
     finally:
@@ -216,9 +211,9 @@ def main() -> None:
 
         local_s, state = local_pretrain(cfg, list(caches.values()))
         print(f"local pretrain done: {local_s:.1f} s", flush=True)
-        dep_wall, dep_hist = deployment(cfg_text, caches, work / "deploy")
+        dep_wall, dep_hist = deployment(cfg, caches, work / "deploy")
         cold_hist = (
-            deployment(cfg_text, caches, work / "deploy_cold", warm=False)[1]
+            deployment(cfg, caches, work / "deploy_cold", warm=False)[1]
             if args.compare_cold
             else None
         )

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path  # noqa: E402
 from hmgdm_core.studies.synthetic import random_region_graph  # noqa: E402
-from server.superlink import simulate  # noqa: E402
+from server.simulation import simulate  # noqa: E402
 
 GRAPHS_PER_SITE = 4
 SMALL_MODEL = {

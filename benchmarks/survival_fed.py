@@ -31,7 +31,7 @@ from lifelines import CoxPHFitter
 from hmgdm_core.downstream.concordance import cindex, linear_risk, pooled_cindex
 from hmgdm_core.downstream.fedcox import FederatedCox
 from hmgdm_core.downstream.tcga import COVARIATES, group_sites, read_tcga_survival, site_arrays
-from server.survival import simulate_clinical_survival
+from server.simulation import simulate_clinical_survival
 
 # The shared data folder sits beside the repo (../shared/data); HMGDM_DATA overrides it.
 DATA = (

@@ -6,14 +6,27 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from client.flower_env import flower_env
+from client.flower_env import (
+    flower_env,
+    free_port,
+    interrupted_exit_code,
+    port_in_use,
+    stop_on_signals,
+    stop_tree,
+)
+from client.heartbeat import HEARTBEAT_FILE
 from hmgdm_core.atomic import atomic_write
+from hmgdm_core.cli import check_plaintext, fail
 from hmgdm_core.exceptions import HmgdmError
 
 RUNTIME_SECRET = "runtime.secret"  # in the state dir: the SuperNode <-> launcher shared secret
+
+if TYPE_CHECKING:
+    from client.site import Site
 
 
 def write_keypair(out_dir: Path, name: str = "site") -> tuple[Path, Path]:
@@ -55,6 +68,53 @@ def keygen(
     typer.echo(f"private key: {priv} (keep it here)\npublic key:  {pub} (send to the operator)")
 
 
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).resolve()
+
+
+def _checked_site(
+    graphs: Path,
+    state_dir: Path,
+    *,
+    privacy_config: Path | None,
+    patients: Path | None,
+    labels: Path | None,
+    id_column: str,
+    patient_column: str,
+    clinical: Path | None,
+) -> Site:
+    """This site's settings for its node config, each file read now: a typo fails here, not in
+    the middle of the consortium's first round."""
+    from client.site import Site, load_site_privacy
+    from hmgdm_core.privacy.patients import read_patients
+
+    graphs, state_dir = Path(graphs).resolve(), Path(state_dir).resolve()
+    if not (graphs / "graphs").is_dir():
+        raise HmgdmError(f"{graphs}: not a graph cache (run hmgdm-client build-graphs first)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if privacy_config is not None:
+        load_site_privacy(privacy_config)
+    if patients is not None:
+        read_patients(patients)
+    if labels is not None and not Path(labels).is_file():
+        raise HmgdmError(f"{labels}: labels file not found")
+    if clinical is not None:
+        from hmgdm_core.downstream.tcga import read_tcga_survival
+
+        read_tcga_survival(clinical)
+    return Site(
+        graphs_dir=graphs,
+        state_dir=state_dir,
+        privacy_config=_absolute(privacy_config),
+        patients=_absolute(patients),
+        # Read only by this site's ClientApp (federated fine-tuning and evaluation).
+        labels=_absolute(labels),
+        labels_id_column=id_column,
+        labels_patient_column=patient_column,
+        clinical=_absolute(clinical),
+    )
+
+
 def supernode_command(
     *,
     superlink: str,
@@ -62,7 +122,7 @@ def supernode_command(
     state_dir: Path,
     root_cert: Path | None,
     auth_key: Path | None,
-    local_port: int = 9094,
+    local_port: int | None = None,
     max_wait_s: float | None = None,
     privacy_config: Path | None = None,
     patients: Path | None = None,
@@ -75,42 +135,28 @@ def supernode_command(
     """The command that runs this site's SuperNode (also used by tests and benchmarks).
 
     `warm` (default, what `join` runs): with the warm ClientApp launcher of
-    `client.site_runtime`, which serves only this installation's ClientApp. Otherwise a plain
-    `flower-supernode` that starts every ClientApp as a cold `flwr-clientapp` process from the
-    run's FAB: Flower's stock behaviour, kept only as a benchmark baseline.
+    `client.site_runtime`, which serves only this installation's ClientApp and keeps
+    STATE_DIR/heartbeat.json. Otherwise a plain `flower-supernode` that starts every ClientApp
+    as a cold `flwr-clientapp` process from the run's FAB: Flower's stock behaviour, kept only
+    as a benchmark baseline. `local_port`: the SuperNode's loopback ClientApp port; None picks
+    a free one (several sites can run on one host).
     """
     import tomli_w
 
-    from client.privacy import PATIENTS_KEY, PRIVACY_CONFIG_KEY, load_site_privacy
-    from hmgdm_core.privacy.patients import read_patients
-
-    graphs, state_dir = Path(graphs).resolve(), Path(state_dir).resolve()
-    if not (graphs / "graphs").is_dir():
-        raise HmgdmError(f"{graphs}: not a graph cache (run hmgdm-client build-graphs first)")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    node = {"graphs-dir": str(graphs), "state-dir": str(state_dir)}
-    if privacy_config is not None:
-        # Read now: a typo fails here, not in the middle of the consortium's first round.
-        load_site_privacy(privacy_config)
-        node[PRIVACY_CONFIG_KEY] = str(Path(privacy_config).resolve())
-    if patients is not None:
-        read_patients(patients)  # the same early check
-        node[PATIENTS_KEY] = str(Path(patients).resolve())
-    if labels is not None:
-        if not Path(labels).is_file():
-            raise HmgdmError(f"{labels}: labels file not found")
-        # Read only by this site's ClientApp (federated fine-tuning and evaluation).
-        node["labels"] = str(Path(labels).resolve())
-        node["labels-id-column"], node["labels-patient-column"] = id_column, patient_column
-    if clinical is not None:
-        from client.survival import CLINICAL_KEY
-        from hmgdm_core.downstream.tcga import read_tcga_survival
-
-        read_tcga_survival(clinical)  # a malformed table fails here, not in the first round
-        node[CLINICAL_KEY] = str(Path(clinical).resolve())
+    site = _checked_site(
+        graphs, state_dir, privacy_config=privacy_config, patients=patients, labels=labels,
+        id_column=id_column, patient_column=patient_column, clinical=clinical,
+    )  # fmt: skip
+    if local_port is None:
+        local_port = free_port()
+    elif port_in_use(local_port):
+        raise HmgdmError(
+            f"--local-port {local_port}: 127.0.0.1:{local_port} is already in use (another site "
+            "on this host?); pass a free port or leave --local-port out to pick one"
+        )
     # A TOML file instead of an inline string: paths with spaces or quotes survive intact.
-    node_config = state_dir / "node_config.toml"
-    node_config.write_text(tomli_w.dumps(node))
+    node_config = site.state / "node_config.toml"
+    node_config.write_text(tomli_w.dumps(site.node_config()))
     cmd = [
         "--superlink", superlink,
         "--node-config", str(node_config),
@@ -135,16 +181,15 @@ def supernode_command(
                 "--isolation", "subprocess"]  # fmt: skip
     # Only the launcher (and the site's own users) may take tasks from the Runtime API: a new
     # secret each start, readable by this user alone.
-    secret = atomic_write(state_dir / RUNTIME_SECRET, lambda p: p.write_bytes(os.urandom(32)))
+    secret = atomic_write(site.state / RUNTIME_SECRET, lambda p: p.write_bytes(os.urandom(32)))
     cmd += ["--superexec-auth-secret-file", str(secret)]
-    launcher = [sys.executable, "-m", "client.site_runtime", "--runtime-port", str(local_port)]
+    launcher = [sys.executable, "-m", "client.site_runtime", "--runtime-port", str(local_port),
+                "--heartbeat", str(site.state / HEARTBEAT_FILE)]  # fmt: skip
     return [*launcher, "--", *cmd]
 
 
 def _check_transport(superlink: str, root_cert: Path | None, insecure: bool) -> None:
     """TLS unless the site says `--insecure`, and plaintext only to this machine."""
-    from hmgdm_core.cli import check_plaintext
-
     if insecure and root_cert is not None:
         raise HmgdmError("--insecure and --root-cert: choose one")
     if insecure:
@@ -157,14 +202,12 @@ def _check_transport(superlink: str, root_cert: Path | None, insecure: bool) -> 
 
 
 def _warn_unbounded_budget(privacy_config: Path | None) -> None:
-    from client.privacy import load_site_privacy
+    from client.site import load_site_privacy
 
-    if privacy_config is None:
-        return
-    privacy = load_site_privacy(privacy_config)
-    if privacy.mode == "local_dp" and privacy.max_epsilon is None:
+    local_dp = load_site_privacy(privacy_config) if privacy_config is not None else None
+    if local_dp is not None and local_dp.max_epsilon is None:
         typer.secho(
-            f"warning: {privacy_config} sets no [privacy] max_epsilon: this site will train "
+            f"warning: {privacy_config} sets no [local_dp] max_epsilon: this site will train "
             "every round the server asks for and its epsilon has no limit",
             fg=typer.colors.YELLOW,
             err=True,
@@ -175,9 +218,7 @@ def join(
     superlink: str = typer.Option(..., "--superlink", help="The consortium's HOST:PORT."),
     graphs: Path = typer.Option(..., "--graphs", help="This site's graph cache (build-graphs)."),
     root_cert: Path | None = typer.Option(
-        None,
-        "--root-cert",
-        help="The consortium CA certificate (ca.crt), unless --insecure.",
+        None, "--root-cert", help="The consortium CA certificate (ca.crt), unless --insecure."
     ),
     insecure: bool = typer.Option(
         False, "--insecure", help="Plaintext, no TLS: only to a SuperLink on this machine (tests)."
@@ -188,7 +229,9 @@ def join(
     state_dir: Path | None = typer.Option(
         None, "--state-dir", help="Site checkpoints and local weights [default: GRAPHS/federation]."
     ),
-    local_port: int = typer.Option(9094, "--local-port", help="Loopback port for ClientApps."),
+    local_port: int | None = typer.Option(
+        None, "--local-port", help="Loopback port for ClientApps [default: a free one]."
+    ),
     privacy_config: Path | None = typer.Option(
         None,
         "--privacy-config",
@@ -235,12 +278,15 @@ def join(
             clinical=clinical,
         )
     except HmgdmError as err:
-        raise typer.BadParameter(str(err)) from None
+        raise fail(err) from None
     typer.echo(f"joining {superlink} with graphs from {graphs} (Ctrl-C to leave)")
+    stop_on_signals()  # SIGTERM (systemctl, docker stop, kill) leaves like Ctrl-C does
     proc = subprocess.Popen(cmd, env=flower_env())
     try:
-        raise typer.Exit(proc.wait())
-    except KeyboardInterrupt:
-        # The SuperNode handles SIGINT itself and stops its ClientApps; wait for it.
-        proc.wait()
+        code = proc.wait()
+    except KeyboardInterrupt as err:
+        # The SuperNode stops its ClientApps; whatever outlives the grace period is killed.
+        stop_tree(proc, timeout=10)
         typer.echo("left the federation")
+        code = interrupted_exit_code(err)
+    raise typer.Exit(code)

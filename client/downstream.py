@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import Site, app
 from client.records import (
     FROZEN,
     SHARED,
@@ -24,6 +23,7 @@ from client.records import (
     unpack_config,
     unpack_task,
 )
+from client.site import Site
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.downstream.finetune import Bag, Task
 from hmgdm_core.downstream.labels import Labels
@@ -52,17 +52,13 @@ class SiteCohort:
         return np.stack([t["time"].to_numpy(float), t["event"].to_numpy(float)], axis=1)
 
 
-def site_cohort(site: Site, context: Context, cfg: HmgdmConfig, task: Task) -> SiteCohort:
-    """Read the site's labels (node config `labels`, or `sim-labels` in simulation), keep the
-    site's own slides, and hold out the first patient-grouped fold for evaluation."""
+def site_cohort(site: Site, cfg: HmgdmConfig, task: Task) -> SiteCohort:
+    """Read the site's labels, keep the site's own slides, and hold out the first
+    patient-grouped fold for evaluation."""
     from hmgdm_core.downstream.labels import read_labels
     from hmgdm_core.downstream.splits import patient_folds
 
-    node, run = context.node_config, context.run_config
-    prefix = "" if "labels" in node else "sim-"
-    source = node if "labels" in node else run
-    path = str(source.get(f"{prefix}labels", "") or "")
-    if not path:
+    if site.labels is None:
         raise LabelError(
             "this site has no labels: start it with `hmgdm-client join --labels labels.csv`"
         )
@@ -70,18 +66,18 @@ def site_cohort(site: Site, context: Context, cfg: HmgdmConfig, task: Task) -> S
     for g in site.graphs():
         by_slide.setdefault(str(g.slide_id), []).append(g)
     labels = read_labels(
-        path,
+        site.labels,
         by_slide,
         n_folds=cfg.evaluation.folds,
         task=task.kind,
-        id_column=str(source.get(f"{prefix}labels-id-column", "slide_id")),
-        patient_column=str(source.get(f"{prefix}labels-patient-column", "patient_id")),
+        id_column=site.labels_id_column,
+        patient_column=site.labels_patient_column,
         only_known=site.partition is not None,
     )
     if task.kind == "classification":
         unknown = set(labels.table["label"]) - set(task.classes)
         if unknown:
-            raise LabelError(f"{path}: classes {sorted(unknown)} are not the consortium's")
+            raise LabelError(f"{site.labels}: classes {sorted(unknown)} are not the consortium's")
     train, test = patient_folds(
         labels.strata, labels.groups, cfg.evaluation.folds, cfg.evaluation.seed
     )[0]
@@ -92,7 +88,7 @@ def _site_net(msg: Message, context: Context):
     config = msg.content["config"]
     cfg, task = unpack_config(config), task_from_config(config)
     site = Site.from_context(context)
-    cohort = site_cohort(site, context, cfg, task)
+    cohort = site_cohort(site, cfg, task)
     from hmgdm_core.data import graph_dims
     from hmgdm_core.downstream.finetune import slide_net_for
 
@@ -101,7 +97,6 @@ def _site_net(msg: Message, context: Context):
     return cfg, task, cohort, net
 
 
-@app.query("entity_moments")
 def entity_moments(msg: Message, context: Context) -> Message:
     """Count, sum and sum of squares of the global encoder's entity embeddings over this
     site's training patients: the server pools them into the head's input standardisation."""
@@ -116,7 +111,6 @@ def entity_moments(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.train("finetune")
 def finetune(msg: Message, context: Context) -> Message:
     """Local epochs of the slide head (+ encoder) on this site's training patients."""
     from hmgdm_core.downstream.finetune import (
@@ -145,7 +139,6 @@ def finetune(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate("downstream")
 def evaluate_downstream(msg: Message, context: Context) -> Message:
     """The global head on this site's held-out patients: classification metrics, or the
     concordance pair counts of the site's own patients (pooled by summing at the server)."""

@@ -1,5 +1,5 @@
-"""Faulty virtual sites for robustness tests and studies: in simulation only, the run config's
-`sim-faults` (e.g. "2:nan,3:shape,4:huge") makes those partitions corrupt their train replies.
+"""Faulty virtual sites for robustness tests and studies: in simulation only, the simulated
+sites' `faults` (e.g. "2:nan,3:shape,4:huge") make those partitions corrupt their train replies.
 
 A deployed SuperNode has no partition id in its node config, so this mod never touches a real
 site's reply whatever a server puts in the run config.
@@ -14,21 +14,6 @@ import numpy as np
 if TYPE_CHECKING:
     from flwr.app import Context, Message
     from flwr.clientapp.typing import ClientAppCallable
-
-SIM_FAULTS = "sim-faults"
-FAULTS = ("nan", "shape", "huge")
-
-
-def parse_faults(spec: str) -> dict[int, str]:
-    """ "2:nan,3:shape" -> {2: "nan", 3: "shape"}; a bad entry is a one-line error."""
-    out: dict[int, str] = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        pid, _, kind = item.partition(":")
-        if not pid.isdigit() or kind not in FAULTS:
-            expected = "|".join(FAULTS)
-            raise ValueError(f"run config {SIM_FAULTS}: '{item}' is not PARTITION:{expected}")
-        out[int(pid)] = kind
-    return out
 
 
 def corrupt(arrays: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
@@ -48,13 +33,13 @@ def corrupt(arrays: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     from flwr.app import Array, ArrayRecord
 
-    from client.records import SHARED
+    from client.records import SHARED, SimulatedSites
 
     reply = call_next(msg, context)
-    spec = str(context.run_config.get(SIM_FAULTS, ""))
-    if not spec or "partition-id" not in context.node_config or reply.has_error():
+    sim = SimulatedSites.from_run_config(context.run_config)
+    if sim is None or "partition-id" not in context.node_config or reply.has_error():
         return reply
-    kind = parse_faults(spec).get(int(context.node_config["partition-id"]))
+    kind = sim.faults.get(int(context.node_config["partition-id"]))
     if kind is None or msg.metadata.message_type != "train" or SHARED not in reply.content:
         return reply
     arrays = {k: v.numpy() for k, v in reply.content[SHARED].items()}

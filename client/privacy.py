@@ -1,11 +1,10 @@
-"""Client-side privacy: the site's own local-DP settings (`site_privacy`) and slide -> patient
+"""Client-side privacy: the site's own local-DP settings (`site_local_dp`) and slide -> patient
 table (`patient_table`), `privacy_mod` (client-side clipping for central DP, equal weights) and
 the `hmgdm-client privacy-report` command that prints this site's privacy ledger.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
+from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, LocalDP, PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyError
 
 # Flower and torch load only when the mod runs, so `hmgdm-client --help` stays instant.
@@ -21,51 +20,30 @@ if TYPE_CHECKING:
     from flwr.app import Context, Message
     from flwr.clientapp.typing import ClientAppCallable
 
-# SuperNode node config: the site's own TOML with a [privacy] section (hmgdm-client join).
-PRIVACY_CONFIG_KEY = "privacy-config"
-# SuperNode node config: the site's slide_id,patient_id CSV (hmgdm-client join --patients).
-PATIENTS_KEY = "patients"
+    from client.site import Site
 
 
-def load_site_privacy(path: Path) -> PrivacyConfig:
-    """The [privacy] section of a site's own TOML (unknown keys are refused with their name)."""
-    from hmgdm_core.config import load_config
+def site_local_dp(site: Site, run_privacy: PrivacyConfig) -> LocalDP | None:
+    """The local DP this site trains a round under; None: plain training.
 
-    return load_config(path).privacy
-
-
-def site_privacy(
-    node_config: dict, run_privacy: PrivacyConfig, *, simulated: bool
-) -> PrivacyConfig:
-    """The [privacy] this site trains under.
-
-    Local DP protects the site's patients from the server, so its settings come from the
-    site's own file (node config `privacy-config`), never from the run config the server sends:
-    a server could otherwise turn the noise down. A run asking for local DP is refused by a site
-    without such a file, or whose file does not enable local DP. Simulated sites belong to the
-    operator who wrote the run config, so they use it.
+    Local DP protects the site's patients from the server, so its settings are the site's own
+    (`Site.local_dp`: the [local_dp] of its file, or of the simulation its operator set up);
+    the run's [privacy] has no local-DP section, so a server cannot turn the noise down. A run
+    asking for local DP is refused by a site without such settings.
     """
     from flwr.common import log
 
-    path = node_config.get(PRIVACY_CONFIG_KEY)
-    if not path:
-        if simulated:
-            return run_privacy
+    if site.local_dp is None:
         if run_privacy.mode == "local_dp":
             raise PrivacyError(
                 "the run asks for local DP, whose settings a site takes from its own file; restart "
-                "with `hmgdm-client join --privacy-config FILE` ([privacy] mode = 'local_dp')"
+                "with `hmgdm-client join --privacy-config FILE` (a [local_dp] section)"
             )
-        return PrivacyConfig()
-    site = load_site_privacy(Path(str(path)))
-    if run_privacy.mode == "local_dp" and site.mode != "local_dp":
-        raise PrivacyError(
-            f"the run asks for local DP but this site's {path} has mode {site.mode!r}; "
-            "set mode = 'local_dp' there to take part"
-        )
-    if site.mode == "local_dp" and run_privacy != site:
-        log(INFO, "local DP: using this site's %s; the server's [privacy] is ignored", path)
-    return site
+        return None
+    if run_privacy.mode != "local_dp":
+        log(INFO, "local DP: training under this site's own [local_dp] (the run's mode is %r)",
+            run_privacy.mode)  # fmt: skip
+    return site.local_dp
 
 
 def patient_table(path: Path | None, graphs: Iterable) -> dict[str, str]:
@@ -94,16 +72,6 @@ def patient_table(path: Path | None, graphs: Iterable) -> dict[str, str]:
     return table
 
 
-def _privacy(msg: Message) -> PrivacyConfig:
-    """The run's [privacy] section (defaults when the server's config has none)."""
-    from client.records import CONFIG_KEY
-
-    config = msg.content.config_records.get("config")
-    if config is None or CONFIG_KEY not in config:
-        return PrivacyConfig()
-    return PrivacyConfig.model_validate(json.loads(str(config[CONFIG_KEY])).get("privacy", {}))
-
-
 def privacy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """For the whole ClientApp: central DP needs equal weights and, in client_central, clipping.
 
@@ -117,14 +85,15 @@ def privacy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Me
     from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-    from client.records import FROZEN
+    from client.records import CONFIG_KEY, FROZEN, unpack_config
 
-    privacy = _privacy(msg)
+    config = msg.content.config_records.get("config") or {}
+    # A message without the run's config (e.g. a Cox query) is under no central DP.
+    privacy = unpack_config(config).privacy if CONFIG_KEY in config else PrivacyConfig()
     kind = msg.metadata.message_type
     if privacy.mode not in CENTRAL_MODES or kind not in (MessageType.TRAIN, MessageType.EVALUATE):
         return call_next(msg, ctxt)
-    config = msg.content.config_records.get("config")
-    if kind == MessageType.TRAIN and KEY_CLIPPING_NORM in (config or {}):
+    if kind == MessageType.TRAIN and KEY_CLIPPING_NORM in config:
         frozen = msg.content.array_records.get(FROZEN)
         if frozen is not None:
             del msg.content[FROZEN]
@@ -134,7 +103,7 @@ def privacy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Me
                 inner.content[FROZEN] = frozen
             return call_next(inner, context)
 
-        clip = adaptiveclipping_mod if privacy.adaptive_clipping else fixedclipping_mod
+        clip = adaptiveclipping_mod if privacy.central.adaptive_clipping else fixedclipping_mod
         reply = clip(msg, ctxt, handler)
     else:
         reply = call_next(msg, ctxt)

@@ -1,18 +1,26 @@
-"""Message <-> core translation, written once for both sides: model state as ArrayRecords,
-scalar results as MetricRecords, the run's HmgdmConfig as a ConfigRecord string.
+"""The wire format, written once for both sides: every message name and record key, model
+state as ArrayRecords, scalar results as MetricRecords, the run's HmgdmConfig as a ConfigRecord
+string (JSON), and what simulated sites read from the run config (`SimulatedSites`, JSON).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from pydantic import Field, field_validator
 
-from hmgdm_core.config import HmgdmConfig
+from hmgdm_core.config import HmgdmConfig, parse_section
+from hmgdm_core.exceptions import ConfigError
+from hmgdm_core.privacy.config import LocalDP
+from hmgdm_core.section import Section
 
 NUM_EXAMPLES = "num-examples"  # the weight FedAvg-style strategies read from each reply
 SHARED = "arrays"  # parameters the strategy averages (the strategies' default key)
@@ -22,6 +30,8 @@ PACKED = "packed:"  # an ArrayRecord key holding several tensors: "packed:" + [[
 # SecAgg+ rounds carry unnamed legacy arrays: the names (shared, then frozen) travel in the config.
 SECAGG_NAMES = "secagg-names"  # JSON list of all array names, in order
 SECAGG_NUM_SHARED = "secagg-num-shared"  # how many of them (first) are trained and summed
+# Pretraining's first message: input sizes and feature moments (routed to @app.query("stats")).
+QUERY_STATS = "query.stats"
 # Downstream messages (routed to @app.query("entity_moments"), @app.train("finetune") and
 # @app.evaluate("downstream")).
 QUERY_ENTITY_MOMENTS = "query.entity_moments"
@@ -30,6 +40,59 @@ EVALUATE_DOWNSTREAM = "evaluate.downstream"
 # Federated Cox on clinical tables (@app.query("cox")): config `phase`, arrays in COX_ARRAYS.
 QUERY_COX = "query.cox"
 COX_ARRAYS = "cox"
+# Run config keys: what the virtual sites of a simulation read instead of a node config (JSON),
+# and its one flat knob for a Flower user: the graph cache they split.
+SIM_SITES, SIM_GRAPHS_DIR = "sim", "sim-graphs-dir"
+Fault = Literal["nan", "shape", "huge"]
+
+
+class SimulatedSites(Section):
+    """What the virtual sites of a simulation read (run config `sim`, JSON): the operator who
+    simulates holds every site's data. A deployed site never reads it (it has a node config)."""
+
+    graphs_dir: Path | None = Field(None, description="one graph cache split among the sites")
+    state_dir: Path = Field(Path("sim_sites"), description="site-K/ holds virtual site K's state")
+    labels: Path | None = Field(None, description="one labels CSV; each site uses its own slides")
+    labels_id_column: str = "slide_id"
+    labels_patient_column: str = "patient_id"
+    clinical_dir: Path | None = Field(None, description="site-K.csv: virtual site K's table")
+    names: tuple[str, ...] = Field((), description="site names in reports, by partition id")
+    faults: dict[int, Fault] = Field(
+        {}, description='partition -> corrupted train replies, or a spec "2:nan,3:shape,4:huge"'
+    )
+    local_dp: LocalDP | None = Field(None, description="every virtual site's own [local_dp]")
+
+    @field_validator("faults", mode="before")
+    @classmethod
+    def _parse_faults(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        out: dict[int, str] = {}
+        for item in filter(None, (s.strip() for s in value.split(","))):
+            pid, _, kind = item.partition(":")
+            if not pid.isdigit() or kind not in Fault.__args__:
+                raise ValueError(f"'{item}' is not PARTITION:{'|'.join(Fault.__args__)}")
+            out[int(pid)] = kind
+        return out
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> SimulatedSites | None:
+        """The run's simulated sites, or None when the run config has none (a deployment)."""
+        text = str(run_config.get(SIM_SITES, "") or "")
+        graphs = str(run_config.get(SIM_GRAPHS_DIR, "") or "")
+        if not (text or graphs):
+            return None
+        sim = _simulated_sites(text or "{}")
+        return sim.model_copy(update={"graphs_dir": Path(graphs)}) if graphs else sim
+
+
+@functools.lru_cache(maxsize=4)
+def _simulated_sites(text: str) -> SimulatedSites:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"run config '{SIM_SITES}' is not valid JSON: {err}") from None
+    return parse_section(SimulatedSites, data, f"run config '{SIM_SITES}'")
 
 
 def pack_state(
@@ -134,7 +197,14 @@ def pack_config(cfg: HmgdmConfig, **extra: int | float | str | bool) -> ConfigRe
 
 
 def unpack_config(record: ConfigRecord) -> HmgdmConfig:
-    return HmgdmConfig.model_validate_json(str(record[CONFIG_KEY]))
+    """The run's config a message carries, parsed once per process (the mods and the handler
+    of one message all read it)."""
+    return _config(str(record[CONFIG_KEY]))
+
+
+@functools.lru_cache(maxsize=4)
+def _config(text: str) -> HmgdmConfig:
+    return HmgdmConfig.model_validate_json(text)
 
 
 def pack_task(kind: str, classes: Iterable[str]) -> dict[str, str]:

@@ -33,6 +33,8 @@ from pathlib import Path
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
+from client.flower_env import stop_tree
+
 # Third-party only: a fresh process per message imports this site's app code anew. Importing
 # torch starts neither CUDA nor its OpenMP threads, so a forked ClientApp may use both.
 APP_PACKAGES = ("client", "server", "hmgdm_core")
@@ -151,33 +153,45 @@ def _wait_for_port(port: int, node: subprocess.Popen, timeout: float = 60.0) -> 
         time.sleep(0.1)
 
 
-def run_site(supernode_args: Sequence[str], runtime_port: int) -> int:
-    """Run the SuperNode and its launcher until the SuperNode exits; its exit code is ours."""
+def run_site(
+    supernode_args: Sequence[str], runtime_port: int, heartbeat: Path | None = None
+) -> int:
+    """Run the SuperNode and its launcher until the SuperNode exits; its exit code is ours.
+
+    With `heartbeat`, a thread records there when the SuperLink last answered (client.heartbeat).
+    """
     bin_dir = Path(sys.executable).parent
     # Own sessions: a terminal's Ctrl-C reaches only this process, which passes it on once.
     node = subprocess.Popen(
         [str(bin_dir / "flower-supernode"), *supernode_args, "--isolation", "process"],
         start_new_session=True,
     )
-    signal.signal(signal.SIGTERM, lambda signum, _frame: node.send_signal(signum))
-    signal.signal(signal.SIGINT, lambda signum, _frame: node.send_signal(signum))
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: node.send_signal(signum))
+    if heartbeat is not None:
+        from client.heartbeat import start_heartbeat
+
+        cert = _option(supernode_args, "--root-certificates")
+        start_heartbeat(heartbeat, _option(supernode_args, "--superlink"), cert and Path(cert))
     _wait_for_port(runtime_port, node)
-    secret = []
-    if "--superexec-auth-secret-file" in supernode_args:
-        i = list(supernode_args).index("--superexec-auth-secret-file")
-        secret = ["--secret-file", supernode_args[i + 1]]
+    secret_file = _option(supernode_args, "--superexec-auth-secret-file")
+    secret = ["--secret-file", secret_file] if secret_file else []
     launcher = subprocess.Popen(
         [sys.executable, "-m", "client.site_runtime", "--launcher",
          "--runtime-port", str(runtime_port), "--parent-pid", str(node.pid), *secret],
         start_new_session=True,
     )  # fmt: skip
     code = node.wait()
-    # The launcher follows its parent SuperNode out (Flower's parent-process monitor).
-    try:
-        launcher.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        launcher.kill()
+    # The launcher follows its parent SuperNode out (Flower's parent-process monitor); its fork
+    # server and a ClientApp still training would not: stop them with it.
+    stop_tree(launcher, timeout=10)
     return code
+
+
+def _option(args: Sequence[str], name: str) -> str | None:
+    """The value after `name` in an argument list (None when absent)."""
+    args = list(args)
+    return args[args.index(name) + 1] if name in args[:-1] else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -186,13 +200,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--launcher", action="store_true", help="run only the warm launcher")
     ap.add_argument("--parent-pid", type=int, help="launcher: exit when this process exits")
     ap.add_argument("--secret-file", type=Path, help="launcher: the Runtime API's shared secret")
+    ap.add_argument("--heartbeat", type=Path, help="file recording when the SuperLink answered")
     ap.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- flower-supernode args")
     args = ap.parse_args(argv)
     if args.launcher:
         run_launcher(f"127.0.0.1:{args.runtime_port}", args.parent_pid, args.secret_file)
         return
     rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
-    sys.exit(run_site(rest, args.runtime_port))
+    sys.exit(run_site(rest, args.runtime_port, args.heartbeat))
 
 
 if __name__ == "__main__":

@@ -55,3 +55,9 @@ def check_plaintext(host: str) -> None:
             f"--insecure with {host}: plaintext without node authentication is only for "
             "127.0.0.1 (one machine); use TLS for any other address"
         )
+
+
+def fail(err: Exception) -> typer.Exit:
+    """Print `err` as one line on stderr; the Exit (code 2) for the command to raise."""
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)

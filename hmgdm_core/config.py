@@ -15,7 +15,7 @@ from hmgdm_core.downstream.config import EvalConfig
 from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.model.config import DiffusionConfig, ModelConfig, TrainConfig
-from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.config import LocalDP, PrivacyConfig
 from hmgdm_core.section import Section
 
 
@@ -66,6 +66,7 @@ class HmgdmConfig(Section):
 
 
 S = TypeVar("S", bound=Section)
+LOCAL_DP = "local_dp"  # a site's own section, never in HmgdmConfig
 
 
 def _format_validation_error(path: Path | str, err: ValidationError) -> str:
@@ -94,16 +95,37 @@ def read_toml(path: Path, what: str = "config file") -> dict:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
 
 
-def load_config(path: Path | str | None = None, overrides: dict | None = None) -> HmgdmConfig:
-    """Load a TOML config (all defaults when `path` is None), then apply nested `overrides`."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        data = read_toml(path)
+def with_overrides(data: dict, overrides: dict | None) -> dict:
+    """`data` (nested sections) with each dotted key of `overrides` ("train.lr") set in it."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: dict | None = None) -> HmgdmConfig:
+    """Load a TOML config (all defaults when `path` is None), then apply nested `overrides`.
+
+    A site's own file may hold its [local_dp] too: checked here, read by `load_local_dp` only,
+    never part of the HmgdmConfig that a run sends between parties.
+    """
+    data = with_overrides(read_toml(Path(path)) if path is not None else {}, overrides)
+    _local_dp_section(data, path)
+    data.pop(LOCAL_DP, None)
     return parse_section(HmgdmConfig, data, path or "<defaults>")
+
+
+def load_local_dp(path: Path | str | None, overrides: dict | None = None) -> LocalDP | None:
+    """The [local_dp] section of a site's own TOML (None when it has none: no local DP)."""
+    data = with_overrides(read_toml(Path(path)) if path is not None else {}, overrides)
+    return _local_dp_section(data, path)
+
+
+def _local_dp_section(data: dict, source: Path | str | None) -> LocalDP | None:
+    section = data.get(LOCAL_DP)
+    if section is None:
+        return None
+    return parse_section(LocalDP, section, f"{source or '<defaults>'} [{LOCAL_DP}]")

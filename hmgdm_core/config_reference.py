@@ -14,7 +14,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from hmgdm_core.config import HmgdmConfig
+from hmgdm_core.config import LOCAL_DP, HmgdmConfig
+from hmgdm_core.privacy.config import LocalDP
 
 HEADER = """# Configuration reference
 
@@ -70,7 +71,8 @@ def _sections(cls: type[BaseModel], prefix: str) -> list[tuple[str, type[BaseMod
 
 def reference_markdown(root: type[BaseModel] = HmgdmConfig) -> str:
     parts = [HEADER]
-    for dotted, cls in _sections(root, ""):
+    # A site's own [local_dp] is read from its file only, never part of a run's config.
+    for dotted, cls in [*_sections(root, ""), (LOCAL_DP, LocalDP)]:
         doc = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
         rows = [
             f"| `{name}` | {_type_name(f.annotation)} | {_default(f.default)} | {f.description} |"

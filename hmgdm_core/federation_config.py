@@ -32,6 +32,12 @@ class FederationConfig(Section):
     stage2_rounds: int = Field(2, ge=0, description="rounds of latent graph diffusion")
     min_sites: int = Field(2, ge=1, description="sites that must be connected to start")
     min_replies: int = Field(2, ge=1, description="replies a round needs to be aggregated")
+    min_aggregated_rounds: int = Field(
+        1,
+        ge=1,
+        description="aggregated rounds each stage needs (at most its rounds); a run with fewer "
+        "fails and writes no final.pt",
+    )
     wait_timeout_s: float = Field(600.0, gt=0, description="give up if too few sites connect")
     rejoin_wait_s: float = Field(
         0.0, ge=0, description="before a round, wait this long for dropped sites to rejoin"
@@ -80,6 +86,21 @@ class FederationConfig(Section):
     def stage_of(self, server_round: int) -> Stage:
         """Rounds 1..stage1_rounds train the autoencoder, the rest the diffusion model."""
         return "autoencoder" if server_round <= self.stage1_rounds else "diffusion"
+
+    def untrained_stages(self, aggregated: Iterable[int]) -> dict[Stage, tuple[int, int]]:
+        """Stages with fewer aggregated rounds than `min_aggregated_rounds` (capped at the
+        stage's rounds): stage -> (aggregated, needed). Empty when the model was trained."""
+        done = list(aggregated)
+        short: dict[Stage, tuple[int, int]] = {}
+        stages: tuple[tuple[Stage, int], ...] = (
+            ("autoencoder", self.stage1_rounds),
+            ("diffusion", self.stage2_rounds),
+        )
+        for stage, rounds in stages:
+            have = sum(self.stage_of(r) == stage for r in done)
+            if have < (need := min(self.min_aggregated_rounds, rounds)):
+                short[stage] = (have, need)
+        return short
 
     def shared_prefixes(self, stage: Stage) -> tuple[str, ...]:
         return _STAGE1_PREFIXES if stage == "autoencoder" else _PREFIXES[self.aggregate]

@@ -17,6 +17,7 @@ from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments, validate_graphs
 from hmgdm_core.exceptions import CheckpointError
 from hmgdm_core.model.hmgdm import HMGDM, Stage
+from hmgdm_core.tracking import add_scalars, summary_writer
 from hmgdm_core.train import (
     build_model,
     load_checkpoint,
@@ -103,6 +104,7 @@ def pretrain(
     run_dir.mkdir(parents=True, exist_ok=True)
     total = tc.autoencoder_epochs + tc.epochs
     optimizer = scheduler = None
+    writer = summary_writer(run_dir)
     for epoch in range(start, total):
         stage = _stage_of(epoch, cfg)
         if optimizer is None or (epoch > 0 and _stage_of(epoch - 1, cfg) != stage):
@@ -144,6 +146,8 @@ def pretrain(
             extra={"metrics": rows},
         )
         write_metrics(run_dir, rows)
+        add_scalars(writer, {f"{stage}/{k}": v for k, v in rows[-1].items() if k != "epoch"}, epoch)
+    writer.close()
     return model.cpu()
 
 

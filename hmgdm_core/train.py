@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from torch_geometric.data import Data
+from torch import nn
+from torch_geometric.data import Batch, Data
 
 from hmgdm_core.atomic import load_torch, save_torch
 from hmgdm_core.config import HmgdmConfig
@@ -35,9 +38,11 @@ from hmgdm_core.model.encoder import CentroidEncoding, GraphEncoder
 from hmgdm_core.model.hmgdm import HMGDM, Stage, Standardiser
 
 __all__ = [  # the API the federated client calls; data helpers re-exported for one import
+    "BatchStep",
     "Checkpoint",
     "FeatureStats",
     "GraphDims",
+    "Step",
     "build_model",
     "eval_loss",
     "feature_moments",
@@ -45,6 +50,8 @@ __all__ = [  # the API the federated client calls; data helpers re-exported for 
     "load_checkpoint",
     "make_optimizer",
     "make_scheduler",
+    "model_objective",
+    "proximal",
     "resolve_device",
     "save_checkpoint",
     "stats_from_moments",
@@ -178,14 +185,92 @@ def _fp16(device: torch.device, cfg: TrainConfig) -> bool:
     return device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
 
 
-def _batches(graphs: Sequence[Data], batch_size: int, steps: int, generator: torch.Generator):
-    """`steps` index lists: passes over a fresh permutation each, the last batch may be short."""
+def _batches(graphs: Sequence[Data], batch_size: int, generator: torch.Generator):
+    """Index lists without end: passes over a fresh permutation each, a pass's last may be short."""
     order: list[int] = []
-    for _ in range(steps):
+    while True:
         if not order:
             order = torch.randperm(len(graphs), generator=generator).tolist()
         chunk, order = order[:batch_size], order[batch_size:]
         yield [graphs[i] for i in chunk]
+
+
+Objective = Callable[[Batch], dict[str, torch.Tensor]]
+
+
+def model_objective(model: HMGDM, *, stage: Stage, generator: torch.Generator) -> Objective:
+    """The model's own training objective for `stage`: loss terms of a batch ("loss" minimised)."""
+    return functools.partial(model.loss, stage=stage, generator=generator)
+
+
+def proximal(objective: Objective, model: nn.Module, names: Iterable[str], mu: float) -> Objective:
+    """FedProx: `objective` + mu/2 * ||w - w_global||^2 over the parameters `names`, anchored at
+    their current values (the global weights a round starts from)."""
+    names = set(names)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+
+    def loss(batch: Batch) -> dict[str, torch.Tensor]:
+        terms = objective(batch)
+        prox = sum((p - anchor[n]).pow(2).sum() for n, p in model.named_parameters() if n in anchor)
+        terms["loss"] = terms["loss"] + 0.5 * mu * prox
+        terms["proximal"] = torch.as_tensor(prox).detach()
+        return terms
+
+    return loss
+
+
+class Step(Protocol):
+    """How one optimiser step draws its data and applies its gradient (plain, or DP-SGD).
+
+    Called with the objective and optimiser, it returns the step's loss terms and their weight
+    (what the step averaged over); `weight_name` says what that weight counts.
+    """
+
+    weight_name: str
+
+    def steps_for(self, epochs: float) -> int: ...
+
+    def __call__(
+        self, objective: Objective, optimizer: torch.optim.Optimizer
+    ) -> tuple[dict[str, float], int]: ...
+
+
+class BatchStep:
+    """The plain step: a batch of graphs, one backward pass, gradient-norm clipping, AMP."""
+
+    weight_name = "num_graphs"
+
+    def __init__(
+        self,
+        graphs: Sequence[Data],
+        cfg: TrainConfig,
+        *,
+        device: torch.device,
+        generator: torch.Generator,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        self.graphs, self.cfg, self.device, self.generator = graphs, cfg, device, generator
+        self.scaler = scaler or torch.amp.GradScaler("cuda", enabled=_fp16(device, cfg))
+        self._chunks = _batches(graphs, cfg.batch_size, generator)
+
+    def steps_for(self, epochs: float) -> int:
+        return max(1, math.ceil(epochs * math.ceil(len(self.graphs) / self.cfg.batch_size)))
+
+    def __call__(
+        self, objective: Objective, optimizer: torch.optim.Optimizer
+    ) -> tuple[dict[str, float], int]:
+        chunk = next(self._chunks)
+        batch = make_batch(chunk, self.cfg.max_nodes, self.generator).to(self.device)
+        with _autocast(self.device, self.cfg.amp):
+            terms = objective(batch)
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return {k: float(v.detach()) for k, v in terms.items()}, len(chunk)
 
 
 def train_steps(
@@ -202,41 +287,39 @@ def train_steps(
     progress: bool = False,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    step: Step | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Run `steps` optimiser steps (or `epochs` passes) of `stage`; mean loss terms and counts."""
+    """Run `steps` optimiser steps (or `epochs` passes) of `stage`; mean loss terms and counts.
+
+    The one training loop: `step` (default `BatchStep` over `graphs`) decides how a step draws
+    and applies its batch, e.g. patient-level DP-SGD; `objective` (default the model's loss)
+    what it minimises, e.g. with FedProx's `proximal` term.
+    """
     if (steps is None) == (epochs is None):
         raise ValueError("pass exactly one of steps= or epochs=")
-    if steps is None:
-        steps = max(1, math.ceil(epochs * math.ceil(len(graphs) / cfg.batch_size)))
-    scaler = scaler or torch.amp.GradScaler("cuda", enabled=_fp16(device, cfg))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    step = step or BatchStep(graphs, cfg, device=device, generator=generator, scaler=scaler)
+    objective = objective or model_objective(model, stage=stage, generator=generator)
+    steps = step.steps_for(epochs) if steps is None else steps
     model.to(device).train()
     sums: dict[str, float] = {}
     seen, start = 0, time.perf_counter()
-    bar = _progress(progress, steps, stage)
-    with bar as live:
+    with _progress(progress, steps, stage) as live:
         task = live.add_task(stage, total=steps, loss=float("nan")) if live else None
-        for chunk in _batches(graphs, cfg.batch_size, steps, generator):
-            batch = make_batch(chunk, cfg.max_nodes, generator).to(device)
-            with _autocast(device, cfg.amp):
-                terms = model.loss(batch, stage=stage, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+        for _ in range(steps):
+            terms, weight = step(objective, optimizer)
             if scheduler is not None:
                 scheduler.step()
             for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(chunk)
-            seen += len(chunk)
+                # A DP step may draw no patient: its loss is undefined, and weighs nothing.
+                sums[key] = sums.get(key, 0.0) + (value * weight if weight else 0.0)
+            seen += weight
             if live:
-                live.update(task, advance=1, loss=sums["loss"] / seen)
+                live.update(task, advance=1, loss=sums.get("loss", math.nan) / max(seen, 1))
     seconds = time.perf_counter() - start
-    out = {key: value / seen for key, value in sums.items()}
+    out = {key: value / seen if seen else math.nan for key, value in sums.items()}
     return out | {
-        "num_graphs": float(seen),
+        step.weight_name: float(seen),
         "num_steps": float(steps),
         "seconds": seconds,
         "lr": float(optimizer.param_groups[0]["lr"]),

@@ -24,9 +24,10 @@ def info() -> None:
     typer.echo(f"hmgdm {__version__}, flwr {flwr.__version__}, torch {torch.__version__}")
 
 
-app.command("certs")(commands_fed.certs)
+app.add_typer(commands_fed.certs_app, name="certs")
 app.command("start")(commands_fed.start)
 app.command("simulate")(commands_fed.simulate)
+app.command("report")(commands_fed.report)
 app.command("finetune")(commands_eval.finetune)
 app.command("survival-clinical")(commands_eval.survival_clinical)
 app.add_typer(commands_fed.sites, name="sites")

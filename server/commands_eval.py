@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from client.flower_env import stop_on_signals
 from hmgdm_core.exceptions import HmgdmError
 
 
@@ -28,7 +29,9 @@ def finetune(
     site evaluates on its held-out patients; per-site and pooled figures in
     OUT/run/downstream_metrics.json, the fine-tuned model in OUT/run/finetuned.pt."""
     from server.commands_fed import _fail
-    from server.superlink import simulate_downstream
+    from server.simulation import simulate_downstream
+
+    stop_on_signals()  # SIGTERM stops the simulation SuperLink and Ray too
 
     if task not in ("classification", "survival"):
         raise _fail(HmgdmError(f"--task must be classification or survival, not '{task}'"))
@@ -58,7 +61,9 @@ def survival_clinical(
     hospitals (Flower simulation engine, `query.cox` messages): Newton steps on summed site
     statistics, pooled pair-count C-index, federated KM plot; files in OUT/run/."""
     from server.commands_fed import _fail
-    from server.survival import simulate_clinical_survival
+    from server.simulation import simulate_clinical_survival
+
+    stop_on_signals()  # SIGTERM stops the simulation SuperLink and Ray too
 
     try:
         path, summary = simulate_clinical_survival(

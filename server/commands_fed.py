@@ -1,4 +1,5 @@
-"""`hmgdm-server certs`, `start` and `sites add|list`: the operator's federation commands."""
+"""`hmgdm-server certs`, `start`, `simulate` and `sites add|list|remove`: the operator's
+federation commands."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from client.flower_env import stop_on_signals
+from hmgdm_core.cli import fail
 from hmgdm_core.exceptions import HmgdmError
 
 DEFAULT_STATE = Path("federation")
@@ -13,25 +16,59 @@ DEFAULT_STATE = Path("federation")
 sites = typer.Typer(help="Manage which sites (SuperNode keys) may join.", no_args_is_help=True)
 
 
-def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
+_fail = fail
 
 
+certs_app = typer.Typer(
+    help="Create the consortium's CA and server certificate, or renew the server certificate."
+)
+
+
+@certs_app.callback(invoke_without_command=True)
 def certs(
-    out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.pem and keys."),
+    ctx: typer.Context,
+    out: Path | None = typer.Option(
+        None, "--out", help="Directory for ca.crt, server.pem and keys (required to create)."
+    ),
     host: str = typer.Option("localhost", "--host", help="Name sites use to reach the server."),
     days: int = typer.Option(365, "--days", min=1, help="Validity of the certificates."),
 ) -> None:
     """Create a private CA and a server certificate; give sites only ca.crt."""
-    from server.superlink import make_certificates
+    from server.certs import make_certificates
 
+    if ctx.invoked_subcommand is not None:
+        return
     try:
+        if out is None:
+            raise HmgdmError("--out is required (or `certs renew --tls-dir DIR` to renew)")
         files = make_certificates(out, host=host, days=days)
     except HmgdmError as err:
         raise _fail(err) from None
     typer.echo(f"CA certificate (send to sites): {files.ca_cert}")
     typer.echo(f"server certificate for {host}, 127.0.0.1: {files.server_cert}")
+
+
+@certs_app.command("renew")
+def certs_renew(
+    tls_dir: Path = typer.Option(..., "--tls-dir", help="The directory `certs --out` made."),
+    days: int = typer.Option(365, "--days", min=1, help="Validity of the new certificate."),
+    host: str | None = typer.Option(
+        None, "--host", help="Name sites use to reach the server [default: the current one]."
+    ),
+) -> None:
+    """A new server key and certificate from the same CA (sites keep their ca.crt); then
+    restart `hmgdm-server start --resume` to serve it."""
+    from server.certs import renew_server_certificate
+
+    try:
+        done = renew_server_certificate(tls_dir, days=days, host=host)
+    except HmgdmError as err:
+        raise _fail(err) from None
+    typer.echo(
+        f"new server certificate for {done.host}, valid until {done.not_after:%Y-%m-%d} (was "
+        f"{done.previous_not_after:%Y-%m-%d}; old pair kept as {done.backup.name} and "
+        "server.key.old); restart `hmgdm-server start --resume` to serve it"
+    )
 
 
 def start(
@@ -70,33 +107,20 @@ def start(
     registering sites stay on loopback. The SuperLink keeps its state (registered sites, runs)
     in STATE/superlink.db across restarts. Ctrl-C stops the run and the SuperLink.
     """
-    from hmgdm_core.cli import check_plaintext
+    from client.flower_env import interrupted_exit_code
     from hmgdm_core.config import load_config
-    from server.summary import print_run_summary
-    from server.superlink import (
-        TlsFiles,
-        app_fab_hash,
-        register_site,
-        start_superlink,
-        submit_run,
-        wait_for_online,
-    )
+    from server.certs import serving_tls
+    from server.flwr_cli import app_fab_hash, submit_run, wait_for_online
+    from server.run_config import submission
+    from server.summary import check_run, print_run_summary
+    from server.superlink import start_superlink
 
-    if tls_dir is None and not insecure:
-        raise _fail(HmgdmError("--tls-dir is required (create it with `hmgdm-server certs`)"))
+    stop_on_signals()  # a service manager's SIGTERM stops the SuperLink and the run too
     try:
-        if insecure:
-            if tls_dir is not None:
-                raise HmgdmError("--insecure and --tls-dir: choose one")
-            check_plaintext(host)
+        tls = serving_tls(tls_dir, insecure, host)
         cfg = load_config(config)
         fed = cfg.federation
-        downstream = _downstream_run_config(finetune, task, classes)
-        if survival_clinical:
-            if finetune is not None:
-                raise HmgdmError("--finetune and --survival-clinical are two different runs")
-            downstream = {"mode": "survival-clinical"}
-        tls = None if insecure else TlsFiles.in_dir(tls_dir).check()
+        downstream = _mode_run_config(finetune, task, classes, survival_clinical)
         home = state / "flwr_home"
         link = start_superlink(
             port=port,
@@ -113,40 +137,29 @@ def start(
         f"sites connect to {link.site_address}; runs and site keys are managed on "
         f"{link.address} (log: {state / 'superlink.log'})"
     )
-    # Sites run their own installed ClientApp of this version, never this bundle's code; each
-    # logs the hash of the runs it serves.
-    typer.echo(f"app bundle: FAB sha256 {app_fab_hash()}")
     run = None
     try:
-        for pub in sorted(sites_dir.glob("*.pub")) if sites_dir else []:
-            try:
-                typer.echo(f"registered {pub.stem}: node {register_site(home, pub, pub.stem)}")
-            except HmgdmError as err:
-                if "already in use" not in str(err):
-                    raise
+        # Sites run their own installed ClientApp of this version, never this bundle's code;
+        # each logs the hash of the runs it serves.
+        typer.echo(f"app bundle: FAB sha256 {app_fab_hash(state)}")
+        _register_keys(state, sites_dir)
         typer.echo(f"waiting up to {fed.wait_timeout_s:.0f} s for {fed.min_sites} sites ...")
         wait_for_online(home, fed.min_sites, fed.wait_timeout_s)
         run_dir = fed.run_dir if fed.run_dir.is_absolute() else (state / fed.run_dir)
-        run = submit_run(
-            home,
-            {
-                "config-toml": config.read_text() if config else "",
-                "run-dir": str(run_dir.resolve()),
-                "resume": resume,
-                **downstream,
-            },
-            state,
-        )
+        run_config = submission(cfg, run_dir=run_dir.resolve(), resume=resume, **downstream)
+        run = submit_run(home, run_config, state)
         for line in run.stdout:
             typer.echo(line, nl=False)
         code = run.wait()
-        if not downstream:  # a downstream run reports in its own files, not the round summary
+        mode = downstream.get("mode", "pretrain")
+        if mode == "pretrain":  # other modes report in their own files, not the round summary
             print_run_summary(run_dir)
+        check_run(run_dir, mode, state / "superlink.log")
     except HmgdmError as err:
         raise _fail(err) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         typer.echo("stopping ...")
-        code = 130
+        code = interrupted_exit_code(err)
     finally:
         if run is not None and run.poll() is None:
             run.terminate()
@@ -154,8 +167,29 @@ def start(
     raise typer.Exit(code)
 
 
-def _downstream_run_config(checkpoint: Path | None, task: str, classes: str) -> dict:
-    """Run config of a federated fine-tuning run (empty for pretraining)."""
+def _register_keys(state: Path, sites_dir: Path | None) -> None:
+    """Register every site key SITES/*.pub under its file name (known ones are kept, removed
+    ones are not let back in)."""
+    from server.sites import add_site, removed_key
+
+    for pub in sorted(sites_dir.glob("*.pub")) if sites_dir else []:
+        try:
+            typer.echo(f"registered {pub.stem}: node {add_site(state, pub, pub.stem)}")
+        except HmgdmError as err:
+            if "already in use" not in str(err):
+                raise
+            if (gone := removed_key(state, pub)) is not None:
+                typer.echo(f"not registering {pub}: its site was removed {gone.removed_at}")
+
+
+def _mode_run_config(
+    checkpoint: Path | None, task: str, classes: str, survival_clinical: bool
+) -> dict:
+    """The run config keys of the chosen mode (empty for pretraining)."""
+    if survival_clinical:
+        if checkpoint is not None:
+            raise HmgdmError("--finetune and --survival-clinical are two different runs")
+        return {"mode": "survival-clinical"}
     if checkpoint is None:
         return {}
     if not Path(checkpoint).is_file():
@@ -179,7 +213,9 @@ def simulate(
     ),
 ) -> None:
     """Federated pretraining with simulated hospitals on this machine (Flower simulation)."""
-    from server.superlink import simulate as run_simulation
+    from server.simulation import simulate as run_simulation
+
+    stop_on_signals()  # SIGTERM stops the simulation SuperLink and Ray too
 
     try:
         run_simulation(graphs, out, sites=sites, config=config, echo=verbose_run, faults=faults)
@@ -198,10 +234,10 @@ def sites_add(
     state: Path = _state_option(),
 ) -> None:
     """Allow the SuperNode holding this key to join (the SuperLink must be running)."""
-    from server.superlink import register_site
+    from server.sites import add_site
 
     try:
-        node_id = register_site(state / "flwr_home", public_key, name)
+        node_id = add_site(state, public_key, name)
     except HmgdmError as err:
         raise _fail(err) from None
     typer.echo(f"registered {public_key} as node {node_id}")
@@ -209,12 +245,48 @@ def sites_add(
 
 @sites.command("list")
 def sites_list(state: Path = _state_option()) -> None:
-    """List registered sites and whether they are online."""
-    from server.superlink import list_sites
+    """List registered sites from the SuperLink's database (running or not): node id, status
+    (registered = never connected, online, offline, removed), name, when registered, last
+    connected and removed."""
+    from server.sites import stored_sites, superlink_running
 
     try:
-        nodes = list_sites(state / "flwr_home")
+        found = stored_sites(state)
     except HmgdmError as err:
         raise _fail(err) from None
-    for node in nodes:
-        typer.echo(f"{node.get('node-id')}\t{node.get('status')}\t{node.get('name') or ''}")
+    if not superlink_running(state):
+        typer.echo(f"the SuperLink of {state} is not running: no site is online", err=True)
+    for s in found:
+        when = "\t".join(t or "-" for t in (s.registered_at, s.last_seen, s.removed_at))
+        typer.echo(f"{s.node_id}\t{s.status}\t{s.name or '-'}\t{when}")
+
+
+@sites.command("remove")
+def sites_remove(
+    site: str = typer.Argument(..., help="The site's name (or node id) in `sites list`."),
+    state: Path = _state_option(),
+) -> None:
+    """Unregister a site: the SuperLink refuses its key from now on (the SuperLink must be
+    running). To let the hospital back in, it makes a new key with `hmgdm-client keygen`."""
+    from server.sites import remove_site
+
+    try:
+        removed = remove_site(state, site)
+    except HmgdmError as err:
+        raise _fail(err) from None
+    typer.echo(f"removed {removed.name or site} (node {removed.node_id})")
+
+
+def report(
+    run_dir: Path = typer.Argument(..., help="A federated pretraining run directory."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="[default: RUN_DIR/report.html]"),
+) -> None:
+    """Write one self-contained HTML page of a run: curves per round (losses, other metrics,
+    participation, epsilon per site, round times) and its tables; opens offline."""
+    from server.report import write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except HmgdmError as err:
+        raise _fail(err) from None
+    typer.echo(f"wrote {path}")

@@ -15,7 +15,7 @@ study = typer.Typer(help="Benchmark studies on simulated sites.", no_args_is_hel
 
 def federate(graphs: Path, work: Path, sites: int, overrides: dict, backend: dict) -> Path:
     """One federated cell on Flower's simulation engine (Ray), the same apps as a deployment."""
-    from server.superlink import simulate
+    from server.simulation import simulate
 
     return simulate(graphs, work, sites=sites, overrides=overrides, backend=backend, summary=False)
 

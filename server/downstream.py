@@ -10,12 +10,12 @@ different sites are never compared, so the pooled figure is not the C-index of t
 
 from __future__ import annotations
 
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -34,7 +34,15 @@ from client.records import (
 from hmgdm_core.atomic import write_json
 from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.finetune import Task, save_slide_net, slide_net_for
+from hmgdm_core.events import EventLog
 from hmgdm_core.train import load_checkpoint
+from server.messaging import (
+    FederationError,
+    Replies,
+    broadcast,
+    wait_for_sites,
+)
+from server.run_config import DownstreamRun
 from server.strategy import aggregate_train, make_strategy
 
 PAIR_KEYS = ("concordant", "discordant", "tied-risk", "comparable")
@@ -77,27 +85,15 @@ def site_figures(task: Task, metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def run_downstream(grid: Grid, context: Context) -> Path:
+def run_downstream(grid: Grid, run: DownstreamRun, events: EventLog) -> Path:
     """Fine-tune for `evaluation.fed_rounds` FedAvg rounds, evaluate, write metrics and model."""
-    from server.app import (
-        FederationError,
-        exchange,
-        run_config_to_cfg,
-        site_names,
-        wait_for_sites,
-    )
-
-    run = dict(context.run_config)
-    run_cfg, run_dir, _ = run_config_to_cfg(run)
-    ckpt = load_checkpoint(Path(str(run["checkpoint"])))
+    ckpt = load_checkpoint(run.checkpoint)
     # The backbone's shape is the checkpoint's; how to fine-tune and federate is this run's.
     cfg = ckpt.cfg.model_copy(
-        update={k: getattr(run_cfg, k) for k in ("evaluation", "federation", "privacy")}
+        update={k: getattr(run.cfg, k) for k in ("evaluation", "federation", "privacy")}
     )
     fed, ev = cfg.federation, cfg.evaluation
-    classes = [c for c in str(run.get("classes", "")).split(",") if c]
-    task_entries = pack_task(str(run["task"]), classes)
-    task = Task(task_entries["task"], tuple(c for c in task_entries["classes"].split(",") if c))
+    task, task_entries = Task(run.task, run.classes), pack_task(run.task, run.classes)
     net = slide_net_for(cfg, ckpt.model.dims, task)
     net.backbone.load_state_dict(ckpt.model.state_dict())
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -106,58 +102,32 @@ def run_downstream(grid: Grid, context: Context) -> Path:
     frozen = [k for k in state if k not in shared and not k.startswith("backbone.decoder.")]
     strategy = make_strategy(fed, cfg.privacy)
     nodes = wait_for_sites(grid, fed.min_sites, fed.wait_timeout_s, fed.poll_interval_s)
-    names = site_names(grid)
-    history = []
 
-    def messages(kind: str, rnd: int) -> list[Message]:
+    def content(rnd: int) -> RecordDict:
         config = pack_config(cfg, **task_entries, **{"server-round": rnd})
-        content = {SHARED: pack_state(state, shared), FROZEN: pack_state(state, frozen)}
-        return [
-            Message(RecordDict({**content, "config": config}), dst_node_id=n, message_type=kind)
-            for n in nodes
-        ]
+        arrays = {SHARED: pack_state(state, shared), FROZEN: pack_state(state, frozen)}
+        return RecordDict({**arrays, "config": config})
 
-    # The head's input standardisation, from every site's entity-embedding sums.
-    replies = exchange(
-        grid, messages(QUERY_ENTITY_MOMENTS, 0), fed.round_timeout_s, fed.poll_interval_s
-    )
-    moments = [r for r in replies.values() if not r.has_error()]
-    if len(moments) < fed.min_replies:
-        raise FederationError(f"only {len(moments)} sites sent entity moments")
-    sums = [unpack_state(r.content["moments"]) for r in moments]
-    net.set_input_stats(
-        sum(int(r.content["metrics"]["entities"]) for r in moments),
-        sum(m["total"] for m in sums),
-        sum(m["total_sq"] for m in sums),
-    )
+    moments = broadcast(grid, QUERY_ENTITY_MOMENTS, content(0), fed, nodes)
+    _standardise_head_input(net, moments.require(fed.min_replies))
     state.update({k: v.detach().clone() for k, v in net.state_dict().items() if k in frozen})
-
+    history = []
     for rnd in range(1, ev.fed_rounds + 1):
-        msgs = messages(TRAIN_FINETUNE, rnd)
-        replies = exchange(grid, msgs, fed.round_timeout_s, fed.poll_interval_s)
-        outcome = aggregate_train(
-            strategy, rnd, replies, nodes, fed.min_replies, sent=msgs[0].content[SHARED]
-        )
+        sent = content(rnd)
+        replies = broadcast(grid, TRAIN_FINETUNE, sent, fed, nodes)
+        outcome = aggregate_train(strategy, rnd, replies, fed.min_replies, sent=sent[SHARED])
         if not outcome.aggregated:
-            reasons = {names.get(n, n): r for n, r in {**outcome.failed, **outcome.dropped}.items()}
+            reasons = {replies.name(n): r for n, r in {**outcome.failed, **outcome.dropped}.items()}
             raise FederationError(f"fine-tuning round {rnd} not aggregated: {reasons}")
         state.update(unpack_state(outcome.arrays))
         history.append({"round": rnd, "train": dict(outcome.metrics or {})})
         log(INFO, "fine-tuning round %d: %s", rnd, history[-1]["train"])
 
-    replies = exchange(
-        grid, messages(EVALUATE_DOWNSTREAM, ev.fed_rounds), fed.round_timeout_s, fed.poll_interval_s
-    )
-    per_site = {}
-    for node, reply in replies.items():
-        if reply.has_error():
-            log(
-                WARNING, "site %s could not evaluate: %s", names.get(node, node), reply.error.reason
-            )
-            continue
-        per_site[names.get(node, f"node-{node}")] = dict(reply.content["metrics"])
-    if not per_site:
-        raise FederationError("no site returned evaluation metrics")
+    evaluated = broadcast(grid, EVALUATE_DOWNSTREAM, content(ev.fed_rounds), fed, nodes)
+    per_site = {
+        name: dict(reply.content["metrics"])
+        for name, reply in evaluated.warn_failed().require(1).by_name.items()
+    }
     result = {
         "task": task.kind,
         "classes": list(task.classes),
@@ -168,7 +138,17 @@ def run_downstream(grid: Grid, context: Context) -> Path:
         "history": history,
     }
     net.load_state_dict(state)
-    save_slide_net(run_dir / MODEL_NAME, net, cfg, task, ev)
-    path = write_json(run_dir / RESULT_NAME, result, private=False)
+    save_slide_net(run.run_dir / MODEL_NAME, net, cfg, task, ev)
+    path = write_json(run.run_dir / RESULT_NAME, result, private=False)
     log(INFO, "federated %s: pooled %s", task.kind, result["pooled"])
     return path
+
+
+def _standardise_head_input(net, replies: Replies) -> None:
+    """The head's input standardisation, from every site's entity-embedding sums."""
+    sums = [unpack_state(r.content["moments"]) for r in replies.ok.values()]
+    net.set_input_stats(
+        sum(int(r.content["metrics"]["entities"]) for r in replies.ok.values()),
+        sum(m["total"] for m in sums),
+        sum(m["total_sq"] for m in sums),
+    )

@@ -21,37 +21,37 @@ from flwr.serverapp.strategy import (
 
 from client.records import describe, record_layout
 from hmgdm_core.federation_config import FederationConfig
-from hmgdm_core.privacy.accountant import epsilon
+from hmgdm_core.privacy.accountant import Mechanism, PrivacyAccountant
 from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
-from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
+from hmgdm_core.privacy.errors import PrivacyError
 
 log = logging.getLogger(__name__)
 
 
 def check_compatible(privacy: PrivacyConfig, strategy: Strategy) -> None:
     """Refuse, before round 1, settings that would silently run with less protection."""
-    secagg = privacy.secure_aggregation
-    if secagg and privacy.max_update_norm is not None:
+    secagg = privacy.secagg.enabled
+    if secagg and privacy.validation.max_update_norm is not None:
         raise PrivacyError(
-            "[privacy] secure_aggregation hides each site's update, but max_update_norm needs "
-            "it to validate replies; unset one of them"
+            "[privacy.secagg] enabled hides each site's update, but [privacy.validation] "
+            "max_update_norm needs it to validate replies; unset one of them"
         )
     if secagg and privacy.mode == "central":
         raise PrivacyError(
             "[privacy] mode 'central' clips each site's update on the server, which SecAgg+ "
-            "hides; use mode 'client_central' (sites clip) with secure_aggregation"
+            "hides; use mode 'client_central' (sites clip) with [privacy.secagg]"
         )
-    if secagg and privacy.mode == "client_central" and privacy.adaptive_clipping:
+    if secagg and privacy.mode == "client_central" and privacy.central.adaptive_clipping:
         raise PrivacyError(
-            "[privacy] adaptive_clipping makes every site report in clear whether its update "
-            "was clipped, which SecAgg+ does not cover; use fixed clipping with secure_aggregation"
+            "[privacy.central] adaptive_clipping makes every site report in clear whether its "
+            "update was clipped, which SecAgg+ does not cover; use fixed clipping with SecAgg+"
         )
     plain_mean = (
         isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train
     )
     if secagg and not plain_mean:
         raise PrivacyError(
-            f"[privacy] secure_aggregation computes a plain (weighted) mean of the updates; "
+            f"[privacy.secagg] computes a plain (weighted) mean of the updates; "
             f"{type(strategy).__name__} needs more than that; use fedavg or fedprox"
         )
     if privacy.mode not in CENTRAL_MODES:
@@ -72,17 +72,17 @@ def check_compatible(privacy: PrivacyConfig, strategy: Strategy) -> None:
 
 def check_secure_aggregation(fed: FederationConfig, privacy: PrivacyConfig) -> None:
     """Refuse SecAgg+ settings the protocol cannot honour for this federation."""
-    if not privacy.secure_aggregation:
+    if not privacy.secagg.enabled:
         return
     if fed.min_replies < 2:
         raise PrivacyError(
-            "[privacy] secure_aggregation needs [federation] min_replies >= 2: the sum of one "
+            "[privacy.secagg] needs [federation] min_replies >= 2: the sum of one "
             "site's update is that update"
         )
     # Masked sums are taken modulo 2**32; each site adds up to quantization_range per coordinate.
-    if fed.min_sites * privacy.secagg_quantization_range >= 2**32:
+    if fed.min_sites * privacy.secagg.quantization_range >= 2**32:
         raise PrivacyError(
-            f"[privacy] secagg_quantization_range {privacy.secagg_quantization_range} x "
+            f"[privacy.secagg] quantization_range {privacy.secagg.quantization_range} x "
             f"{fed.min_sites} sites overflows SecAgg+'s 2**32 modulus; lower the range"
         )
 
@@ -98,9 +98,9 @@ def wrap_strategy(
     check_compatible(privacy, strategy)
     if privacy.mode not in CENTRAL_MODES:
         return strategy
-    sigma, clip = privacy.central_noise_multiplier, privacy.central_clip_norm
+    sigma, clip = privacy.central.noise_multiplier, privacy.central.clip_norm
     server_side = privacy.mode == "central"
-    if not privacy.adaptive_clipping:
+    if not privacy.central.adaptive_clipping:
         fixed = (
             DifferentialPrivacyServerSideFixedClipping
             if server_side
@@ -119,15 +119,16 @@ def wrap_strategy(
         sigma,
         num_sampled_clients,
         initial_clipping_norm=clip,
-        target_clipped_quantile=privacy.target_clipped_quantile,
-        clip_norm_lr=privacy.clip_norm_lr,
-        clipped_count_stddev=privacy.clipped_count_stddev or sigma,
+        target_clipped_quantile=privacy.central.target_clipped_quantile,
+        clip_norm_lr=privacy.central.clip_norm_lr,
+        clipped_count_stddev=privacy.central.clipped_count_stddev or sigma,
     )
 
 
-@dataclasses.dataclass
-class CentralAccountant:
-    """Site-level (epsilon, delta) of central DP over rounds, by opacus' accountant.
+@dataclasses.dataclass(kw_only=True)
+class CentralAccountant(PrivacyAccountant):
+    """Site-level (epsilon, delta) of central DP over rounds: the one `PrivacyAccountant` of
+    site and central DP, whose mechanism is one aggregated round (`mechanism(num_replies)`).
 
     One aggregated round is one subsampled Gaussian step with sample rate
     sites_per_round / total_sites. opacus assumes Poisson sampling while Flower samples a fixed
@@ -142,17 +143,15 @@ class CentralAccountant:
     noise_multiplier: float
     sites_per_round: int
     total_sites: int
-    delta: float
-    accountant: str = "rdp"
-    max_epsilon: float | None = None
-    history: list[tuple[float, float, int]] = dataclasses.field(default_factory=list)
+    clip_norm: float = 1.0
 
     @classmethod
     def from_config(
         cls, privacy: PrivacyConfig, *, sites_per_round: int, total_sites: int
     ) -> CentralAccountant:
         return cls(
-            noise_multiplier=privacy.central_noise_multiplier,
+            noise_multiplier=privacy.central.noise_multiplier,
+            clip_norm=privacy.central.clip_norm,
             sites_per_round=sites_per_round,
             total_sites=total_sites,
             delta=privacy.delta,
@@ -167,35 +166,11 @@ class CentralAccountant:
                 f"the number of sites ({self.total_sites})"
             )
 
-    def _step(self, num_replies: int) -> tuple[float, float, int]:
-        sigma = (
-            self.noise_multiplier * min(num_replies, self.sites_per_round) / self.sites_per_round
-        )
-        return (sigma, self.sites_per_round / self.total_sites, 1)
-
-    @property
-    def epsilon(self) -> float:
-        return epsilon(self.history, delta=self.delta, accountant=self.accountant)
-
-    def check_budget(self, num_replies: int) -> None:
-        """Raise PrivacyBudgetExhausted if releasing a round of `num_replies` would exceed it."""
-        if self.max_epsilon is None:
-            return
-        projected = epsilon(
-            [*self.history, self._step(num_replies)], delta=self.delta, accountant=self.accountant
-        )
-        if projected > self.max_epsilon:
-            raise PrivacyBudgetExhausted(
-                spent=self.epsilon,
-                projected=projected,
-                max_epsilon=self.max_epsilon,
-                delta=self.delta,
-            )
-
-    def record_round(self, num_replies: int) -> float:
-        """Account one released aggregate of `num_replies` clipped updates; epsilon so far."""
-        self.history.append(self._step(num_replies))
-        return self.epsilon
+    def mechanism(self, num_replies: int) -> Mechanism:
+        """One released aggregate of `num_replies` clipped updates."""
+        share = min(num_replies, self.sites_per_round) / self.sites_per_round
+        rate = self.sites_per_round / self.total_sites
+        return Mechanism(self.noise_multiplier * share, self.clip_norm, rate)
 
 
 def validate_reply(
@@ -288,8 +263,9 @@ def _check(
     records = list(msg.content.array_records.values())
     if len(records) != 1:
         return False, f"expected one ArrayRecord, got {len(records)}"
+    max_norm = privacy.validation.max_update_norm
     ok, reason = validate_reply(
-        records[0], reference_arrays, privacy.max_update_norm, nonzero=privacy.mode == "central"
+        records[0], reference_arrays, max_norm, nonzero=privacy.mode == "central"
     )
     if ok and weight_key is not None:
         return validate_metrics(msg, weight_key)

@@ -6,7 +6,6 @@ of the sites' updates, never one site's update. Central noise comes from Flower'
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any
 
@@ -27,24 +26,23 @@ from client.records import FROZEN, NUM_EXAMPLES, SECAGG_NAMES, SECAGG_NUM_SHARED
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
+from server.messaging import exchange
 from server.strategy import RoundOutcome
-
-Exchange = Callable[[Grid, list[Message], float, float], Mapping[int, Message]]
 
 
 def max_weight(privacy: PrivacyConfig) -> float:
     """The protocol's weight bound: central modes weight every site 1, so nothing is lost to it."""
-    return 1.0 if privacy.mode in CENTRAL_MODES else privacy.secagg_max_weight
+    return 1.0 if privacy.mode in CENTRAL_MODES else privacy.secagg.max_weight
 
 
 def workflow(privacy: PrivacyConfig, timeout: float) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ workflow with the [privacy] protocol settings (modulus 2**32)."""
     return SecAggPlusWorkflow(
-        num_shares=float(privacy.secagg_share_fraction),
-        reconstruction_threshold=float(privacy.secagg_threshold),
+        num_shares=float(privacy.secagg.share_fraction),
+        reconstruction_threshold=float(privacy.secagg.threshold),
         max_weight=max_weight(privacy),
-        clipping_range=privacy.secagg_clipping_range,
-        quantization_range=privacy.secagg_quantization_range,
+        clipping_range=privacy.secagg.clipping_range,
+        quantization_range=privacy.secagg.quantization_range,
         timeout=timeout,
     )
 
@@ -69,13 +67,13 @@ class _Prepared(LegacyFedAvg):
 class _Transport:
     """The Grid as the workflow sees it: our polling `exchange`, each site's error kept."""
 
-    def __init__(self, grid: Grid, exchange: Exchange, fed: FederationConfig) -> None:
-        self.grid, self.exchange, self.fed = grid, exchange, fed
+    def __init__(self, grid: Grid, fed: FederationConfig) -> None:
+        self.grid, self.fed = grid, fed
         self.errors: dict[int, str] = {}
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
         timeout = self.fed.round_timeout_s if timeout is None else timeout
-        replies = self.exchange(self.grid, list(messages), timeout, self.fed.poll_interval_s)
+        replies = exchange(self.grid, list(messages), timeout, self.fed.poll_interval_s)
         for node, reply in replies.items():
             if reply.has_error():
                 self.errors[node] = reply.error.reason
@@ -85,13 +83,13 @@ class _Transport:
         return getattr(self.grid, name)
 
 
-def _fitins(msg: Message) -> FitIns:
-    """A train message of the round as legacy fit instructions: shared then frozen arrays, the
+def _fitins(content: RecordDict) -> FitIns:
+    """The round's train message as legacy fit instructions: shared then frozen arrays, the
     names in the config (legacy arrays have none)."""
-    shared, frozen = msg.content[SHARED], msg.content[FROZEN]
+    shared, frozen = content[SHARED], content[FROZEN]
     names = [*shared.keys(), *frozen.keys()]
     arrays = [r[n].numpy() for r in (shared, frozen) for n in r]
-    config = dict(msg.content["config"])
+    config = dict(content["config"])
     config[SECAGG_NAMES] = json.dumps(names)
     config[SECAGG_NUM_SHARED] = len(shared)
     return FitIns(ndarrays_to_parameters(arrays), config)
@@ -99,28 +97,26 @@ def _fitins(msg: Message) -> FitIns:
 
 def secagg_train(
     grid: Grid,
-    messages: list[Message],
+    content: RecordDict,
+    nodes: list[int],
     server_round: int,
     cfg: HmgdmConfig,
     sent: ArrayRecord,
-    exchange: Exchange,
 ) -> RoundOutcome:
     """One training round under SecAgg+; the outcome has no per-site updates to validate.
 
-    `messages` are the strategy's train messages (their config carries what the strategy and a
-    client-side DP wrapper add); the aggregate is `sent` plus the mean update, with central
+    `content` is the strategy's train message to `nodes` (its config carries what the strategy
+    and a client-side DP wrapper add); the aggregate is `sent` plus the mean update, with central
     noise in mode client_central. Fewer than `min_replies` unmasked updates: not aggregated.
     """
     privacy, fed = cfg.privacy, cfg.federation
-    instructions = [
-        (GridClientProxy(m.metadata.dst_node_id, grid, 0), _fitins(m)) for m in messages
-    ]
+    instructions = [(GridClientProxy(node, grid, 0), _fitins(content)) for node in nodes]
     prepared = _Prepared(instructions)
     strategy = prepared
     if privacy.mode == "client_central":
         # Every site trains every round: the noise is scaled for min_sites updates.
         strategy = DifferentialPrivacyClientSideFixedClipping(
-            prepared, privacy.central_noise_multiplier, privacy.central_clip_norm, fed.min_sites
+            prepared, privacy.central.noise_multiplier, privacy.central.clip_norm, fed.min_sites
         )
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -130,7 +126,7 @@ def secagg_train(
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
         {WorkflowKey.CURRENT_ROUND: server_round}
     )
-    transport = _Transport(grid, exchange, fed)
+    transport = _Transport(grid, fed)
     workflow(privacy, fed.round_timeout_s)(transport, context)
 
     replied = sorted(proxy.node_id for proxy, _ in prepared.results)

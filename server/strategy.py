@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from hmgdm_core.atomic import load_torch, save_torch
 from hmgdm_core.exceptions import CheckpointError
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
+from server.messaging import Replies
 from server.privacy import (
     check_secure_aggregation,
     drop_invalid,
@@ -118,8 +119,7 @@ class RoundOutcome:
 def aggregate_train(
     strategy: Strategy,
     server_round: int,
-    replies: Mapping[int, Message],
-    sent_to: Sequence[int],
+    replies: Replies,
     min_replies: int,
     *,
     sent: ArrayRecord,
@@ -127,20 +127,17 @@ def aggregate_train(
 ) -> RoundOutcome:
     """Aggregate a round only if at least `min_replies` sites sent a valid update.
 
-    Replies with an error are failures; replies whose arrays differ in names, shapes or dtypes
-    from `sent`, hold NaN/Inf or exceed `max_update_norm` are dropped. Flower's strategies
-    average whatever arrived (one reply suffices); a federation that promised each site its
-    update is mixed with at least `min_replies - 1` others must not.
+    Replies with an error (or none) are failures; replies whose arrays differ in names, shapes
+    or dtypes from `sent`, hold NaN/Inf or exceed `max_update_norm` are dropped. Flower's
+    strategies average whatever arrived (one reply suffices); a federation that promised each
+    site its update is mixed with at least `min_replies - 1` others must not.
     """
-    ok = {node: m for node, m in replies.items() if not m.has_error()}
-    failed = {node: m.error.reason for node, m in replies.items() if m.has_error()}
-    for node in sent_to:
-        if node not in replies:
-            failed[node] = "no reply before the round timeout"
     kept, dropped = drop_invalid(
-        ok, sent, privacy or PrivacyConfig(), weight_key=_weight_key(strategy)
+        replies.ok, sent, privacy or PrivacyConfig(), weight_key=_weight_key(strategy)
     )
-    outcome = RoundOutcome(None, None, sorted(kept), failed, dropped, _site_metrics(kept))
+    outcome = RoundOutcome(
+        None, None, sorted(kept), dict(replies.failed), dropped, _site_metrics(kept)
+    )
     if len(kept) >= min_replies:
         arrays, outcome.metrics = strategy.aggregate_train(
             server_round, _common_metrics(kept.values())

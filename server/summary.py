@@ -1,5 +1,6 @@
 """The run summary: `run_summary.json` (rounds, per-site participation and epsilon, central
-DP, repeat malformed senders) rewritten after every round, and the tables printed at the end.
+DP, repeat malformed senders) rewritten after every round, and the tables printed at the end;
+the status of every run mode (finished, or failed and why) that the CLIs turn into exit codes.
 """
 
 from __future__ import annotations
@@ -10,10 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from hmgdm_core.atomic import write_json
+from hmgdm_core.exceptions import HmgdmError
+from hmgdm_core.federation_config import FederationConfig
+from hmgdm_core.tracking import numeric
 
 SUMMARY_FILE = "run_summary.json"
+STATUS_FAILED = "failed"
 FORMAT = "hmgdm-run-summary/1"
 REPEAT_OFFENDER = 2  # malformed replies after which a site is named in the run summary
+
+
+class RunFailed(HmgdmError):
+    """A run ended without the model or report it was for; the message says why."""
 
 
 def malformed_counts(history: list[dict[str, Any]]) -> Counter[str]:
@@ -33,6 +42,7 @@ def run_summary(
     rounds_planned: int,
     wall_seconds: float,
     final: Path | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """Everything an operator reads after a run, derived from the round history alone."""
     sites: dict[str, dict[str, Any]] = {}
@@ -54,7 +64,9 @@ def run_summary(
     central = [h["central_dp"] for h in history if "central_dp" in h]
     return {
         "format": FORMAT,
+        "mode": "pretrain",
         "status": status,
+        "reason": reason,
         "run_dir": str(run_dir),
         "final_checkpoint": str(final) if final else None,
         "rounds_planned": rounds_planned,
@@ -75,6 +87,14 @@ def run_summary(
                 "train_loss": _loss(h.get("train")),
                 "eval_loss": _loss(h.get("eval")),
                 "seconds": round(float(h.get("seconds", 0.0)), 3),
+                # Everything else a report or a dashboard plots per round.
+                "train": numeric(h.get("train") or {}),
+                "eval": numeric(h.get("eval") or {}),
+                "site_epsilon": numeric(h.get("site_epsilon", {})),
+                "site_seconds": numeric(h.get("site_seconds", {})),
+                "central_epsilon": (h.get("central_dp") or {}).get("epsilon"),
+                "bytes_up": h.get("bytes_up", 0),
+                "bytes_down": h.get("bytes_down", 0),
             }
             for h in history
         ],
@@ -86,22 +106,102 @@ def run_summary(
     }
 
 
+# How a site took part in a round, as one number per site in the TensorBoard scalars.
+PARTICIPATION = {"replied": 1.0, "failed": 0.0, "dropped": -1.0}
+
+
+def round_scalars(h: dict[str, Any]) -> dict[str, float]:
+    """A round of the history as TensorBoard tags: losses and every other train/eval metric
+    (e.g. a context-reliance figure when the model reports one), per-site participation,
+    epsilon and training time, the round's time and traffic."""
+    out: dict[str, Any] = {f"train/{k}": v for k, v in numeric(h.get("train") or {}).items()}
+    out |= {f"eval/{k}": v for k, v in numeric(h.get("eval") or {}).items()}
+    out |= {f"round/{k}": h.get(k) for k in ("aggregated", "seconds", "bytes_up", "bytes_down")}
+    for kind in ("replied", "failed", "dropped"):
+        sites = h.get(kind) or {}
+        out[f"sites/{kind}"] = len(sites)
+        out |= {f"participation/{site}": PARTICIPATION[kind] for site in sites}
+    out |= {f"epsilon/{site}": eps for site, eps in h.get("site_epsilon", {}).items()}
+    if central := h.get("central_dp"):
+        out["epsilon/central"] = central["epsilon"]
+    out |= {f"site_seconds/{site}": t for site, t in h.get("site_seconds", {}).items()}
+    return numeric({k: v for k, v in out.items() if v is not None})
+
+
+def untrained_reason(history: list[dict[str, Any]], fed: FederationConfig) -> str | None:
+    """Why the run's model is not trained (too few aggregated rounds in a stage), or None.
+
+    Names each short stage and, from its first round that was not aggregated, what the sites
+    answered: "every site refused: privacy budget exhausted ..." when they all said the same.
+    """
+    short = fed.untrained_stages(h["round"] for h in history if h["aggregated"])
+    if not short:
+        return None
+    counts, whys = [], {}
+    for stage, (have, need) in short.items():
+        rounds = [h for h in history if h["stage"] == stage]
+        counts.append(f"{stage}: {have} of {len(rounds)} run, need {need}")
+        if (missed := next((h for h in rounds if not h["aggregated"]), None)) is not None:
+            whys.setdefault(_why_not_aggregated(missed, fed.min_replies), missed["round"])
+    text = f"the model was not trained: too few aggregated rounds ({'; '.join(counts)})"
+    return text + "".join(f"; round {rnd}: {why}" for why, rnd in whys.items())
+
+
+def _why_not_aggregated(h: dict[str, Any], min_replies: int) -> str:
+    refused = {**h["failed"], **h.get("dropped", {})}
+    asked = len(h["replied"]) + len(refused)
+    if not h["replied"] and len(set(refused.values())) == 1:
+        return f"every site ({asked}) refused: {next(iter(refused.values()))}"
+    sites = "; ".join(f"{site}: {reason}" for site, reason in sorted(refused.items()))
+    return f"{len(h['replied'])} of {asked} sites replied (min_replies {min_replies}); {sites}"
+
+
+def summary_path(run_dir: Path, mode: str = "pretrain") -> Path:
+    """Pretraining keeps `run_summary.json`; other modes (which may share the run directory
+    with the pretraining run they start from) write `<mode>_summary.json`."""
+    return Path(run_dir) / (SUMMARY_FILE if mode == "pretrain" else f"{mode}_summary.json")
+
+
 def write_run_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    return write_json(Path(run_dir) / SUMMARY_FILE, summary, private=False)
+    return write_json(
+        summary_path(run_dir, summary.get("mode", "pretrain")), summary, private=False
+    )
 
 
-def read_run_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / SUMMARY_FILE
+def read_run_summary(run_dir: Path, mode: str = "pretrain") -> dict[str, Any] | None:
+    path = summary_path(run_dir, mode)
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mark_run(run_dir: Path, mode: str, status: str, reason: str | None = None) -> Path:
+    """Set a run's status (keeping what its summary already holds); a fresh one if it has none."""
+    summary = read_run_summary(run_dir, mode) or {
+        "format": FORMAT, "mode": mode, "run_dir": str(run_dir)
+    }  # fmt: skip
+    return write_run_summary(run_dir, {**summary, "status": status, "reason": reason})
+
+
+def check_run(run_dir: Path, mode: str, log: Path) -> dict[str, Any]:
+    """The summary of a run that finished; a RunFailed naming why otherwise."""
+    summary = read_run_summary(run_dir, mode)
+    if summary is None or summary.get("status") == "running":
+        raise RunFailed(f"the {mode} run did not finish; see {log}")
+    if summary["status"] == STATUS_FAILED:
+        raise RunFailed(f"the {mode} run failed: {summary['reason']}")
+    return summary
 
 
 def summary_table(summary: dict[str, Any]):
     """Rounds (stage, sites used/asked, losses, time), per-site figures, privacy if any."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
     title = f"federated pretraining: {summary['status']}"
-    rounds = Table(title=title, caption=f"checkpoint: {summary['final_checkpoint'] or '-'}")
+    caption = f"checkpoint: {summary['final_checkpoint'] or '-'}"
+    if summary.get("reason"):
+        caption += f"\n{escape(summary['reason'])}"  # reasons quote config sections: [privacy]
+    rounds = Table(title=title, caption=caption)
     for col in ("round", "stage", "sites", "train loss", "eval loss", "aggregated", "s"):
         rounds.add_column(col, justify="right" if col in ("round", "s") else "left")
 
@@ -157,10 +257,11 @@ def privacy_table(summary: dict[str, Any]):
 
 
 def print_run_summary(run_dir: Path) -> dict[str, Any] | None:
-    """Print the tables of a run's summary (None when the run wrote none)."""
+    """Print the tables of a run's summary (None when the run wrote none). A run that stopped
+    before its first round has only a status: `check_run` reports it."""
     from rich.console import Console
 
     summary = read_run_summary(run_dir)
-    if summary is not None:
+    if summary is not None and "rounds" in summary:
         Console().print(summary_table(summary))
     return summary

@@ -6,6 +6,7 @@ volumes, one published port) and every hmgdm command in it against the real CLI.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -13,11 +14,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from test_docs import Invocation, cli_apps, resolve
+
+from server.certs import make_certificates
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -173,21 +177,30 @@ def test_client_image_has_openslide_from_the_wheel():
     assert re.search(r'"openslide-bin[>=~]', (REPO / "pyproject.toml").read_text())
 
 
-def test_healthcheck_script_reports_a_listening_port_and_a_closed_one():
+def test_healthcheck_script_fails_on_a_stale_heartbeat_and_a_silent_fleet_port(tmp_path):
     script = DOCKER / "healthcheck.py"
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        up = subprocess.run([sys.executable, str(script), f"127.0.0.1:{port}"], check=False)
-    down = subprocess.run(
-        [sys.executable, str(script), f"127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert up.returncode == 0
-    assert down.returncode == 1 and "not accepting connections" in down.stderr
+
+    def check(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                              text=True, check=False, cwd=REPO)  # fmt: skip
+
+    beat = tmp_path / "heartbeat.json"
+    assert check("heartbeat", str(beat), "90").returncode == 1  # join never wrote one
+    now = time.time()
+    beat.write_text(json.dumps({"superlink": "fl:9092", "last_ok": now - 200, "error": "refused"}))
+    stale = check("heartbeat", str(beat), "90")
+    assert stale.returncode == 1 and re.search(r"last answered 20\d s ago: refused", stale.stderr)
+    beat.write_text(json.dumps({"superlink": "fl:9092", "last_ok": now - 5, "error": None}))
+    assert check("heartbeat", str(beat), "90").returncode == 0
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    ca = make_certificates(tmp_path / "tls").ca_cert
+    for ca_file in (ca, beat):  # a closed port; a CA file that is no certificate
+        down = check("fleet", f"127.0.0.1:{port}", str(ca_file))
+        assert down.returncode == 1 and down.stderr.startswith(f"127.0.0.1:{port}: ")
+        assert len(down.stderr.splitlines()) == 1, down.stderr
+    assert check("127.0.0.1:9092").returncode == 2  # the old form is refused, not passed
 
 
 # ---- compose.yml -----------------------------------------------------------------------------
@@ -242,10 +255,13 @@ def test_every_service_has_a_healthcheck_and_a_restart_policy():
         )
         test = svc["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python", "/opt/hmgdm/docker/healthcheck.py"], name
-        probed_port = int(test[3].rsplit(":", 1)[1])
         (argv,) = hmgdm_argvs(svc)
-        expected = int(option(argv, "--port")) if name == "superlink" else 9094  # join's default
-        assert probed_port == expected, f"{name}: healthcheck probes {probed_port}, not {expected}"
+        if name == "superlink":  # the Fleet API answers over TLS, checked against the CA
+            assert test[3:] == ["fleet", f"127.0.0.1:{option(argv, '--port')}",
+                                f"{option(argv, '--tls-dir')}/ca.crt"], test  # fmt: skip
+        else:  # the site heard from the SuperLink lately (join writes STATE_DIR/heartbeat.json)
+            assert test[3:5] == ["heartbeat", f"{option(argv, '--state-dir')}/heartbeat.json"]
+            assert 60 <= float(test[5]) <= 300, test
         assert svc.get("init") is True, f"{name}: PID 1 must forward signals (init: true)"
 
 

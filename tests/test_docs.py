@@ -36,7 +36,9 @@ NOT_RUN = {
     ("hmgdm-client", "join"): "needs a running SuperLink (covered by tests/server)",
     ("hmgdm-server", "start"): "runs a federation until it finishes",
     ("hmgdm-server", "sites", "add"): "needs a running SuperLink",
-    ("hmgdm-server", "sites", "list"): "needs a running SuperLink",
+    ("hmgdm-server", "sites", "list"): "needs a SuperLink's state (test_service_ops.py)",
+    ("hmgdm-server", "sites", "remove"): "needs a running SuperLink (test_service_ops.py)",
+    ("hmgdm-server", "report"): "needs a run directory; tests/server/test_report.py runs it",
     ("hmgdm-server", "simulate"): "starts Ray and trains; tests/server/test_simulation.py runs it",
     ("hmgdm-server", "study", "run"): "a grid of trainings; tests/server/test_study_sim.py runs it",
 }
@@ -141,6 +143,8 @@ def resolve(inv: Invocation, apps: dict[str, click.Command]) -> Invocation:
         seen, rest = _parse_params(cmd, args, where)
         if not rest and seen & {"version", "help"}:  # `hmgdm-client --version`
             return Invocation(inv.guide, inv.line, inv.argv, (*path, f"--{min(seen)}"))
+        if not rest and cmd.invoke_without_command:  # `hmgdm-server certs --out DIR`
+            return Invocation(inv.guide, inv.line, inv.argv, tuple(path))
         assert rest, f"{where}: no subcommand of {' '.join(path)}"
         sub = cmd.get_command(click.Context(cmd), rest[0])
         assert sub is not None, f"{where}: {' '.join(path)} has no command {rest[0]!r}"
@@ -182,7 +186,8 @@ def test_the_static_check_rejects_what_the_cli_rejects():
     bad = [
         "hmgdm-client keygen --outt /tmp/k",
         "hmgdm-client keygen",
-        "hmgdm-server sites remove x.pub",
+        "hmgdm-server sites remove",
+        "hmgdm-server sites delete x.pub",
         "hmgdm-client build-graphs --out cache",
         "hmgdm-client evaluate classify --graphs g --checkpoint c --labels l --out o --folds 3",
         "hmgdm-server start --tls-dir",
@@ -209,7 +214,8 @@ def test_guides_cover_the_workflows_they_promise():
     ]:
         assert needed in hospital, f"docs/hospital.md does not show {' '.join(needed)}"
     operator = {p[1:] for p in paths["docs/operator.md"]}
-    for needed in [("certs",), ("sites", "add"), ("sites", "list"), ("start",)]:
+    for needed in [("certs",), ("sites", "add"), ("sites", "list"), ("sites", "remove"),
+                   ("start",), ("report",)]:  # fmt: skip
         assert needed in operator, f"docs/operator.md does not show {' '.join(needed)}"
     resume = [i for i in guide_invocations("docs/operator.md") if i.path[1:] == ("start",)]
     assert any("--resume" in i.argv for i in resume), "operator.md never shows --resume"
@@ -251,7 +257,7 @@ def test_every_preset_key_is_explained(name):
 
 def test_presets_are_combinations_the_code_accepts():
     """Loading is not enough: the server builds its (DP) strategy from them without refusing."""
-    from client.privacy import load_site_privacy
+    from client.site import load_site_privacy
     from hmgdm_core.config import load_config
     from server.strategy import make_strategy
 
@@ -260,7 +266,7 @@ def test_presets_are_combinations_the_code_accepts():
         make_strategy(cfg[name].federation, cfg[name].privacy)  # raises on a refused combination
     assert cfg["consortium"].privacy.mode in ("central", "client_central")
     site = load_site_privacy(REPO / "configs" / "hospital.toml")
-    assert site.mode == "local_dp" and site.max_epsilon is not None
+    assert site is not None and site.max_epsilon is not None  # the hospital runs local DP
     # Sites build graphs with hospital.toml; the consortium's model expects the same graphs.
     assert cfg["hospital"].graph == cfg["consortium"].graph and cfg["hospital"].graph.mpp == 0.5
     demo = cfg["demo"]
@@ -357,7 +363,7 @@ def _slides_with_resolution(data_dir: Path, out: Path) -> list[str]:
 
 @pytest.mark.integration
 def test_hospital_guide_runs(tmp_path, data_dir):
-    from hmgdm_core.config import load_config
+    from hmgdm_core.config import load_local_dp
     from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 
     work = tmp_path / "hospital"
@@ -367,7 +373,7 @@ def test_hospital_guide_runs(tmp_path, data_dir):
     rows = [f"{sid},p{k},{sid.split('_')[0]},{10 + 7 * k},{k % 2}" for k, sid in enumerate(ids)]
     labels.write_text("slide_id,patient_id,label,time,event\n" + "\n".join(rows) + "\n")
     # What `join` leaves behind after a local-DP round (join itself needs a SuperLink).
-    privacy = load_config(REPO / "configs" / "hospital.toml").privacy
+    privacy = load_local_dp(REPO / "configs" / "hospital.toml")
     (site / "state").mkdir(parents=True)
     ledger = PrivacyLedger.open(site / "state" / LEDGER_NAME, privacy, num_patients=len(ids))
     ledger.record(1, 5, patients=len(ids)).save(site / "state" / LEDGER_NAME)
@@ -411,7 +417,10 @@ def test_operator_guide_runs(tmp_path, data_dir):
     env = {k: str(tmp_path / k.lower()) for k in ("CA", "TLS", "SITES", "STATE")}
     ran = _run_guide("docs/operator.md", work, env)
 
-    assert {path[1:] for path in ran} >= {("info",), ("certs",), ("build-graphs",)}
+    assert {path[1:] for path in ran} >= {
+        ("info",), ("certs",), ("certs", "renew"), ("build-graphs",)
+    }  # fmt: skip
+    assert (tmp_path / "tls" / "server.pem.old").is_file()  # renewed, same host (below)
     assert "flwr 1.42" in ran[("hmgdm-server", "info")]
     cert = x509.load_pem_x509_certificate((tmp_path / "ca" / "server.pem").read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

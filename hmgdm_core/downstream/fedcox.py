@@ -175,12 +175,12 @@ def newton_update(
     )
 
 
-Site = tuple[ArrayLike, ArrayLike, ArrayLike]  # (x (n, d), time (n,), event (n,))
+SiteRows = tuple[ArrayLike, ArrayLike, ArrayLike]  # one site's x (n, d), time (n,), event (n,)
 
 
 class FederatedCox:
     """Site-stratified Cox fitted by federated Newton: `fit(sites)` runs the rounds in-process,
-    `fit_stats` from statistics the sites sent (server/survival.py).
+    `fit_stats` from statistics the sites sent (server/cox.py).
 
     Fitted: `mean_`, `std_` (pooled standardisation), `params_` (coefficients on the original
     covariate scale, comparable to lifelines' `params_`), `log_likelihood_` (penalised, at the
@@ -200,7 +200,7 @@ class FederatedCox:
         self.tol = tol
         self.max_rounds = max_rounds
 
-    def fit(self, sites: Sequence[Site]) -> FederatedCox:
+    def fit(self, sites: Sequence[SiteRows]) -> FederatedCox:
         """Every round computed here from the sites' rows: the exchange a federation runs."""
         moments = sum((site_moments(x) for x, _, _ in sites[1:]), site_moments(sites[0][0]))
 
@@ -237,6 +237,6 @@ class FederatedCox:
         """Log partial hazard relative to the pooled mean covariate (higher = worse)."""
         return linear_risk(x, self.params_, self.mean_)
 
-    def pair_counts(self, sites: Sequence[Site]) -> list[PairCounts]:
+    def pair_counts(self, sites: Sequence[SiteRows]) -> list[PairCounts]:
         """Per-site concordance pair counts of this model's risks (what each site reports)."""
         return [pair_counts(t, self.predict_risk(x), e) for x, t, e in sites]

@@ -22,7 +22,7 @@ from lifelines.statistics import logrank_test
 
 from hmgdm_core.atomic import save_figure, write_csv, write_json
 from hmgdm_core.downstream.concordance import PairCounts, linear_risk, pair_counts, pooled_cindex
-from hmgdm_core.downstream.fedcox import FederatedCox, Site
+from hmgdm_core.downstream.fedcox import FederatedCox, SiteRows
 from hmgdm_core.downstream.plots import plot_kaplan_meier
 
 GROUPS = ("low risk", "high risk")
@@ -148,7 +148,7 @@ def write_survival_report(
 
 
 def lifelines_check(
-    sites: Sequence[Site], covariates: Sequence[str], params: np.ndarray
+    sites: Sequence[SiteRows], covariates: Sequence[str], params: np.ndarray
 ) -> dict[str, object]:
     """The check, for whoever holds all rows (a simulation, a test): lifelines on the pooled
     rows, one baseline hazard per site, Efron ties, and the largest relative difference."""
@@ -165,7 +165,7 @@ def lifelines_check(
 
 
 def federated_survival_report(
-    sites: Sequence[Site],
+    sites: Sequence[SiteRows],
     names: Sequence[str],
     out_dir: Path | str,
     *,

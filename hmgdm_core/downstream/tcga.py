@@ -5,11 +5,14 @@ and grouping tissue source sites into federated sites with enough events.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
 from hmgdm_core.exceptions import LabelError
+
+if TYPE_CHECKING:  # lifelines comes with fedcox; reading a table needs none of it
+    from hmgdm_core.downstream.fedcox import SiteRows
 
 COVARIATES = ("age", "is_female")
 _COLUMNS = ("case_id", "site", "survival_months", "censorship", *COVARIATES)
@@ -71,10 +74,7 @@ def group_sites(site: pd.Series, event: pd.Series, min_events: int) -> pd.Series
     return grouped
 
 
-Site = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-def site_arrays(table: pd.DataFrame, sites: pd.Series) -> list[Site]:
+def site_arrays(table: pd.DataFrame, sites: pd.Series) -> list[SiteRows]:
     """(x, time, event) per federated site, covariates in `COVARIATES` order."""
     return [
         (

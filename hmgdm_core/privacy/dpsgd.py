@@ -1,5 +1,6 @@
 """DP-SGD with the patient as the privacy unit: Poisson sampling of patients, one clipped
-gradient per patient, Gaussian noise once per step. Works with any `nn.Module` and loss callable.
+gradient per patient, Gaussian noise once per step (`PatientDPStep`, a step strategy of the one
+training loop). Works with any `nn.Module` and objective.
 
 opacus' per-sample hooks treat each node row of a PyG batch as a sample (wrong unit), so
 per-patient gradients come from a plain loop; opacus supplies the noise and the layer checks.
@@ -18,6 +19,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
 import hmgdm_core.privacy._opacus  # noqa: F401  (drops the log handler opacus adds)
+from hmgdm_core.privacy.accountant import Mechanism
 from hmgdm_core.privacy.errors import PrivacyError
 
 B = TypeVar("B")
@@ -135,39 +137,42 @@ def dp_step(
     }
 
 
-def dp_train_steps(
-    optimizer: torch.optim.Optimizer,
-    patients: Mapping[str, Sequence[G]],
-    loss_fn: Callable[[Sequence[G]], Tensor],
-    *,
-    steps: int,
-    sample_rate: float,
-    clip_norm: float,
-    noise_multiplier: float,
-    generator: torch.Generator,
-) -> dict[str, float]:
-    """`steps` DP-SGD steps; each Poisson-samples patients and passes their items to `loss_fn`."""
-    ids = list(patients)
-    expected = sample_rate * len(ids)
-    loss_sum = drawn = clipped = 0.0
-    for _ in range(steps):
-        chosen = poisson_patients(ids, sample_rate, generator)
+class PatientDPStep:
+    """Patient-level DP-SGD as the step of `hmgdm_core.train.train_steps`: Poisson-sample
+    patients at the mechanism's rate, one clipped gradient per patient, noise once per step.
+
+    `batch(items)` turns one patient's items into what the objective reads. The mechanism is
+    the only source of noise, clipping and rate; `generator` must be private (`private_generator`).
+    """
+
+    weight_name = "num_patient_samples"
+
+    def __init__(
+        self,
+        patients: Mapping[str, Sequence[G]],
+        mechanism: Mechanism,
+        batch: Callable[[Sequence[G]], B],
+        *,
+        generator: torch.Generator,
+    ) -> None:
+        self.patients, self.mechanism, self.batch = patients, mechanism, batch
+        self.ids, self.generator = list(patients), generator
+
+    def steps_for(self, epochs: float) -> int:
+        return self.mechanism.steps_for(epochs)
+
+    def __call__(
+        self, objective: Callable[[B], dict[str, Tensor]], optimizer: torch.optim.Optimizer
+    ) -> tuple[dict[str, float], int]:
+        m = self.mechanism
+        chosen = poisson_patients(self.ids, m.sample_rate, self.generator)
         out = dp_step(
             optimizer,
-            [patients[i] for i in chosen],
-            loss_fn,
-            clip_norm=clip_norm,
-            noise_multiplier=noise_multiplier,
-            expected_batch_size=expected,
-            generator=generator,
+            [self.patients[i] for i in chosen],
+            lambda items: objective(self.batch(items))["loss"],
+            clip_norm=m.clip_norm,
+            noise_multiplier=m.noise_multiplier,
+            expected_batch_size=m.sample_rate * len(self.ids),
+            generator=self.generator,
         )
-        if chosen:
-            loss_sum += out["loss"] * out["num_patients"]
-            clipped += out["clipped_fraction"] * out["num_patients"]
-            drawn += out["num_patients"]
-    return {
-        "loss": loss_sum / drawn if drawn else math.nan,
-        "num_steps": float(steps),
-        "num_patient_samples": drawn,
-        "clipped_fraction": clipped / drawn if drawn else math.nan,
-    }
+        return {"loss": out["loss"], "clipped_fraction": out["clipped_fraction"]}, len(chosen)

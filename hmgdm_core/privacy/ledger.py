@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from hmgdm_core.atomic import write_json
-from hmgdm_core.privacy.accountant import epsilon
-from hmgdm_core.privacy.config import PrivacyConfig
-from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
+from hmgdm_core.privacy.accountant import Mechanism, PrivacyAccountant
+from hmgdm_core.privacy.config import LocalDP
+from hmgdm_core.privacy.errors import PrivacyError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class PrivacyLedger:
     unit: str = "patient"
 
     @classmethod
-    def open(cls, path: Path | str, cfg: PrivacyConfig, *, num_patients: int) -> PrivacyLedger:
+    def open(cls, path: Path | str, cfg: LocalDP, *, num_patients: int) -> PrivacyLedger:
         """The ledger at `path` with the current settings of `cfg` (a new one when missing)."""
         fresh = cls(
             accountant=cfg.accountant,
@@ -79,7 +79,7 @@ class PrivacyLedger:
             if getattr(stored, key) != getattr(fresh, key):
                 raise PrivacyError(
                     f"{path}: {key} is {getattr(stored, key)!r} in the ledger but "
-                    f"{getattr(fresh, key)!r} in [privacy]; keep it, or move the ledger aside "
+                    f"{getattr(fresh, key)!r} in [local_dp]; keep it, or move the ledger aside "
                     "only if this site's data has never been used under it"
                 )
         return dataclasses.replace(fresh, history=stored.history)
@@ -107,6 +107,11 @@ class PrivacyLedger:
             ) from None
 
     @property
+    def dp_sgd(self) -> Mechanism:
+        """The DP-SGD mechanism of the next round: what the DP step reads, nothing else."""
+        return Mechanism(self.noise_multiplier, self.clip_norm, self.sample_rate)
+
+    @property
     def steps(self) -> int:
         return sum(e.steps for e in self.history)
 
@@ -119,27 +124,21 @@ class PrivacyLedger:
         """Epsilon spent so far at `delta` (0 before the first round)."""
         return self.history[-1].epsilon if self.history else 0.0
 
+    def privacy_accountant(self) -> PrivacyAccountant:
+        """The rounds so far as the one accountant of site and central DP."""
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.history]
+        return PrivacyAccountant(
+            delta=self.delta, max_epsilon=self.max_epsilon, accountant=self.accountant,
+            history=history, setting="[local_dp] max_epsilon",
+        )  # fmt: skip
+
     def projected_epsilon(self, next_round_steps: int) -> float:
         """Epsilon after `next_round_steps` more steps at the current noise and rate."""
-        composition = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.history]
-        composition.append((self.noise_multiplier, self.sample_rate, next_round_steps))
-        return epsilon(composition, delta=self.delta, accountant=self.accountant)
-
-    def would_exceed(self, next_round_steps: int) -> bool:
-        """True when `max_epsilon` is set and the next round would spend past it."""
-        if self.max_epsilon is None:
-            return False
-        return self.projected_epsilon(next_round_steps) > self.max_epsilon
+        return self.privacy_accountant().projected_epsilon(self.dp_sgd, next_round_steps)
 
     def check_budget(self, next_round_steps: int) -> None:
         """Raise PrivacyBudgetExhausted when the next round would exceed `max_epsilon`."""
-        if self.would_exceed(next_round_steps):
-            raise PrivacyBudgetExhausted(
-                spent=self.epsilon,
-                projected=self.projected_epsilon(next_round_steps),
-                max_epsilon=float(self.max_epsilon),
-                delta=self.delta,
-            )
+        self.privacy_accountant().check_budget(self.dp_sgd, next_round_steps)
 
     def record(self, server_round: int, steps: int, *, patients: int) -> PrivacyLedger:
         """A new ledger with one more round at the current settings."""
@@ -171,7 +170,7 @@ class PrivacyLedger:
 
 @contextlib.contextmanager
 def spend(
-    path: Path | str, cfg: PrivacyConfig, *, num_patients: int, server_round: int, steps: int
+    path: Path | str, cfg: LocalDP, *, num_patients: int, server_round: int, steps: int
 ) -> Iterator[PrivacyLedger]:
     """Reserve one round of `steps` DP-SGD steps: lock the ledger, refuse the round if it would
     pass `max_epsilon` (PrivacyBudgetExhausted), record it and save, then yield the ledger for

@@ -1,65 +1,60 @@
 """Local DP-SGD for H-MGDM graphs: one training round under the site's privacy ledger.
 
-The client calls `private_round` instead of `train_steps` when [privacy] mode is local_dp.
+`private_round` runs the one training loop (`train.train_steps`) with the patient-level DP-SGD
+step, under the site's ledger and its own [local_dp] settings.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torch_geometric.data import Data
+from torch import nn
+from torch_geometric.data import Batch, Data
 
 from hmgdm_core.data import make_batch
 from hmgdm_core.model.config import TrainConfig
-from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.accountant import Mechanism
+from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.dpsgd import (
+    PatientDPStep,
     check_model,
-    dp_train_steps,
     group_by_patient,
     private_generator,
 )
 from hmgdm_core.privacy.errors import PrivacyError
 from hmgdm_core.privacy.ledger import PrivacyLedger, spend
+from hmgdm_core.train import Objective, train_steps
 
 
-def steps_for(
-    privacy: PrivacyConfig, num_patients: int, *, steps: int | None, epochs: float | None
-) -> int:
+def steps_for(mechanism: Mechanism, *, steps: int | None, epochs: float | None) -> int:
     """`steps`, or the steps of `epochs` passes (a pass = 1 / sample_rate steps in expectation)."""
     if (steps is None) == (epochs is None):
         raise ValueError("pass exactly one of steps= or epochs=")
-    if steps is not None:
-        return steps
-    return max(1, math.ceil(epochs / privacy.rate_for(num_patients)))
+    return mechanism.steps_for(epochs) if steps is None else steps
 
 
-def patient_loss(
-    model: nn.Module,
+def patient_batch(
     train_cfg: TrainConfig,
-    privacy: PrivacyConfig,
+    privacy: LocalDP,
     *,
-    stage: str,
     device: torch.device,
     generator: torch.Generator,
-) -> Callable[[Sequence[Data]], Tensor]:
-    """Loss of one patient: up to `graphs_per_patient` of their graphs batched together.
+) -> Callable[[Sequence[Data]], Batch]:
+    """One patient's batch: up to `graphs_per_patient` of their graphs.
 
     Which of a sampled patient's graphs are drawn does not affect the guarantee (the patient's
     whole contribution is clipped), so that draw may use the reproducible `generator`.
     """
     k = privacy.graphs_per_patient
 
-    def loss(graphs: Sequence[Data]) -> Tensor:
+    def batch(graphs: Sequence[Data]) -> Batch:
         if len(graphs) > k:
             graphs = [graphs[i] for i in torch.randperm(len(graphs), generator=generator)[:k]]
-        batch = make_batch(graphs, train_cfg.max_nodes, generator).to(device)
-        return model.loss(batch, stage=stage, generator=generator)["loss"]
+        return make_batch(graphs, train_cfg.max_nodes, generator).to(device)
 
-    return loss
+    return batch
 
 
 def private_round(
@@ -67,7 +62,7 @@ def private_round(
     optimizer: torch.optim.Optimizer,
     graphs: Sequence[Data],
     train_cfg: TrainConfig,
-    privacy: PrivacyConfig,
+    privacy: LocalDP,
     *,
     ledger_path: Path,
     server_round: int,
@@ -77,37 +72,35 @@ def private_round(
     device: torch.device,
     generator: torch.Generator,
     patients: Mapping[str, str] | None = None,
+    objective: Objective | None = None,
 ) -> tuple[dict[str, float], PrivacyLedger]:
-    """Check the budget, train one round with patient-level DP-SGD, record it in the ledger.
+    """Record one round in the site's ledger (locked), train it with patient-level DP-SGD.
 
     Raises PrivacyBudgetExhausted before touching the model when the round would exceed
     `max_epsilon`. `patients` maps slide_id -> patient_id (unmapped slides are their own patient).
+    The noise, clipping and sampling rate are the ledger's mechanism, nothing else.
     """
-    if privacy.mode != "local_dp":
-        raise PrivacyError(f"private_round needs [privacy] mode = 'local_dp', not {privacy.mode!r}")
     groups = group_by_patient(graphs, patients)
     if not groups:
         raise PrivacyError("DP-SGD needs at least one patient at this site; found none")
-    n_steps = steps_for(privacy, len(groups), steps=steps, epochs=epochs)
+    # Read without the lock only for the mechanism (settings, checked against the stored ones).
+    mechanism = PrivacyLedger.open(ledger_path, privacy, num_patients=len(groups)).dp_sgd
+    n_steps = steps_for(mechanism, steps=steps, epochs=epochs)
     check_model(model)
+    # A test seed still differs per round so rounds never repeat their noise.
+    seed = None if privacy.noise_seed is None else privacy.noise_seed + server_round
     # The round is in the ledger before the first noisy step; refused there if over budget.
     with spend(
         ledger_path, privacy, num_patients=len(groups), server_round=server_round, steps=n_steps
     ) as ledger:
-        model.to(device).train()
-        metrics = dp_train_steps(
-            optimizer,
+        step = PatientDPStep(
             groups,
-            patient_loss(
-                model, train_cfg, privacy, stage=stage, device=device, generator=generator
-            ),
-            steps=n_steps,
-            sample_rate=ledger.sample_rate,
-            clip_norm=privacy.clip_norm,
-            noise_multiplier=privacy.noise_multiplier,
-            # A test seed still differs per round so rounds never repeat their noise.
-            generator=private_generator(
-                None if privacy.noise_seed is None else privacy.noise_seed + server_round, device
-            ),
+            ledger.dp_sgd,
+            patient_batch(train_cfg, privacy, device=device, generator=generator),
+            generator=private_generator(seed, device),
         )
+        metrics = train_steps(
+            model, optimizer, graphs, train_cfg, stage=stage, steps=n_steps, device=device,
+            generator=generator, step=step, objective=objective,
+        )  # fmt: skip
     return metrics | {"epsilon": ledger.epsilon, "num_patients": float(len(groups))}, ledger

@@ -305,13 +305,14 @@ def _federated_cell(
     }
     if cell.regime == "central_dp":
         overrides |= {
-            "privacy.mode": "central", "privacy.central_noise_multiplier": cell.noise,
-            "privacy.central_clip_norm": tb.clip_norm,
+            "privacy.mode": "central", "privacy.central.noise_multiplier": cell.noise,
+            "privacy.central.clip_norm": tb.clip_norm,
         }  # fmt: skip
     elif cell.regime == "local_dp":
+        # The virtual sites' own [local_dp]: the operator of a simulation holds every site.
         overrides |= {
-            "privacy.mode": "local_dp", "privacy.noise_multiplier": cell.noise,
-            "privacy.clip_norm": tb.clip_norm,
+            "privacy.mode": "local_dp", "local_dp.noise_multiplier": cell.noise,
+            "local_dp.clip_norm": tb.clip_norm, "local_dp.delta": tb.delta,
         }  # fmt: skip
     graphs_dir = _site_caches(split, cell.sites, out / "data" / cell.data_key / "sites")
     work = cell_dir / "federation"

@@ -14,11 +14,12 @@ from conftest import DATA
 from flwr.app import Context, Message, RecordDict
 
 from client.app import app
-from client.records import FROZEN, SHARED, pack_config, pack_state, unpack_state
+from client.records import FROZEN, QUERY_STATS, SHARED, pack_config, pack_state, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.federation_config import shared_names
 from hmgdm_core.graph.cache import load_graph_dir
-from server.app import QUERY_STATS, frozen_names, initial_state
+from server.pretraining import initial_state
+from server.rounds import frozen_names
 
 KATHER = DATA / "kather2016_tiles"
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"

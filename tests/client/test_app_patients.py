@@ -16,15 +16,15 @@ from opacus.accountants import RDPAccountant
 import hmgdm_core.privacy.local as local
 from client.app import app
 from client.commands_fed import supernode_command
-from client.privacy import PATIENTS_KEY, PRIVACY_CONFIG_KEY
-from client.records import FROZEN, SHARED, pack_config, pack_state, unpack_state
+from client.records import FROZEN, QUERY_STATS, SHARED, pack_config, pack_state, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.federation_config import shared_names
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
 from hmgdm_core.privacy.errors import PrivacyError
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from hmgdm_core.studies.synthetic import random_region_graph
-from server.app import QUERY_STATS, frozen_names, initial_state
+from server.pretraining import initial_state
+from server.rounds import frozen_names
 
 SLIDES = {"s0": "P1", "s1": "P1", "s2": "P2", "s3": "P2", "s4": "P3", "s5": "P3"}
 SIGMA, PER_STEP, STEPS = 1.0, 1.5, 2
@@ -49,13 +49,13 @@ def _train_round(cache: Path, tmp_path: Path, patients: Path | None) -> Message:
     """One round-1 train message to a local-DP site, exactly as the ServerApp builds it."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     privacy = tmp_path / "site_privacy.toml"
-    privacy.write_text(tomli_w.dumps({"privacy": {
-        "mode": "local_dp", "noise_multiplier": SIGMA, "patients_per_step": PER_STEP,
+    privacy.write_text(tomli_w.dumps({"local_dp": {
+        "noise_multiplier": SIGMA, "patients_per_step": PER_STEP,
     }}))  # fmt: skip
     node = {"graphs-dir": str(cache), "state-dir": str(tmp_path / "site"),
-            PRIVACY_CONFIG_KEY: str(privacy)}  # fmt: skip
+            "privacy-config": str(privacy)}  # fmt: skip
     if patients is not None:
-        node[PATIENTS_KEY] = str(patients)
+        node["patients"] = str(patients)
     ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
     fed = {"local_steps": STEPS, "eval_fraction": 0.0, "stage1_rounds": 0}
     cfg = load_config(overrides={**TINY_MODEL, **{f"federation.{k}": v for k, v in fed.items()}})
@@ -82,13 +82,13 @@ def _rdp(rate: float) -> float:
 
 def test_the_patient_is_the_privacy_unit_of_a_federated_round(cache, tmp_path, monkeypatch):
     groups: list[dict] = []
-    real = local.dp_train_steps
 
-    def spy(optimizer, patients, loss_fn, **kwargs):
-        groups.append({p: sorted({str(g.slide_id) for g in gs}) for p, gs in patients.items()})
-        return real(optimizer, patients, loss_fn, **kwargs)
+    class Spy(local.PatientDPStep):
+        def __init__(self, patients, *args, **kwargs):
+            groups.append({p: sorted({str(g.slide_id) for g in gs}) for p, gs in patients.items()})
+            super().__init__(patients, *args, **kwargs)
 
-    monkeypatch.setattr(local, "dp_train_steps", spy)
+    monkeypatch.setattr(local, "PatientDPStep", Spy)
     table = tmp_path / "patients.csv"
     table.write_text("slide_id,patient_id\n" + "".join(f"{s},{p}\n" for s, p in SLIDES.items()))
     reply = _train_round(cache, tmp_path / "with", table)

@@ -13,12 +13,13 @@ from conftest import TINY_MODEL
 from flwr.app import Context, Message, RecordDict
 
 from client.app import app
-from client.records import pack_config, unpack_state
+from client.records import QUERY_STATS, pack_config, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.federation_config import shared_names
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
 from hmgdm_core.studies.synthetic import random_region_graph
-from server.app import QUERY_STATS, frozen_names, initial_state
+from server.pretraining import initial_state
+from server.rounds import frozen_names
 
 # Each costs about a second (or more) of imports per message; none is needed to train a round.
 NOT_FOR_TRAINING = ("sklearn", "opacus", "lifelines", "matplotlib", "skimage", "scipy")

@@ -89,10 +89,10 @@ def test_join_needs_tls_unless_plaintext_is_asked_for_on_loopback(tmp_path, args
 
 def test_join_warns_when_local_dp_has_no_budget(tmp_path):
     privacy = tmp_path / "site.toml"
-    privacy.write_text('[privacy]\nmode = "local_dp"\nnoise_multiplier = 1.0\n')
+    privacy.write_text("[local_dp]\nnoise_multiplier = 1.0\n")
     res = CliRunner().invoke(app, [
         "join", "--superlink", "127.0.0.1:9", "--insecure", "--graphs", str(tmp_path / "none"),
         "--privacy-config", str(privacy),
     ])  # fmt: skip
-    assert "sets no [privacy] max_epsilon" in res.output  # then: not a graph cache
+    assert "sets no [local_dp] max_epsilon" in res.output  # then: not a graph cache
     assert res.exit_code == 2 and "build-graphs first" in res.output

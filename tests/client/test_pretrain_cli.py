@@ -55,6 +55,13 @@ def test_pretrain_then_embed_writes_run_files_and_one_row_per_slide(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [r["stage"] for r in rows] == ["autoencoder", "diffusion"]
     assert float(rows[-1]["graphs_per_s"]) > 0 and (run / "loss.png").exists()
+    # The same figures as TensorBoard scalars, one step per epoch, per stage.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard")).Reload()
+    for epoch, row in enumerate(rows):
+        (event,) = board.Scalars(f"{row['stage']}/loss")
+        assert (event.step, event.value) == (epoch, pytest.approx(float(row["loss"]), rel=1e-6))
 
     out = tmp_path / "emb.csv"
     nodes = tmp_path / "nodes.pt"

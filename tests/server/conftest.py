@@ -13,15 +13,10 @@ import pytest
 from conftest import DATA, free_port
 
 from client.commands_fed import supernode_command, write_keypair
-from client.flower_env import flower_env
-from server.superlink import (
-    SuperLink,
-    TlsFiles,
-    make_certificates,
-    register_site,
-    start_superlink,
-    stop_tree,
-)
+from client.flower_env import flower_env, stop_tree
+from server.certs import TlsFiles, make_certificates
+from server.flwr_cli import register_site
+from server.superlink import SuperLink, start_superlink
 
 KATHER = DATA / "kather2016_tiles"
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
+import ssl
 
 import pytest
+from conftest import free_port
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from hmgdm_core.exceptions import HmgdmError
+from server.certs import TlsFiles, make_certificates
 from server.cli import app
-from server.superlink import TlsFiles, make_certificates
+from server.superlink import SuperLink, start_superlink
 
 
 def test_chain_and_sans_validate(tmp_path):
@@ -50,3 +54,50 @@ def test_cli_writes_files_and_reports_bad_dir_in_one_line(tmp_path):
     again = runner.invoke(app, ["certs", "--out", str(tmp_path / "t")])
     assert again.exit_code == 2
     assert "already exist" in again.output
+
+
+@pytest.mark.integration
+def test_renew_serves_a_new_certificate_from_the_same_ca_after_a_restart(tmp_path):
+    """`certs renew` on a running SuperLink: the old certificate is served until the restart
+    it documents, the new one after it, and the sites' unchanged ca.crt accepts it."""
+    files = make_certificates(tmp_path / "tls", host="localhost", days=30)
+    ca_before = files.ca_cert.read_bytes()
+    port = free_port()
+
+    def start() -> SuperLink:
+        return start_superlink(
+            port=port, state_dir=tmp_path / "state", tls=files, flwr_home=tmp_path / "home"
+        )
+
+    def served() -> x509.Certificate:
+        return x509.load_pem_x509_certificate(
+            ssl.get_server_certificate(("127.0.0.1", port)).encode()
+        )
+
+    link = start()
+    try:
+        before = served()
+        res = CliRunner().invoke(app, ["certs", "renew", "--tls-dir", str(files.ca_cert.parent),
+                                       "--days", "20"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        assert "restart `hmgdm-server start --resume`" in res.output
+        assert served() == before  # read at start: nothing changes until the restart
+        link.stop()
+        link = start()
+        after = served()
+    finally:
+        link.stop()
+    assert after.serial_number != before.serial_number
+    assert after == x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    after.verify_directly_issued_by(ca)
+    assert files.ca_cert.read_bytes() == ca_before and after.subject == before.subject
+    assert 19 <= (after.not_valid_after_utc - dt.datetime.now(dt.UTC)).days <= 20
+    assert files.server_key.stat().st_mode & 0o077 == 0
+    kept = tmp_path / "tls" / "server.pem.old"
+    assert x509.load_pem_x509_certificate(kept.read_bytes()) == before
+    # A certificate may not outlive its CA: say so in one line, change nothing.
+    longer = CliRunner().invoke(app, ["certs", "renew", "--tls-dir", str(files.ca_cert.parent),
+                                      "--days", "400"])  # fmt: skip
+    assert longer.exit_code == 2 and "make a new CA" in longer.output
+    assert x509.load_pem_x509_certificate(files.server_cert.read_bytes()) == after

@@ -9,22 +9,20 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import tomllib
 import torch
 from conftest import DATA
 
-from client.survival import site_rows
+from client.cox import site_rows
+from client.flower_env import stop_tree
+from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.downstream.concordance import pooled_cindex
 from hmgdm_core.downstream.fedcox import FederatedCox
 from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.exceptions import HmgdmError
+from server.flwr_cli import list_sites, register_site, submit_run, write_flower_config
+from server.run_config import submission
 from server.strategy import load_last_round
-from server.superlink import (
-    list_sites,
-    register_site,
-    stop_tree,
-    submit_run,
-    write_flower_config,
-)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,6 +42,11 @@ round_timeout_s = 180
 )
 
 
+def _run_config(toml: str, **fields) -> dict:
+    """What hmgdm-server submits for the config in `toml` and the run's own `fields`."""
+    return submission(HmgdmConfig.model_validate(tomllib.loads(toml)), **fields)
+
+
 def clinical_tables(root: Path) -> dict[str, Path]:
     """Each site's own clinical table: TCGA-LUSC cases of different tissue source sites."""
     raw = pd.read_csv(LUSC, dtype={"site": str, "case_id": str})
@@ -55,7 +58,7 @@ def clinical_tables(root: Path) -> dict[str, Path]:
 
 
 def _run(fed, run_dir, timeout=420) -> str:
-    proc = submit_run(fed.home, {"config-toml": RUN_TOML, "run-dir": str(run_dir)}, fed.root)
+    proc = submit_run(fed.home, _run_config(RUN_TOML, run_dir=str(run_dir)), fed.root)
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
@@ -86,7 +89,7 @@ def test_two_sites_average_weighted_by_graphs_and_outsiders_are_refused(federati
     _, sneaky_pub = fed.new_key("sneaky", register=False)
     with pytest.raises(HmgdmError, match=r"403|not served"):
         register_site(site_home, sneaky_pub, "sneaky")
-    sneaky_run = submit_run(site_home, {"config-toml": RUN_TOML}, fed.root / "sneaky")
+    sneaky_run = submit_run(site_home, _run_config(RUN_TOML), fed.root / "sneaky")
     sneaky_out, _ = sneaky_run.communicate(timeout=120)
     assert sneaky_run.returncode != 0 and "403 Forbidden" in sneaky_out
 
@@ -117,8 +120,8 @@ def test_two_sites_average_weighted_by_graphs_and_outsiders_are_refused(federati
 
     # The same two sites fit a Cox model on their own clinical tables (query.cox messages).
     cox_dir = fed.root / "cox"
-    proc = submit_run(fed.home, {"config-toml": RUN_TOML, "run-dir": str(cox_dir),
-                                 "mode": "survival-clinical"}, fed.root)  # fmt: skip
+    config = _run_config(RUN_TOML, run_dir=cox_dir, mode="survival-clinical")
+    proc = submit_run(fed.home, config, fed.root)
     out, _ = proc.communicate(timeout=180)
     assert (cox_dir / "metrics.json").is_file(), out[-3000:]
     cox = json.loads((cox_dir / "metrics.json").read_text())
@@ -141,7 +144,7 @@ def test_two_sites_average_weighted_by_graphs_and_outsiders_are_refused(federati
 
     # Same federation, a run that needs a third site: it fails fast and says why.
     toml = RUN_TOML.replace("wait_timeout_s = 90", "wait_timeout_s = 2") + "min_sites = 3\n"
-    proc = submit_run(fed.home, {"config-toml": toml, "run-dir": str(fed.root / "r3")}, fed.root)
+    proc = submit_run(fed.home, _run_config(toml, run_dir=str(fed.root / "r3")), fed.root)
     out, _ = proc.communicate(timeout=240)
     assert "only 2 of the required 3 sites connected" in out, out[-2000:]
     # No checkpoint, only the run's event record saying why it failed.
@@ -162,7 +165,7 @@ def test_a_site_killed_mid_round_is_left_out_and_can_rejoin(federation, site_cac
         "round_timeout_s = 180", "round_timeout_s = 30\nmin_replies = 1\nrejoin_wait_s = 120"
     )
     run_dir = fed.root / "run"
-    proc = submit_run(fed.home, {"config-toml": toml, "run-dir": str(run_dir)}, fed.root)
+    proc = submit_run(fed.home, _run_config(toml, run_dir=str(run_dir)), fed.root)
     log_b = fed.root / "supernode_B.log"
     deadline = time.monotonic() + 240
     while "Receiving: train message" not in log_b.read_text():

@@ -18,7 +18,7 @@ from hmgdm_core.downstream.splits import patient_folds
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path, load_graph_dir
 from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model, save_checkpoint
-from server.superlink import simulate_downstream
+from server.simulation import simulate_downstream
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

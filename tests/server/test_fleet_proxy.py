@@ -17,16 +17,10 @@ import psutil
 import pytest
 from conftest import free_port
 
+from client.flower_env import stop_tree
+from server.certs import make_certificates
 from server.fleet_proxy import FLEET_ROUTES, MAX_BODY
-from server.superlink import (
-    CONNECTION,
-    app_fab_hash,
-    flower_bin,
-    flwr_env,
-    make_certificates,
-    stop_tree,
-    write_flower_config,
-)
+from server.flwr_cli import CONNECTION, app_fab_hash, flower_bin, flwr_env, write_flower_config
 
 pytestmark = pytest.mark.integration
 
@@ -134,8 +128,8 @@ def test_the_stock_flwr_cli_from_outside_is_refused(server, tmp_path):
     assert res.returncode != 0 and "403 Forbidden" in res.stdout + res.stderr
 
 
-def test_start_prints_the_sha256_of_the_app_bundle_sites_log(server):
-    assert f"app bundle: FAB sha256 {app_fab_hash()}\n" in server["log"].read_text()
+def test_start_prints_the_sha256_of_the_app_bundle_sites_log(server, tmp_path):
+    assert f"app bundle: FAB sha256 {app_fab_hash(tmp_path)}\n" in server["log"].read_text()
 
 
 def test_fleet_routes_reach_the_superlink(server):

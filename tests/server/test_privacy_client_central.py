@@ -13,7 +13,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from client.privacy import privacy_mod
 from client.records import CONFIG_KEY, FROZEN, SHARED
-from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, PrivacyConfig
+from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, CentralDP, PrivacyConfig
 from server.privacy import wrap_strategy
 
 # Flower Messages need a task identity outside a real app process.
@@ -60,9 +60,7 @@ def _site(scale: float, seen: list[str]):
 def test_sites_clip_and_the_server_mean_stays_within_c(adaptive):
     privacy = PrivacyConfig(
         mode="client_central",
-        central_clip_norm=1.0,
-        adaptive_clipping=adaptive,
-        central_noise_multiplier=1e-6,
+        central=CentralDP(clip_norm=1.0, adaptive_clipping=adaptive, noise_multiplier=1e-6),
     )
     strategy = wrap_strategy(
         FedAvg(weighted_by_key=UNIFORM_WEIGHT_KEY, min_available_nodes=3, min_train_nodes=3),
@@ -90,7 +88,7 @@ def test_sites_clip_and_the_server_mean_stays_within_c(adaptive):
 
 
 def test_evaluation_is_not_clipped_and_dp_off_changes_nothing():
-    privacy = PrivacyConfig(mode="client_central", central_clip_norm=1.0)
+    privacy = PrivacyConfig(mode="client_central", central=CentralDP(clip_norm=1.0))
     content = RecordDict({SHARED: ArrayRecord({"w": Array(REF)}), "config": _config(privacy)})
     evaluate = Message(content, dst_node_id=1, message_type="evaluate")
     reply = privacy_mod(evaluate, CTX, _site(40.0, []))

@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import (
 )
 from opacus.accountants import RDPAccountant
 
-from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, PrivacyConfig
+from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, CentralDP, PrivacyConfig
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
 from server.privacy import CentralAccountant, wrap_strategy
 
@@ -48,7 +48,7 @@ def _updates(reply: Message, ref: np.ndarray) -> np.ndarray:
     ],
 )
 def test_each_central_mode_gets_its_flower_wrapper(mode, adaptive, cls):
-    privacy = PrivacyConfig(mode=mode, adaptive_clipping=adaptive, central_clip_norm=0.7)
+    privacy = PrivacyConfig(mode=mode, central=CentralDP(adaptive_clipping=adaptive, clip_norm=0.7))
     wrapped = wrap_strategy(_uniform(), privacy, num_sampled_clients=4)
     assert type(wrapped) is cls and wrapped.clipping_norm == 0.7
     assert wrapped.num_sampled_clients == 4
@@ -64,7 +64,7 @@ def test_server_side_clipping_bounds_every_update_before_noise():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((40, 5)).astype(np.float32)
     raw = [rng.standard_normal((40, 5)).astype(np.float32) * s for s in (0.01, 1.0, 30.0)]
-    privacy = PrivacyConfig(mode="central", central_clip_norm=1.0, central_noise_multiplier=1e-9)
+    privacy = PrivacyConfig(mode="central", central=CentralDP(clip_norm=1.0, noise_multiplier=1e-9))
     wrapped = wrap_strategy(_uniform(), privacy, num_sampled_clients=3)
     wrapped.current_arrays = ArrayRecord({"w": Array(ref)})
     replies = [_reply(i, ref + u) for i, u in enumerate(raw, start=1)]
@@ -79,7 +79,7 @@ def test_server_side_clipping_bounds_every_update_before_noise():
 
 def test_central_noise_has_std_sigma_c_over_n():
     ref = np.zeros((100, 100), np.float32)
-    privacy = PrivacyConfig(mode="central", central_clip_norm=2.0, central_noise_multiplier=1.0)
+    privacy = PrivacyConfig(mode="central", central=CentralDP(clip_norm=2.0, noise_multiplier=1.0))
     wrapped = wrap_strategy(_uniform(), privacy, num_sampled_clients=4)
     wrapped.current_arrays = ArrayRecord({"w": Array(ref)})
     # Tiny updates (an exactly zero one would make Flower divide by its norm).
@@ -92,30 +92,30 @@ def test_central_noise_has_std_sigma_c_over_n():
 
 def test_central_accountant_matches_opacus_and_discounts_missing_replies():
     acc = CentralAccountant.from_config(
-        PrivacyConfig(mode="central", central_noise_multiplier=2.0),
+        PrivacyConfig(mode="central", central=CentralDP(noise_multiplier=2.0)),
         sites_per_round=4,
         total_sites=8,
     )
     for replies in (4, 4, 3):
-        acc.record_round(replies)
+        acc.record(acc.mechanism(replies))
     reference = RDPAccountant()
     reference.history = [(2.0, 0.5, 2), (1.5, 0.5, 1)]  # 3 of 4 replies: sigma * 3/4
-    assert acc.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), abs=1e-6)
+    assert acc.epsilon() == pytest.approx(reference.get_epsilon(delta=1e-5), abs=1e-6)
 
 
 def test_central_budget_stops_the_round_that_would_exceed_it():
     steps = [CentralAccountant(noise_multiplier=3.0, sites_per_round=3, total_sites=3, delta=1e-5)]
     for _ in range(3):
-        steps[0].record_round(3)
-    limit = steps[0].epsilon + 1e-9
+        steps[0].record(steps[0].mechanism(3))
+    limit = steps[0].epsilon() + 1e-9
     acc = CentralAccountant(
         noise_multiplier=3.0, sites_per_round=3, total_sites=3, delta=1e-5, max_epsilon=limit
     )
     done = 0
     with pytest.raises(PrivacyBudgetExhausted):
         while True:
-            acc.check_budget(3)
-            acc.record_round(3)
+            acc.check_budget(acc.mechanism(3))
+            acc.record(acc.mechanism(3))
             done += 1
     assert done == 3
     with pytest.raises(PrivacyError, match="between 1"):

@@ -4,75 +4,39 @@ accounted across a resume. Messages are real Flower Messages; only the transport
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tomli_w
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from inprocess import InProcessGrid, Tamper
 from opacus.accountants import RDPAccountant
 from rich.console import Console
 
-from client.app import app as client_app
-from client.privacy import PRIVACY_CONFIG_KEY
 from client.records import SHARED, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from server.app import main
+from server.run_config import submission
 from server.strategy import load_last_round
 from server.summary import read_run_summary, summary_table
 
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
-Tamper = Callable[[Message], Message]
 
 
 # Flower Messages need a task identity outside a real app process.
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-class InProcessGrid:
-    """Flower's Grid contract; a pushed message is answered at once by a ClientApp call."""
-
-    def __init__(self, sites: dict[str, Context], tamper: dict[str, Tamper] | None = None):
-        self.ids = {name: i for i, name in enumerate(sites, start=101)}
-        self.contexts = {self.ids[n]: ctx for n, ctx in sites.items()}
-        self.tamper = {self.ids[n]: f for n, f in (tamper or {}).items()}
-        self.inbox: dict[str, Message] = {}
-        self.train_replies: dict[str, list[Message]] = {name: [] for name in sites}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def get_nodes(self) -> list[SimpleNamespace]:
-        return [SimpleNamespace(node_id=i, name=n) for n, i in self.ids.items()]
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink does
-            node = msg.metadata.dst_node_id
-            reply = self.tamper.get(node, lambda m: m)(client_app(msg, self.contexts[node]))
-            if msg.metadata.message_type == "train":
-                name = next(n for n, i in self.ids.items() if i == node)
-                self.train_replies[name].append(reply)
-            self.inbox[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids) -> list[Message]:
-        return [self.inbox.pop(i) for i in message_ids if i in self.inbox]
-
-
 def _site(root: Path, cache: Path, name: str, privacy: dict | None = None) -> Context:
     node = {"graphs-dir": str(cache), "state-dir": str(root / name)}
     if privacy is not None:
         path = root / f"{name}_privacy.toml"
-        path.write_text(tomli_w.dumps({"privacy": privacy}))
-        node[PRIVACY_CONFIG_KEY] = str(path)
+        path.write_text(tomli_w.dumps({"local_dp": privacy}))
+        node["privacy-config"] = str(path)
     return Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
 
 
@@ -81,11 +45,7 @@ def _run(grid: InProcessGrid, run_dir: Path, resume: bool = False, **overrides) 
     overrides = {"federation.local_steps": 1, "federation.poll_interval_s": 0.01, **overrides}
     cfg = load_config(DEBUG, {f"federation.{k}" if "." not in k else k: v
                               for k, v in overrides.items()})  # fmt: skip
-    run_config = {
-        "config-toml": tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)),
-        "run-dir": str(run_dir),
-        "resume": resume,
-    }
+    run_config = submission(cfg, run_dir=run_dir, resume=resume)
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                        run_config=run_config))  # fmt: skip
     return torch.load(run_dir / "final.pt", weights_only=False)["extra"]["federation"]
@@ -126,8 +86,7 @@ def test_bad_updates_are_dropped_and_a_spent_site_stops_while_the_run_completes(
     # that affords exactly one round. The server never asked for local DP.
     rate, sigma = 0.5, 1.0
     budget = (_rdp(sigma, rate, 1) + _rdp(sigma, rate, 2)) / 2
-    privacy_a = {"mode": "local_dp", "sample_rate": rate, "noise_multiplier": sigma,
-                 "max_epsilon": budget}  # fmt: skip
+    privacy_a = {"sample_rate": rate, "noise_multiplier": sigma, "max_epsilon": budget}
     sites = {
         "A": _site(tmp_path, site_caches["A"], "A", privacy_a),
         "B": _site(tmp_path, site_caches["B"], "B"),
@@ -136,7 +95,7 @@ def test_bad_updates_are_dropped_and_a_spent_site_stops_while_the_run_completes(
     grid = InProcessGrid(sites, tamper={"C": _corrupt("nan", "shape", "big")})
     history = _run(
         grid, tmp_path / "run", min_sites=3, min_replies=1, stage2_rounds=2, evaluate_every=0,
-        **{"privacy.max_update_norm": 1e3},
+        **{"privacy.validation.max_update_norm": 1e3},
     )  # fmt: skip
 
     assert [h["round"] for h in history] == [1, 2, 3] and all(h["aggregated"] for h in history)
@@ -184,8 +143,8 @@ def test_central_dp_is_accounted_per_round_and_across_a_resume(site_caches, tmp_
     sigma = 0.5
     # The budget affords 3 rounds: the first run trains 2, the resumed run asks for 2 more.
     budget = (_rdp(sigma, 1.0, 3) + _rdp(sigma, 1.0, 4)) / 2
-    central = {"privacy.mode": "central", "privacy.central_noise_multiplier": sigma,
-               "privacy.central_clip_norm": 0.1, "privacy.max_epsilon": budget}  # fmt: skip
+    central = {"privacy.mode": "central", "privacy.central.noise_multiplier": sigma,
+               "privacy.central.clip_norm": 0.1, "privacy.max_epsilon": budget}  # fmt: skip
     sites = {n: _site(tmp_path, site_caches[n], n) for n in ("A", "B")}
     run_dir = tmp_path / "run"
     first = _run(InProcessGrid(sites), run_dir, min_sites=2, min_replies=2, stage2_rounds=1,

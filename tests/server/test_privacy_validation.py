@@ -10,7 +10,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, PrivacyConfig
+from hmgdm_core.privacy.config import (
+    UNIFORM_WEIGHT_KEY,
+    CentralDP,
+    PrivacyConfig,
+    SecAgg,
+    UpdateValidation,
+)
 from hmgdm_core.privacy.errors import PrivacyError
 from server.privacy import check_compatible, drop_invalid, validate_reply
 
@@ -91,9 +97,8 @@ def test_drop_invalid_keeps_honest_sites_and_logs_each_reason(caplog):
         ),
     ]
     with caplog.at_level(logging.WARNING, logger="server.privacy"):
-        kept, dropped = drop_invalid(
-            {m.metadata.src_node_id: m for m in replies}, REF, PrivacyConfig(max_update_norm=10.0)
-        )
+        privacy = PrivacyConfig(validation=UpdateValidation(max_update_norm=10.0))
+        kept, dropped = drop_invalid({m.metadata.src_node_id: m for m in replies}, REF, privacy)
     assert list(kept) == [1, 5]
     assert sorted(dropped) == [2, 3, 4, 6]
     assert "NaN" in dropped[2] and "[1, 2]" in dropped[3]
@@ -101,16 +106,16 @@ def test_drop_invalid_keeps_honest_sites_and_logs_each_reason(caplog):
     assert sum("dropped" in r.message for r in caplog.records) == 4
 
 
+ON, NORM_5 = SecAgg(enabled=True), UpdateValidation(max_update_norm=5.0)
+ADAPTIVE = CentralDP(adaptive_clipping=True)
+
+
 def test_incompatible_combinations_are_refused_at_start():
     uniform = FedAvg(weighted_by_key=UNIFORM_WEIGHT_KEY)
     cases = [
-        (PrivacyConfig(secure_aggregation=True, max_update_norm=5.0), uniform, "max_update_norm"),
-        (PrivacyConfig(mode="central", secure_aggregation=True), uniform, "client_central"),
-        (
-            PrivacyConfig(mode="client_central", secure_aggregation=True, adaptive_clipping=True),
-            uniform,
-            "adaptive_clipping",
-        ),
+        (PrivacyConfig(secagg=ON, validation=NORM_5), uniform, "max_update_norm"),
+        (PrivacyConfig(mode="central", secagg=ON), uniform, "client_central"),
+        (PrivacyConfig(mode="client_central", secagg=ON, central=ADAPTIVE), uniform, "adaptive"),
         (PrivacyConfig(mode="central"), FedAdam(weighted_by_key=UNIFORM_WEIGHT_KEY), "FedAdam"),
         (PrivacyConfig(mode="client_central"), FedAvg(), "num-examples"),
     ]
@@ -118,7 +123,7 @@ def test_incompatible_combinations_are_refused_at_start():
         with pytest.raises(PrivacyError, match=needle):
             check_compatible(privacy, strategy)
     check_compatible(PrivacyConfig(mode="central"), FedProx(weighted_by_key=UNIFORM_WEIGHT_KEY))
-    check_compatible(PrivacyConfig(mode="client_central", secure_aggregation=True), uniform)
-    check_compatible(PrivacyConfig(mode="local_dp", secure_aggregation=True), FedAvg())
+    check_compatible(PrivacyConfig(mode="client_central", secagg=ON), uniform)
+    check_compatible(PrivacyConfig(mode="local_dp", secagg=ON), FedAvg())
     with pytest.raises(PrivacyError, match="plain"):
-        check_compatible(PrivacyConfig(mode="local_dp", secure_aggregation=True), FedAdam())
+        check_compatible(PrivacyConfig(mode="local_dp", secagg=ON), FedAdam())

@@ -11,10 +11,11 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from hmgdm_core.federation_config import FederationConfig
-from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.config import CentralDP, PrivacyConfig, SecAgg, UpdateValidation
 from hmgdm_core.privacy.errors import PrivacyError
+from server.simulation import simulate
 from server.strategy import load_last_round, make_strategy
-from server.superlink import simulate
+from server.summary import RunFailed
 
 DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
 
@@ -29,19 +30,24 @@ def _rdp(steps: int, sigma: float = 1.0, rate: float = 0.5) -> float:
 @pytest.mark.slow
 def test_secagg_mean_equals_the_plain_mean_and_spent_sites_stop(site_caches, tmp_path):
     """Round 1: three local-DP sites under SecAgg+; round 2: their budget (one DP-SGD step) is
-    spent, each refuses and says why, and the run still completes."""
+    spent, each refuses and says why; with no diffusion round aggregated the run fails."""
     sites, clip, levels, max_weight = 3, 0.5, 2**22, 50.0
-    simulate(
-        site_caches["B"], tmp_path, sites=sites, config=DEBUG_TOML,
-        overrides={
-            "federation.local_steps": 1, "federation.stage1_rounds": 1,
-            "federation.stage2_rounds": 1, "federation.evaluate_every": 0,
-            "privacy.secure_aggregation": True, "privacy.secagg_clipping_range": clip,
-            "privacy.secagg_quantization_range": levels, "privacy.secagg_max_weight": max_weight,
-            "privacy.mode": "local_dp", "privacy.sample_rate": 0.5,
-            "privacy.max_epsilon": (_rdp(1) + _rdp(2)) / 2,
-        },
-    )  # fmt: skip
+    with pytest.raises(
+        RunFailed, match=r"too few aggregated rounds \(diffusion: 0 of 1 run, need 1\)"
+    ):
+        simulate(
+            site_caches["B"], tmp_path, sites=sites, config=DEBUG_TOML,
+            overrides={
+                "federation.local_steps": 1, "federation.stage1_rounds": 1,
+                "federation.stage2_rounds": 1, "federation.evaluate_every": 0,
+                "privacy.secagg.enabled": True, "privacy.secagg.clipping_range": clip,
+                "privacy.secagg.quantization_range": levels,
+                "privacy.secagg.max_weight": max_weight,
+                "privacy.mode": "local_dp", "local_dp.sample_rate": 0.5,
+                "local_dp.max_epsilon": (_rdp(1) + _rdp(2)) / 2,
+            },
+        )  # fmt: skip
+    assert not (tmp_path / "run" / "final.pt").exists()
     assert "SecAgg+ mean of 3 masked updates" in (tmp_path / "run.log").read_text()
     first, second = load_last_round(tmp_path / "run")["history"]
     assert first["aggregated"] and len(first["replied"]) == sites and not first["failed"]
@@ -81,15 +87,17 @@ def test_secagg_mean_equals_the_plain_mean_and_spent_sites_stop(site_caches, tmp
 
 def test_combinations_secagg_cannot_honour_are_refused_with_one_line():
     fed = FederationConfig(min_sites=3, min_replies=2)
-    on = {"secure_aggregation": True}
+    on = {"secagg": SecAgg(enabled=True)}
     cases = [
-        (fed, PrivacyConfig(**on, max_update_norm=5.0), "max_update_norm needs"),
+        (fed, PrivacyConfig(**on, validation=UpdateValidation(max_update_norm=5.0)),
+         "max_update_norm needs"),
         (fed, PrivacyConfig(**on, mode="central"), "mode 'central' clips each site's update"),
-        (fed, PrivacyConfig(**on, mode="client_central", adaptive_clipping=True), "adaptive"),
+        (fed, PrivacyConfig(**on, mode="client_central", central=CentralDP(adaptive_clipping=True)),
+         "adaptive"),
         (FederationConfig(min_sites=3, min_replies=2, strategy="fedadam"), PrivacyConfig(**on),
          "FedAdam needs more"),
         (FederationConfig(min_sites=2, min_replies=1), PrivacyConfig(**on), "min_replies >= 2"),
-        (fed, PrivacyConfig(**on, secagg_quantization_range=2**31), "overflows"),
+        (fed, PrivacyConfig(secagg=SecAgg(enabled=True, quantization_range=2**31)), "overflows"),
     ]  # fmt: skip
     for federation, privacy, needle in cases:
         with pytest.raises(PrivacyError, match=needle) as err:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hmgdm_core.train import load_checkpoint
-from server.superlink import simulate
+from server.simulation import simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,7 +23,7 @@ def test_simulated_hospitals_train_and_report_and_broken_updates_are_dropped(
     final = simulate(
         site_caches["B"], tmp_path, sites=5, config=DEBUG_TOML, faults="2:nan,3:shape,4:huge",
         overrides={"federation.local_steps": 1, "federation.stage2_rounds": 1,
-                   "federation.min_replies": 2, "privacy.max_update_norm": 100.0},
+                   "federation.min_replies": 2, "privacy.validation.max_update_norm": 100.0},
     )  # fmt: skip
     table = capsys.readouterr().out
     assert "federated pretraining: finished" in table and str(final.name) in table

@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny_cache
 from flwr.cli.build import build_fab_from_disk
 
-from server.superlink import CONNECTION, app_dir, flower_bin, flwr_env
+from server.flwr_cli import CONNECTION, app_dir, flower_bin, flwr_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,22 +48,24 @@ def main(grid, context):
     out.mkdir(parents=True, exist_ok=True)
     (out / "replies.json").write_text(json.dumps(replies))
 """
-# Appended to client/app.py in the bundle: runs on import; and the statistics reply leaks the
-# first graph's raw node features.
-EVIL_IMPORT = '\nPath({marker!r}).write_text("FAB code ran at the site")\n'
+# Appended to client/app.py in the bundle: runs on import; and the statistics reply (in
+# client/pretraining.py) leaks the first graph's raw node features.
+EVIL_IMPORT = '\nimport pathlib\npathlib.Path({marker!r}).write_text("FAB code ran at the site")\n'
 HONEST = '"moments": pack_state(feature_moments(graphs)),'
 LEAK = HONEST + ' "raw": pack_state({"x": graphs[0].x}),'
 
 
 def malicious_app(root: Path, marker: Path, version: str | None = None) -> Path:
     """This repository's app with a leaking ClientApp and a probing ServerApp (and `version`)."""
-    src = app_dir()
+    src = app_dir(root.with_name(f"{root.name}-installed"))
     for part in ("client", "server", "hmgdm_core", "configs"):
         shutil.copytree(src / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
-    app = root / "client" / "app.py"
-    code = app.read_text()
+    handlers = root / "client" / "pretraining.py"
+    code = handlers.read_text()
     assert HONEST in code
-    app.write_text(code.replace(HONEST, LEAK) + EVIL_IMPORT.format(marker=str(marker)))
+    handlers.write_text(code.replace(HONEST, LEAK))
+    app = root / "client" / "app.py"
+    app.write_text(app.read_text() + EVIL_IMPORT.format(marker=str(marker)))
     (root / "server" / "probe.py").write_text(PROBE_SERVER)
     pyproject = (src / "pyproject.toml").read_text()
     pyproject = pyproject.replace('serverapp = "server.app:app"', 'serverapp = "server.probe:app"')

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
+from client.flower_env import stop_tree
 from hmgdm_core.downstream.finetune import load_slide_net
 from hmgdm_core.train import load_checkpoint
 from server.downstream import MODEL_NAME, RESULT_NAME
 from server.strategy import load_last_round
-from server.superlink import stop_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,6 +10,7 @@ from flwr.app import Error, Message, RecordDict
 from client.records import SHARED, pack_metrics, pack_state, unpack_state
 from hmgdm_core.exceptions import CheckpointError
 from hmgdm_core.federation_config import FederationConfig, shared_names
+from server.messaging import Replies
 from server.strategy import (
     aggregate_train,
     load_last_round,
@@ -50,7 +51,13 @@ def test_fedavg_is_the_graph_weighted_mean_of_shared_names_only():
     fed = FederationConfig(min_sites=3, min_replies=3)
     replies = {n: _reply(n, states[n], names, counts[n]) for n in states}
     sent = pack_state(Tiny(0).state_dict(), names)
-    out = aggregate_train(make_strategy(fed), 1, replies, list(states), fed.min_replies, sent=sent)
+    out = aggregate_train(
+        make_strategy(fed),
+        1,
+        Replies.sort("train", list(states), replies),
+        fed.min_replies,
+        sent=sent,
+    )
     assert out.aggregated and out.replied == [11, 12, 13] and not out.failed
     got = unpack_state(out.arrays)
     assert set(got) == set(names)
@@ -65,12 +72,16 @@ def test_a_round_below_min_replies_is_not_aggregated_and_says_who_failed():
     fed = FederationConfig(min_sites=3, min_replies=2)
     replies = {1: _reply(1, state, list(state), 4), 2: _error(2)}
     sent = pack_state(Tiny(1).state_dict())
-    out = aggregate_train(make_strategy(fed), 1, replies, [1, 2, 3], fed.min_replies, sent=sent)
+    out = aggregate_train(
+        make_strategy(fed), 1, Replies.sort("train", [1, 2, 3], replies), fed.min_replies, sent=sent
+    )
     assert not out.aggregated and out.arrays is None
     assert out.replied == [1]
     assert out.failed == {2: "site crashed", 3: "no reply before the round timeout"}
     # The same replies with a lower minimum are aggregated (from the one good reply).
-    out = aggregate_train(make_strategy(fed), 1, replies, [1, 2, 3], 1, sent=sent)
+    out = aggregate_train(
+        make_strategy(fed), 1, Replies.sort("train", [1, 2, 3], replies), 1, sent=sent
+    )
     assert out.aggregated
 
 
@@ -90,16 +101,22 @@ def test_fedadam_state_survives_a_restart():
 
     straight = make_strategy(fed)
     sent = configure(straight, glob)
-    mid = unpack_state(aggregate_train(straight, 1, rounds[0], [1, 2], 2, sent=sent).arrays)
+    mid = unpack_state(
+        aggregate_train(straight, 1, Replies.sort("train", [1, 2], rounds[0]), 2, sent=sent).arrays
+    )
     saved = strategy_state(straight)
     assert set(saved) == {"m_t", "v_t"}
     sent = configure(straight, mid)
-    want = unpack_state(aggregate_train(straight, 2, rounds[1], [1, 2], 2, sent=sent).arrays)
+    want = unpack_state(
+        aggregate_train(straight, 2, Replies.sort("train", [1, 2], rounds[1]), 2, sent=sent).arrays
+    )
 
     resumed = make_strategy(fed)
     restore_strategy_state(resumed, saved)
     sent = configure(resumed, mid)
-    got = unpack_state(aggregate_train(resumed, 2, rounds[1], [1, 2], 2, sent=sent).arrays)
+    got = unpack_state(
+        aggregate_train(resumed, 2, Replies.sort("train", [1, 2], rounds[1]), 2, sent=sent).arrays
+    )
     for k in names:
         torch.testing.assert_close(got[k], want[k])
     with pytest.raises(CheckpointError, match="another strategy"):

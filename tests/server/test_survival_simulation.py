@@ -13,7 +13,7 @@ from conftest import DATA
 
 from hmgdm_core.downstream.concordance import PairCounts, linear_risk, pair_counts
 from hmgdm_core.downstream.tcga import COVARIATES, group_sites, read_tcga_survival, site_arrays
-from server.survival import simulate_clinical_survival
+from server.simulation import simulate_clinical_survival
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BLCA = DATA / "tcga_survival" / "tcga_blca_survival.csv"

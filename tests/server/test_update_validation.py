@@ -16,8 +16,9 @@ from flwr.serverapp.strategy import (
 
 from client.records import SHARED, pack_metrics, pack_state
 from hmgdm_core.federation_config import FederationConfig
-from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, PrivacyConfig
+from hmgdm_core.privacy.config import UNIFORM_WEIGHT_KEY, CentralDP, PrivacyConfig, UpdateValidation
 from hmgdm_core.privacy.errors import PrivacyError
+from server.messaging import Replies
 from server.strategy import aggregate_train, make_strategy, restore_strategy_state, strategy_state
 
 FED = FederationConfig(min_sites=2, min_replies=2)
@@ -62,10 +63,10 @@ def test_nan_wrong_shape_oversized_and_bad_weights_are_dropped_and_honest_sites_
         6: _reply(6, _state(6), MetricRecord({"loss": 0.1})),  # no num-examples
         7: _reply(7, _state(7), MetricRecord({"num-examples": float("nan")})),
     }
-    privacy = PrivacyConfig(max_update_norm=100.0)
+    privacy = PrivacyConfig(validation=UpdateValidation(max_update_norm=100.0))
     sent = pack_state(_state(0))
-    out = aggregate_train(make_strategy(FED, privacy), 1, {**_honest(local_dp=True), **bad},
-                          [1, 2, 3, 4, 5, 6, 7], 2, sent=sent, privacy=privacy)  # fmt: skip
+    replies = Replies.sort("train", [1, 2, 3, 4, 5, 6, 7], {**_honest(local_dp=True), **bad})
+    out = aggregate_train(make_strategy(FED, privacy), 1, replies, 2, sent=sent, privacy=privacy)
     assert out.aggregated and out.replied == [1, 2] and not out.failed
     assert "holds NaN" in out.dropped[3]
     assert "'encoder.weight' is [3, 2], expected [2, 3]" in out.dropped[4]
@@ -81,7 +82,9 @@ def test_dp_off_gives_bit_identical_aggregates_to_the_plain_strategy(strategy):
     fed = FederationConfig(min_sites=2, min_replies=2, strategy=strategy)
     ours = make_strategy(fed, PrivacyConfig())
     assert type(ours) is (FedProx if strategy == "fedprox" else FedAvg)
-    out = aggregate_train(ours, 1, _honest(), [1, 2], 2, sent=pack_state(_state(0)))
+    out = aggregate_train(
+        ours, 1, Replies.sort("train", [1, 2], _honest()), 2, sent=pack_state(_state(0))
+    )
     plain = FedProx() if strategy == "fedprox" else FedAvg()
     arrays, metrics = plain.aggregate_train(1, list(_honest().values()))
     assert _bytes(out.arrays) == _bytes(arrays)
@@ -93,7 +96,8 @@ def test_central_modes_get_flowers_wrappers_and_impossible_settings_are_refused(
     assert isinstance(central, DifferentialPrivacyServerSideFixedClipping)
     assert central.strategy.weighted_by_key == UNIFORM_WEIGHT_KEY
     assert central.num_sampled_clients == FED.min_sites
-    adaptive = make_strategy(FED, PrivacyConfig(mode="client_central", adaptive_clipping=True))
+    adaptive_clipping = CentralDP(adaptive_clipping=True)
+    adaptive = make_strategy(FED, PrivacyConfig(mode="client_central", central=adaptive_clipping))
     assert isinstance(adaptive, DifferentialPrivacyClientSideAdaptiveClipping)
     fedadam = FederationConfig(min_sites=2, min_replies=2, strategy="fedadam")
     with pytest.raises(PrivacyError, match="plain averaging"):
@@ -101,7 +105,8 @@ def test_central_modes_get_flowers_wrappers_and_impossible_settings_are_refused(
 
 
 def test_central_mode_refuses_a_site_that_sends_no_equal_weight():
-    strategy = make_strategy(FED, PrivacyConfig(mode="central", central_noise_multiplier=1e-6))
+    tiny_noise = CentralDP(noise_multiplier=1e-6)
+    strategy = make_strategy(FED, PrivacyConfig(mode="central", central=tiny_noise))
     sent = pack_state(_state(0))
     strategy.current_arrays = (
         sent  # the server-side wrapper clips against what configure_train sent
@@ -109,14 +114,14 @@ def test_central_mode_refuses_a_site_that_sends_no_equal_weight():
     replies = {n: _reply(n, _state(n), MetricRecord({"num-examples": 1, UNIFORM_WEIGHT_KEY: 1}))
                for n in (1, 2)}  # fmt: skip
     replies[3] = _reply(3, _state(3), pack_metrics({}, 100))  # tries to outweigh the others
-    out = aggregate_train(strategy, 1, replies, [1, 2, 3], 2, sent=sent,
+    out = aggregate_train(strategy, 1, Replies.sort("train", [1, 2, 3], replies), 2, sent=sent,
                           privacy=PrivacyConfig(mode="central"))  # fmt: skip
     assert out.replied == [1, 2] and UNIFORM_WEIGHT_KEY in out.dropped[3]
     assert out.aggregated
 
 
 def test_adaptive_clipping_norm_survives_a_restart():
-    privacy = PrivacyConfig(mode="client_central", adaptive_clipping=True)
+    privacy = PrivacyConfig(mode="client_central", central=CentralDP(adaptive_clipping=True))
     strategy = make_strategy(FED, privacy)
     strategy.clipping_norm = 0.37  # what adaptive clipping has learnt so far
     resumed = make_strategy(FED, privacy)

@@ -10,11 +10,11 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from hmgdm_core.privacy.accountant import epsilon
-from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger, spend
 
-CFG = PrivacyConfig(mode="local_dp", noise_multiplier=1.2, clip_norm=0.5, patients_per_step=5)
+CFG = LocalDP(noise_multiplier=1.2, clip_norm=0.5, patients_per_step=5)
 
 
 def test_ledger_epsilon_equals_opacus_after_rounds_and_survives_reload(tmp_path):
@@ -50,7 +50,7 @@ def test_budget_stops_at_the_first_round_that_would_exceed_it(tmp_path):
         after[3]
     )
     assert PrivacyLedger.load(path).rounds == 3
-    assert not PrivacyLedger.open(path, CFG, num_patients=50).would_exceed(steps)  # no max set
+    PrivacyLedger.open(path, CFG, num_patients=50).check_budget(steps)  # no max set: never refused
 
 
 def test_changing_delta_or_accountant_of_an_existing_ledger_is_refused(tmp_path):
@@ -84,12 +84,12 @@ def test_a_round_is_in_the_ledger_before_it_trains_and_leaves_it_if_training_fai
 RACER = """
 import sys, time
 from pathlib import Path
-from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
 from hmgdm_core.privacy.ledger import spend
 
 ledger, go = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = PrivacyConfig.model_validate_json(sys.argv[3])
+cfg = LocalDP.model_validate_json(sys.argv[3])
 print("ready", flush=True)
 while not go.exists():
     time.sleep(0.005)

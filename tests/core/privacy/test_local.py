@@ -9,8 +9,9 @@ from opacus.accountants import RDPAccountant
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments
-from hmgdm_core.privacy.config import PrivacyConfig
-from hmgdm_core.privacy.errors import PrivacyBudgetExhausted, PrivacyError
+from hmgdm_core.privacy.accountant import Mechanism
+from hmgdm_core.privacy.config import LocalDP
+from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from hmgdm_core.privacy.local import private_round, steps_for
 from hmgdm_core.studies.synthetic import random_region_graph
@@ -31,7 +32,7 @@ def _setup():
 
 def test_private_round_trains_the_model_and_records_opacus_epsilon(tmp_path):
     graphs, cfg, model, patients = _setup()
-    privacy = PrivacyConfig(mode="local_dp", patients_per_step=1.5, noise_seed=0)
+    privacy = LocalDP(patients_per_step=1.5, noise_seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = make_optimizer(model, cfg.train, "diffusion")
     metrics, ledger = private_round(
@@ -62,7 +63,7 @@ def test_private_round_trains_the_model_and_records_opacus_epsilon(tmp_path):
 
 def test_exhausted_budget_refuses_before_touching_the_model(tmp_path):
     graphs, cfg, model, patients = _setup()
-    privacy = PrivacyConfig(mode="local_dp", patients_per_step=1.5, noise_seed=0, max_epsilon=0.5)
+    privacy = LocalDP(patients_per_step=1.5, noise_seed=0, max_epsilon=0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PrivacyBudgetExhausted):
         private_round(
@@ -83,22 +84,8 @@ def test_exhausted_budget_refuses_before_touching_the_model(tmp_path):
     assert not (tmp_path / LEDGER_NAME).exists()
 
 
-def test_private_round_needs_local_dp_mode_and_epochs_convert_to_steps(tmp_path):
-    graphs, cfg, model, _ = _setup()
-    with pytest.raises(PrivacyError, match="local_dp"):
-        private_round(
-            model,
-            make_optimizer(model, cfg.train, "diffusion"),
-            graphs,
-            cfg.train,
-            PrivacyConfig(mode="central"),
-            ledger_path=tmp_path / LEDGER_NAME,
-            server_round=1,
-            stage="diffusion",
-            steps=1,
-            device=CPU,
-            generator=torch.Generator(),
-        )
-    privacy = PrivacyConfig(mode="local_dp", patients_per_step=4)
-    assert steps_for(privacy, 40, steps=None, epochs=2.0) == 20
-    assert steps_for(privacy, 40, steps=7, epochs=None) == 7
+def test_epochs_convert_to_steps():
+    privacy = LocalDP(patients_per_step=4)
+    mechanism = Mechanism(privacy.noise_multiplier, privacy.clip_norm, privacy.rate_for(40))
+    assert steps_for(mechanism, steps=None, epochs=2.0) == 20
+    assert steps_for(mechanism, steps=7, epochs=None) == 7

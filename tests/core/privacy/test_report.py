@@ -7,13 +7,13 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from client.privacy import privacy_report
-from hmgdm_core.privacy.config import PrivacyConfig
+from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from hmgdm_core.privacy.report import ledger_tables
 
 
 def _ledger(tmp_path) -> PrivacyLedger:
-    cfg = PrivacyConfig(mode="local_dp", max_epsilon=8.0, patients_per_step=2)
+    cfg = LocalDP(max_epsilon=8.0, patients_per_step=2)
     ledger = PrivacyLedger.open(tmp_path / LEDGER_NAME, cfg, num_patients=20)
     ledger = ledger.record(1, 30, patients=20).record(2, 30, patients=20)
     ledger.save(tmp_path / LEDGER_NAME)

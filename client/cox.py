@@ -15,34 +15,29 @@ from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import app
 from client.records import COX_ARRAYS as ARRAYS
 from client.records import pack_arrays, unpack_float64
+from client.site import Site
 from hmgdm_core.exceptions import LabelError
 
 if TYPE_CHECKING:
-    from hmgdm_core.downstream.fedcox import Site
+    from hmgdm_core.downstream.fedcox import SiteRows
 
-CLINICAL_KEY = "clinical"  # node config: this site's clinical table (TCGA survival CSV format)
-SIM_CLINICAL_DIR = "sim-clinical-dir"  # run config: site-K.csv per virtual site K
 PHASES = ("moments", "newton", "evaluate")
 
 
-def clinical_path(context: Context) -> tuple[Path, int | None]:
-    """This site's clinical table and, in simulation, its partition id."""
-    node, run = context.node_config, context.run_config
-    if CLINICAL_KEY in node:
-        return Path(str(node[CLINICAL_KEY])), None
-    if run.get(SIM_CLINICAL_DIR):
-        pid = int(node["partition-id"])
-        return Path(str(run[SIM_CLINICAL_DIR])) / f"site-{pid}.csv", pid
-    raise LabelError(
-        "this site has no clinical table: start it with `hmgdm-client join --clinical table.csv`"
-    )
+def clinical_path(site: Site) -> Path:
+    """This site's clinical table."""
+    if site.clinical is None:
+        raise LabelError(
+            "this site has no clinical table: start it with "
+            "`hmgdm-client join --clinical table.csv`"
+        )
+    return site.clinical
 
 
 @functools.lru_cache(maxsize=4)
-def site_rows(path: Path) -> Site:
+def site_rows(path: Path) -> SiteRows:
     """(covariates (n, d), time (n,), event (n,)) of the site's table, one row per patient."""
     from hmgdm_core.downstream.tcga import COVARIATES, read_tcga_survival
 
@@ -56,7 +51,6 @@ def site_rows(path: Path) -> Site:
     )
 
 
-@app.query("cox")
 def cox(msg: Message, context: Context) -> Message:
     """One phase of the federated Cox exchange on this site's own patients."""
     # Imported here, not with the module: every training message's fresh process imports this
@@ -68,11 +62,11 @@ def cox(msg: Message, context: Context) -> Message:
     phase = str(config["phase"])
     if phase not in PHASES:
         raise ValueError(f"unknown query.cox phase '{phase}'")
-    path, pid = clinical_path(context)
-    x, time, event = site_rows(path)
+    site = Site.from_context(context)
+    x, time, event = site_rows(clinical_path(site))
     metrics = MetricRecord({"patients": len(time), "events": int(event.sum())})
-    if pid is not None:
-        metrics["partition-id"] = pid  # names the virtual site in the server's report
+    if site.partition is not None:
+        metrics["partition-id"] = site.partition[0]  # names the virtual site in the report
     if phase == "moments":
         m = site_moments(x)
         arrays = pack_arrays({"total": m.total, "total_sq": m.total_sq})

@@ -12,7 +12,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from client.app import app
 from client.records import COX_ARRAYS as ARRAYS
 from client.records import QUERY_COX
-from client.survival import CLINICAL_KEY
 from hmgdm_core.downstream.concordance import linear_risk, pair_counts
 from hmgdm_core.downstream.fedcox import site_cox_stats
 from hmgdm_core.downstream.tcga import COVARIATES, read_tcga_survival
@@ -43,7 +42,7 @@ def tables(tmp_path_factory) -> dict[str, tuple]:
 
 def ask(path, phase: str, **arrays: np.ndarray) -> Message:
     ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
-                  node_config={CLINICAL_KEY: str(path)})  # fmt: skip
+                  node_config={"clinical": str(path)})  # fmt: skip
     content = {"config": ConfigRecord({"phase": phase, "ties": "efron", "bin-width": 1.0})}
     if arrays:
         content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})

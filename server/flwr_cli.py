@@ -1,0 +1,186 @@
+"""The operator's `flwr` CLI pointed at our SuperLink: its config file and environment, run
+submission, and the register of SuperNode keys that may join.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from client.flower_env import flower_env
+from hmgdm_core.atomic import atomic_write
+from hmgdm_core.exceptions import HmgdmError
+
+CONNECTION = "hmgdm"  # the SuperLink connection name written to $FLWR_HOME/config.toml
+
+
+# One CPU per virtual site (Flower's default of 2 serialises sites on small machines).
+DEFAULT_SIM_BACKEND = {"client-resources": {"num-cpus": 1, "num-gpus": 0.0}}
+
+
+def write_flower_config(
+    flwr_home: Path,
+    address: str,
+    root_cert: Path | None,
+    sim_sites: int | None = None,
+    sim_backend: dict | None = None,
+) -> Path:
+    """Point `flwr` (run, log, supernode register) at our SuperLink as its default connection.
+
+    With `sim_sites`, the connection is a simulation federation of that many virtual sites on
+    the Ray backend configured by `sim_backend`: "client-resources" (num-cpus, an integer in
+    Flower 1.42, and num-gpus, a fraction packs several sites on one card) per virtual site, and
+    optionally "init-args" (num-cpus / num-gpus Ray may use here). Ray runs as many sites at
+    once as fit; that, not the number of sites, bounds memory.
+    """
+    import tomli_w
+
+    conn: dict[str, object] = {"address": address}
+    if sim_sites:
+        conn["options"] = {
+            "num-supernodes": sim_sites,
+            "backend": sim_backend or DEFAULT_SIM_BACKEND,
+        }
+    if root_cert is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(Path(root_cert).resolve())
+    doc = {"superlink": {"default": CONNECTION, CONNECTION: conn}}
+    flwr_home = Path(flwr_home)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return atomic_write(flwr_home / "config.toml", lambda p: p.write_text(tomli_w.dumps(doc)))
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for `flwr` and Flower processes: ours (see flower_env) with our FLWR_HOME."""
+    return flower_env() | {"FLWR_HOME": str(Path(flwr_home).resolve())}
+
+
+def flower_bin(name: str) -> str:
+    """A Flower console script from this interpreter's environment (not whatever is on PATH)."""
+    path = Path(sys.executable).with_name(name)
+    return str(path) if path.exists() else name
+
+
+def flwr_cli(flwr_home: Path, *args: str, timeout: float = 120.0) -> dict:
+    """Run `flwr ARGS --format json` against our connection and return its JSON answer."""
+    cmd = [flower_bin("flwr"), *args, "--format", "json"]
+    res = subprocess.run(
+        cmd, env=flwr_env(flwr_home), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    # With --format json, flwr prints one JSON object on stdout, also for failures.
+    try:
+        answer = json.loads(res.stdout[res.stdout.index("{") :])
+    except ValueError:
+        answer = {"success": False, "error-message": (res.stderr or res.stdout).strip()}
+    if res.returncode != 0 or not answer.get("success", True):
+        msg = answer.get("error-message") or (res.stderr or res.stdout).strip()
+        raise HmgdmError(f"flwr {args[0]} {args[1] if len(args) > 1 else ''} failed: {msg}")
+    return answer
+
+
+def register_site(flwr_home: Path, public_key: Path, name: str | None = None) -> int:
+    """Allow the SuperNode holding `public_key`'s private half to join; returns its node id."""
+    if not Path(public_key).is_file():
+        raise HmgdmError(f"{public_key}: public key not found (create it with hmgdm-client keygen)")
+    args = ["supernode", "register", str(public_key), CONNECTION]
+    if name:
+        args += ["--name", name]
+    return int(flwr_cli(flwr_home, *args)["node-id"])
+
+
+def list_sites(flwr_home: Path) -> list[dict]:
+    """Registered SuperNodes with their status as the SuperLink reports them."""
+    return list(flwr_cli(flwr_home, "supernode", "list", CONNECTION).get("nodes", []))
+
+
+def wait_for_online(flwr_home: Path, minimum: int, timeout: float, poll: float = 1.0) -> int:
+    """Block until `minimum` registered sites are online; a clear error after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            online = sum(1 for n in list_sites(flwr_home) if n.get("status") == "online")
+        except HmgdmError as err:
+            # A SuperLink that just started may accept connections before its API answers.
+            if "unavailable" not in str(err) or time.monotonic() > deadline:
+                raise
+            online = 0
+        if online >= minimum:
+            return online
+        if time.monotonic() > deadline:
+            raise HmgdmError(
+                f"only {online} of the required {minimum} sites came online within "
+                f"{timeout:.0f} s; are they registered (`hmgdm-server sites add`) and joined?"
+            )
+        time.sleep(poll)
+
+
+APP_PACKAGES = ("client", "server", "hmgdm_core")
+
+
+def app_dir(work_dir: Path) -> Path:
+    """The Flower app to run: this checkout, or, for an installed wheel, WORK_DIR/app staged
+    from the installed packages and the app definition the wheel carries (the same files, so
+    the same app bundle as a checkout of this version)."""
+    root = Path(__file__).resolve().parent.parent
+    if _flower_app(root / "pyproject.toml"):
+        return root
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("hmgdm")
+    except PackageNotFoundError:
+        raise HmgdmError(f"{root}: hmgdm is neither a checkout nor installed") from None
+    data_dirs = (("share", "hmgdm"), ("hmgdm", "configs"))
+    shared = [
+        Path(str(dist.locate_file(f)))
+        for f in dist.files or []
+        if Path(str(f)).parts[-3:-1] in data_dirs
+    ]
+    project = next((p for p in shared if p.name == "pyproject.toml"), None)
+    if project is None or not _flower_app(project):
+        raise HmgdmError(f"{dist.locate_file('')}: the installed hmgdm carries no Flower app")
+    stage = Path(work_dir) / "app"
+    shutil.rmtree(stage, ignore_errors=True)
+    for package in APP_PACKAGES:
+        shutil.copytree(root / package, stage / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    (stage / "configs").mkdir()
+    for path in shared:
+        shutil.copy(path, stage / ("configs" if path.parent.name == "configs" else "") / path.name)
+    return stage
+
+
+def _flower_app(pyproject: Path) -> bool:
+    return pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text(errors="ignore")
+
+
+def app_fab_hash(work_dir: Path) -> str:
+    """sha256 of the app bundle (FAB) `flwr run` builds from `app_dir`; each site logs the hash
+    of every run it serves (and refuses a bundle of another app or version by it)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(app_dir(work_dir))).hexdigest()
+
+
+def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.Popen:
+    """`flwr run` of this app with `run_config`, streaming its logs on the returned stdout."""
+    import tomli_w
+
+    path = Path(work_dir) / "run_config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(run_config))
+    cmd = [flower_bin("flwr"), "run", str(app_dir(work_dir)), CONNECTION, "--run-config", str(path)]
+    return subprocess.Popen(
+        [*cmd, "--stream"],
+        env=flwr_env(flwr_home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
