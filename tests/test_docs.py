@@ -420,7 +420,7 @@ def test_operator_guide_runs(tmp_path, data_dir):
     assert {path[1:] for path in ran} >= {
         ("info",), ("certs",), ("certs", "renew"), ("build-graphs",)
     }  # fmt: skip
-    assert (tmp_path / "tls" / "server.pem.old").is_file()  # renewed, same host (below)
+    assert (tmp_path / "ca" / "server.pem.old").is_file()  # renewed where ca.key is, same host
     assert "flwr 1.42" in ran[("hmgdm-server", "info")]
     cert = x509.load_pem_x509_certificate((tmp_path / "ca" / "server.pem").read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
