@@ -34,14 +34,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job end to end on the bundled real data (read in place, never copied):
-# a whole-slide image to tile graphs, then 3 simulated hospitals pretrain H-MGDM together on
+# a whole-slide image to tile graphs (QC pictures, its entities as QuPath GeoJSON), then 3 simulated hospitals pretrain H-MGDM together on
 # real lung H&E images and the federated encoder is evaluated with a patient-grouped probe,
 # fine-tuned federated (head only) and explained on one image; then federated survival on
 # real TCGA-LUSC clinical data, tissue source sites as hospitals.
 demo: setup
 	$(BIN)/hmgdm-client build-graphs $(DATA)/slides/cmu-1-small-region.svs --out $(DEMO_OUT)/wsi
+	$(BIN)/hmgdm-client export cmu-1-small-region --graphs $(DEMO_OUT)/wsi \
+		--out $(DEMO_OUT)/wsi/cmu-1-small-region.geojson --color-by "Haematoxylin OD mean" \
+		--png $(DEMO_OUT)/wsi/cmu-1-small-region_geojson.png
+	@# 1,800 small tiles: QC pictures of each would cost minutes and ~300 MB; the WSI has them.
 	$(BIN)/hmgdm-client build-graphs $(DATA)/lc25000_lung --mpp 1.0 --config configs/demo.toml \
-		--out $(DEMO_OUT)/lung --workers 2
+		--out $(DEMO_OUT)/lung --workers 2 --no-qc
 	$(BIN)/hmgdm-server simulate --graphs $(DEMO_OUT)/lung --sites 3 --config configs/demo.toml \
 		--out $(DEMO_OUT)/federated
 	$(BIN)/hmgdm-client evaluate classify --graphs $(DEMO_OUT)/lung \
@@ -51,7 +55,7 @@ demo: setup
 		--checkpoint $(DEMO_OUT)/federated/run/final.pt --task classification --sites 3 \
 		--config configs/demo.toml --id-column path --patient-column group_id \
 		--out $(DEMO_OUT)/finetune_lung
-	$(BIN)/hmgdm-client explain lungaca1000 --graphs $(DEMO_OUT)/lung \
+	$(BIN)/hmgdm-client explain lung_aca/lungaca1000 --graphs $(DEMO_OUT)/lung \
 		--checkpoint $(DEMO_OUT)/finetune_lung/run/finetuned.pt --out $(DEMO_OUT)/explain/lungaca1000.png
 	$(BIN)/hmgdm-server survival-clinical $(DATA)/tcga_survival/tcga_lusc_survival.csv \
 		--out $(DEMO_OUT)/survival_lusc
@@ -63,6 +67,8 @@ readme-images: demo
 	cp $(DEMO_OUT)/eval_lung/confusion.png docs/img/lc25000_confusion.png
 	cp $(DEMO_OUT)/survival_lusc/run/km.png docs/img/tcga_lusc_km.png
 	cp $(DEMO_OUT)/explain/lungaca1000.png docs/img/lc25000_explain.png
+	cp $(DEMO_OUT)/wsi/qc/cmu-1-small-region.png docs/img/cmu_qc.png
+	cp $(DEMO_OUT)/wsi/cmu-1-small-region_geojson.png docs/img/cmu_geojson.png
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -120,7 +120,8 @@ def classify(
     trust_checkpoint: bool = TRUST_CHECKPOINT,
 ) -> None:
     """Linear probe (logistic regression) on frozen slide embeddings, or fine-tuning: accuracy,
-    macro-F1, balanced accuracy and macro AUC per fold, and a confusion matrix."""
+    macro-F1, balanced accuracy and macro AUC per fold, out-of-fold predictions per slide, a
+    confusion matrix and ROC curves."""
 
     def go() -> None:
         from hmgdm_core.downstream.classify import ProbeCV
@@ -142,7 +143,7 @@ def classify(
         )
         probe = ProbeCV(cfg) if method == "probe" else FinetuneCV(ckpt.model, ckpt.cfg, cfg)
         probe.fit(x, lab.table["label"].to_numpy(), lab.groups)
-        files = probe.write(out)
+        files = probe.write(out, lab.table["slide_id"])
         m = probe.metrics_
         console.print(
             f"{len(x)} slides, {cfg.folds} folds: accuracy {_pm(m['accuracy'])}, "
@@ -183,7 +184,7 @@ def survival(
         t = lab.table
         cv = SurvivalCV(cfg) if method == "probe" else DeepCoxCV(ckpt.model, ckpt.cfg, cfg)
         cv.fit(x, t["time"].to_numpy(), t["event"].to_numpy(), lab.groups)
-        files = cv.write(out)
+        files = cv.write(out, t["slide_id"])
         m = cv.metrics_
         console.print(
             f"{len(x)} slides: C-index {_pm(m['cindex'])} (pooled pairs {m['cindex_pooled']:.3f}), "

@@ -12,8 +12,9 @@ def build_graphs(
         ...,
         metavar="SLIDE_OR_DIR...",
         show_default=False,
-        help="Slides (.svs .ndpi .mrxs .tif ...) or images (.png .jpg .tif), or directories "
-        "searched recursively for them.",
+        help="Slides (.svs .ndpi .mrxs .dcm .tif ...) or images (.png .jpg .tif), directories "
+        "searched recursively for them (slide id = path below the directory, without suffix), "
+        "or a slides.csv with columns slide_id,path[,mpp].",
     ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Cache directory: graphs/<slide_id>.pt and manifest.csv go here."
@@ -31,10 +32,16 @@ def build_graphs(
         "--mpp",
         min=0.01,
         help="Microns per pixel of the inputs, for images that do not record it (plain PNG/JPEG). "
-        "Overrides the value stored in a slide.",
+        "Overrides the value stored in a slide; an mpp in a slides.csv overrides this.",
     ),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Slides built in parallel."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    qc: bool = typer.Option(
+        True,
+        "--qc/--no-qc",
+        help="Draw OUT/qc/<slide_id>.png per slide (tissue outline, kept and dropped tiles, "
+        "entities per tile) and OUT/qc/contact_sheet.png.",
+    ),
 ) -> None:
     """Build entity graphs (one per tissue tile) from slides; slides already built are skipped.
 
@@ -53,7 +60,10 @@ def build_graphs(
         console.print(f"[red]error[/red] {err}")
         raise typer.Exit(2) from None
     try:
-        results = run(inputs, out, cfg, mpp=mpp, workers=workers, show_progress=progress)
+        results = run(inputs, out, cfg, mpp=mpp, workers=workers, show_progress=progress, qc=qc)
+    except HmgdmError as err:
+        console.print(f"[red]error[/red] {err}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: finished slides are kept; rerun to resume")
         raise typer.Exit(130) from None

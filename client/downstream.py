@@ -141,8 +141,13 @@ def finetune(msg: Message, context: Context) -> Message:
 
 def evaluate_downstream(msg: Message, context: Context) -> Message:
     """The global head on this site's held-out patients: classification metrics, or the
-    concordance pair counts of the site's own patients (pooled by summing at the server)."""
-    from hmgdm_core.downstream.classify import classification_metrics
+    concordance pair counts of the site's own patients (pooled by summing at the server).
+    Writes the per-slide predictions (and ROC curves) to the site's own state directory."""
+    from hmgdm_core.downstream.classify import (
+        classification_metrics,
+        predictions_table,
+        write_predictions,
+    )
     from hmgdm_core.downstream.concordance import pair_counts
     from hmgdm_core.downstream.finetune import predict
 
@@ -150,12 +155,23 @@ def evaluate_downstream(msg: Message, context: Context) -> Message:
     test = cohort.test
     out = predict(net, [cohort.bags[i] for i in test])
     y = cohort.target(task)[test]
+    rows = cohort.labels.table.iloc[test]
+    site_dir = Site.from_context(context).state / "downstream" / f"run-{context.run_id}"
     if task.kind == "classification":
         proba = torch.softmax(out, dim=1).double().numpy()
         metrics = classification_metrics(y, proba, np.arange(len(task.classes)))
         metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
+        classes = np.asarray(task.classes)
+        columns = {f"p_{c}": proba[:, k] for k, c in enumerate(classes)}
+        columns = {"truth": classes[y], "prediction": classes[proba.argmax(1)], **columns}
     else:
-        counts = pair_counts(y[:, 0], out[:, 0].double().numpy(), y[:, 1])
+        risk = out[:, 0].double().numpy()
+        counts = pair_counts(y[:, 0], risk, y[:, 1])
         metrics = {**vars(counts), "events": float(y[:, 1].sum())}
+        classes, columns = None, {"time": y[:, 0], "event": y[:, 1].astype(int), "risk": risk}
+    # Per-slide predictions stay on this site's disk, for its own pathologists; only the
+    # scalar metrics above are sent.
+    table = predictions_table(rows["slide_id"], rows["patient_id"], "held-out", **columns)
+    write_predictions(site_dir, table, classes)
     reply = RecordDict({"metrics": pack_metrics(metrics, len(test))})
     return Message(content=reply, reply_to=msg)

@@ -50,7 +50,7 @@ def patient_table(path: Path | None, graphs: Iterable) -> dict[str, str]:
     """slide_id -> patient_id for local DP; without a table each slide is its own patient."""
     from flwr.common import log
 
-    from hmgdm_core.privacy.patients import read_patients, unmapped
+    from hmgdm_core.privacy.patients import for_slides, read_patients, unmapped
 
     slides = {str(g.slide_id) for g in graphs}
     if path is None:
@@ -62,7 +62,7 @@ def patient_table(path: Path | None, graphs: Iterable) -> dict[str, str]:
             len(slides),
         )
         return {}
-    table = read_patients(path)
+    table = for_slides(read_patients(path), slides)
     if missing := unmapped(slides, table):
         log(
             WARNING,

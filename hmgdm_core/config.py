@@ -16,7 +16,7 @@ from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.model.config import DiffusionConfig, ModelConfig, TrainConfig
 from hmgdm_core.privacy.config import LocalDP, PrivacyConfig
-from hmgdm_core.section import Section
+from hmgdm_core.section import Section, hash_values
 
 
 class TissueConfig(Section):
@@ -50,7 +50,18 @@ class GraphConfig(Section):
         False, description="store an instance window per edge (triples the cache size)"
     )
     cnn_weights: Path | None = Field(None, description="local torchvision weights for CNN features")
+    stain_norm: Literal["none", "macenko"] = Field(
+        "none",
+        description="stain normalisation before entities are found: macenko = each slide's H&E "
+        "stains (estimated on its tissue) mapped onto a reference H&E",
+    )
     tissue: TissueConfig = Field(TissueConfig(), description="tissue detection ([graph.tissue])")
+
+    def stable_hash(self) -> str:
+        # Without normalisation the hash is the one from before the option existed, so caches
+        # built then are not rebuilt.
+        exclude = {"stain_norm"} if self.stain_norm == "none" else set()
+        return hash_values(self.model_dump(mode="json", exclude=exclude))
 
 
 class HmgdmConfig(Section):

@@ -119,6 +119,28 @@ def sample_region(g: Data, max_nodes: int, generator: torch.Generator) -> Data:
     return g.subgraph(keep)
 
 
-def make_batch(graphs: Sequence[Data], max_nodes: int, generator: torch.Generator) -> Batch:
-    """One PyG batch, each graph bounded to `max_nodes` so memory stays fixed."""
-    return Batch.from_data_list([sample_region(g, max_nodes, generator) for g in graphs])
+def make_batch(
+    graphs: Sequence[Data],
+    max_nodes: int,
+    generator: torch.Generator,
+    *,
+    stain_jitter: float = 0.0,
+) -> Batch:
+    """One PyG batch, each graph bounded to `max_nodes` so memory stays fixed.
+
+    `stain_jitter` > 0 perturbs the instance windows' H&E stains (`stain.hed_jitter`, scale and
+    shift of that size), one draw per graph: a tile is one staining.
+    """
+    batch = Batch.from_data_list([sample_region(g, max_nodes, generator) for g in graphs])
+    if stain_jitter > 0 and getattr(batch, "win", None) is not None:
+        # Imported here: a round without jitter never pays for scikit-image's import.
+        from hmgdm_core.stain import hed_jitter
+
+        batch.win = hed_jitter(
+            batch.win,
+            scale=stain_jitter,
+            shift=stain_jitter,
+            groups=batch.batch,
+            generator=generator,
+        )
+    return batch

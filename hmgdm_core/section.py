@@ -15,5 +15,10 @@ class Section(BaseModel):
 
     def stable_hash(self) -> str:
         """A hash of the values (not of `repr`), stable across runs and Python versions."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return hash_values(self.model_dump(mode="json"))
+
+
+def hash_values(values: dict) -> str:
+    """16 hex digits of the sha256 of `values` as canonical JSON."""
+    blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -260,7 +260,9 @@ class BatchStep:
         self, objective: Objective, optimizer: torch.optim.Optimizer
     ) -> tuple[dict[str, float], int]:
         chunk = next(self._chunks)
-        batch = make_batch(chunk, self.cfg.max_nodes, self.generator).to(self.device)
+        batch = make_batch(
+            chunk, self.cfg.max_nodes, self.generator, stain_jitter=self.cfg.stain_jitter
+        ).to(self.device)
         with _autocast(self.device, self.cfg.amp):
             terms = objective(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -365,7 +367,9 @@ def eval_loss(
     sums: dict[str, float] = {}
     for i in range(0, len(graphs), cfg.batch_size):
         chunk = graphs[i : i + cfg.batch_size]
-        batch = make_batch(chunk, cfg.max_nodes, generator).to(device)
+        batch = make_batch(chunk, cfg.max_nodes, generator, stain_jitter=cfg.stain_jitter).to(
+            device
+        )
         with _autocast(device, cfg.amp):
             terms = model.loss(batch, stage=stage, generator=generator)
         for key, value in terms.items():

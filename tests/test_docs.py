@@ -9,6 +9,7 @@ with the guide's `$VARIABLES` pointing into that directory.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shlex
@@ -397,8 +398,9 @@ def test_hospital_guide_runs(tmp_path, data_dir):
     }
     report = ran[("hmgdm-client", "privacy-report")]
     assert "epsilon left" in report and "local_dp" in report
-    manifest = (tmp_path / "cache" / "manifest.csv").read_text()
-    assert all(f"{sid}," in manifest for sid in ids) and ",error," not in manifest
+    with open(tmp_path / "cache" / "manifest.csv", newline="") as fh:
+        manifest = {row["slide_id"]: row["status"] for row in csv.DictReader(fh)}
+    assert set(manifest) == set(ids) and set(manifest.values()) == {"done"}
     assert (site / "keys" / "site.key").stat().st_mode & 0o077 == 0
     assert (site / "keys" / "site.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     assert len((site / "embeddings.csv").read_text().strip().splitlines()) == 1 + len(ids)

@@ -2,11 +2,12 @@
 
 The probe is scikit-learn's LogisticRegression on standardised embeddings; this module only
 adds the folds, the metrics a study reports (accuracy, macro-F1, balanced accuracy, macro AUC)
-and the files (`metrics.json`, `folds.csv`, `confusion.png`).
+and the files (`metrics.json`, `folds.csv`, `predictions.csv`, `confusion.png`, `roc.png`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 from hmgdm_core.atomic import save_figure, write_csv, write_json
 from hmgdm_core.downstream.config import EvalConfig
-from hmgdm_core.downstream.plots import plot_confusion
+from hmgdm_core.downstream.plots import plot_confusion, plot_roc
 from hmgdm_core.downstream.splits import patient_folds
 
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "macro_auc")
@@ -75,8 +76,9 @@ class ProbeCV:
     """Cross-validated linear probe: `fit(x, y, groups)` runs the patient-grouped folds.
 
     Fitted: `classes_`, `folds_` (one row of metrics per fold), `metrics_` (mean and std over
-    folds), `oof_proba_` (out-of-fold probabilities), `confusion_` (out-of-fold), and `model_`
-    (the probe refitted on all rows, used by `predict*` and `score`).
+    folds), `oof_proba_` (out-of-fold probabilities) and `oof_fold_` (the fold each row was
+    tested in), `confusion_` (out-of-fold), and `model_` (the probe refitted on all rows, used
+    by `predict*` and `score`).
     """
 
     def __init__(self, config: EvalConfig | None = None) -> None:
@@ -88,13 +90,16 @@ class ProbeCV:
         """`x`: embeddings (n, dim) here; what a subclass's `_fit_model` takes per row."""
         x, y, groups = self._rows(x), np.asarray(y), np.asarray(groups)
         self.classes_ = np.unique(y)
+        self.y_, self.groups_ = y, groups
         self.oof_proba_ = np.full((len(y), len(self.classes_)), np.nan)
+        self.oof_fold_ = np.full(len(y), -1)
         rows = []
         for fold, (train, test) in enumerate(
             patient_folds(y, groups, self.config.folds, self.config.seed)
         ):
             model = self._fit_model(x[train], y[train], groups[train])
             self.oof_proba_[test] = self._proba(model, x[test])
+            self.oof_fold_[test] = fold
             metrics = classification_metrics(y[test], self.oof_proba_[test], self.classes_)
             rows.append({"fold": fold, "n_train": len(train), "n_test": len(test), **metrics})
         self.folds_ = pd.DataFrame(rows)
@@ -126,22 +131,65 @@ class ProbeCV:
     def plot(self, ax: Axes | None = None) -> Axes:
         return plot_confusion(self.confusion_, [str(c) for c in self.classes_], ax=ax)
 
-    def write(self, out_dir: Path | str) -> dict[str, Path]:
-        """Write `metrics.json`, `folds.csv` and `confusion.png` into `out_dir` (atomically)."""
+    def predictions(self, slide_ids: Sequence[str] | None = None) -> pd.DataFrame:
+        """One row per slide, out of fold: slide, patient, fold, truth, prediction and the
+        probability of each class (`p_<class>`)."""
+        return predictions_table(
+            slide_ids,
+            self.groups_,
+            self.oof_fold_,
+            truth=self.y_,
+            prediction=self.classes_[np.argmax(self.oof_proba_, axis=1)],
+            **{f"p_{c}": self.oof_proba_[:, k] for k, c in enumerate(self.classes_)},
+        )
+
+    def write(self, out_dir: Path | str, slide_ids: Sequence[str] | None = None) -> dict[str, Path]:
+        """Write `metrics.json`, `folds.csv`, `predictions.csv` (rows named by `slide_ids`),
+        `confusion.png` and `roc.png` into `out_dir` (atomically)."""
         out_dir = Path(out_dir)
+        classes = [str(c) for c in self.classes_]
         summary = {
             "task": "classification",
             "probe": self.description,
             "folds": self.config.folds,
             "seed": self.config.seed,
-            "classes": [str(c) for c in self.classes_],
+            "classes": classes,
             "metrics": self.metrics_,
         }
         return {
             "metrics": write_json(out_dir / "metrics.json", summary, private=False),
             "folds": write_csv(out_dir / "folds.csv", self.folds_, private=False),
             "confusion": save_figure(out_dir / "confusion.png", self.plot().figure, private=False),
+            **write_predictions(out_dir, self.predictions(slide_ids), classes),
         }
+
+
+def predictions_table(
+    slide_ids: Sequence[str] | None,
+    patients: ArrayLike,
+    folds: ArrayLike | str,
+    **columns: ArrayLike,
+) -> pd.DataFrame:
+    """Per-slide out-of-sample predictions: slide_id (row numbers when None), patient_id, fold
+    (an index per slide, or one name such as "held-out"), then `columns` in order."""
+    patients = np.asarray(patients)
+    ids = np.arange(len(patients)).astype(str) if slide_ids is None else np.asarray(slide_ids)
+    folds = np.broadcast_to(np.asarray(folds), patients.shape)
+    return pd.DataFrame({"slide_id": ids, "patient_id": patients, "fold": folds, **columns})
+
+
+def write_predictions(
+    out_dir: Path | str, table: pd.DataFrame, classes: Sequence[str] | None = None
+) -> dict[str, Path]:
+    """`predictions.csv` (a `predictions_table`) and, given the `classes` whose `p_<class>`
+    columns it has, `roc.png` of those probabilities against its `truth` column."""
+    out_dir = Path(out_dir)
+    files = {"predictions": write_csv(out_dir / "predictions.csv", table)}
+    if classes is not None:
+        proba = table[[f"p_{c}" for c in classes]].to_numpy()
+        roc = plot_roc(table["truth"].to_numpy(), proba, list(classes))
+        files["roc"] = save_figure(out_dir / "roc.png", roc.figure, private=False)
+    return files
 
 
 def _proba_on(model: Pipeline, x: np.ndarray, classes: np.ndarray) -> np.ndarray:

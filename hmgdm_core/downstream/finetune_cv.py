@@ -103,9 +103,9 @@ class FinetuneCV(_FineTuned, ProbeCV):
     def _proba(self, model: SlideNet, x: np.ndarray) -> np.ndarray:
         return torch.softmax(predict(model, list(x)), dim=1).double().numpy()
 
-    def write(self, out_dir: Path | str) -> dict[str, Path]:
+    def write(self, out_dir: Path | str, slide_ids: Sequence[str] | None = None) -> dict[str, Path]:
         """ProbeCV's files plus `model.pt` (the all-rows fine-tuned model)."""
-        return self._write_model(super().write(out_dir), out_dir, self.task)
+        return self._write_model(super().write(out_dir, slide_ids), out_dir, self.task)
 
 
 class DeepCoxCV(_FineTuned, SurvivalCV):
@@ -126,6 +126,6 @@ class DeepCoxCV(_FineTuned, SurvivalCV):
     def _risk(self, model: SlideNet, x: np.ndarray) -> np.ndarray:
         return predict(model, list(x))[:, 0].double().numpy()
 
-    def write(self, out_dir: Path | str) -> dict[str, Path]:
+    def write(self, out_dir: Path | str, slide_ids: Sequence[str] | None = None) -> dict[str, Path]:
         """SurvivalCV's files plus `model.pt` (the all-rows deep Cox model)."""
-        return self._write_model(super().write(out_dir), out_dir, self.task)
+        return self._write_model(super().write(out_dir, slide_ids), out_dir, self.task)

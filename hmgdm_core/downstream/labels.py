@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from hmgdm_core.exceptions import LabelError
+from hmgdm_core.slide_ids import id_from_path, match_slide_ids
 
 Task = Literal["classification", "survival"]
 _MAX_LISTED = 10
@@ -54,9 +55,11 @@ def read_labels(
 
     `known_slides` are the slide ids that have embeddings; labelled slides outside it are errors,
     known slides without a label are counted in `summary["unlabelled_slides"]`. `id_column` and
-    `patient_column` let region datasets name theirs differently (LC25000: `path`, matched by
-    file stem, and `group_id`). `only_known` keeps just the rows of `known_slides` (a simulated
-    site reading the one labels file of all sites) and counts the others in the summary.
+    `patient_column` let region datasets name theirs differently (LC25000: `path`, the image
+    path relative to the input folder, and `group_id`). Ids are matched to `known_slides` by
+    `match_slide_ids`, so tables naming slides by file stem keep working. `only_known` keeps
+    just the rows of `known_slides` (a simulated site reading the one labels file of all sites)
+    and counts the others in the summary.
     """
     path = Path(path)
     try:
@@ -69,8 +72,13 @@ def read_labels(
     task = _infer_task(path, raw.columns, task, id_column)
 
     ids = raw[id_column].str.strip()
-    if id_column == "path":  # a column of image paths (LC25000) names slides by file stem
-        ids = ids.map(lambda p: Path(p).stem if p else p)
+    if id_column == "path":  # a column of image paths (LC25000), relative to the input folder
+        ids = ids.map(lambda p: id_from_path(p) if p else p)
+    ambiguous: dict[str, list[str]] = {}
+    if known_slides is not None:
+        known_slides = list(known_slides)
+        matched, ambiguous = match_slide_ids(ids, known_slides)
+        ids = ids.map(lambda s: matched.get(s, s))
     line = np.arange(len(raw)) + 2  # header is line 1
     other_sites = 0
     if only_known and known_slides is not None:
@@ -85,7 +93,7 @@ def read_labels(
     else:
         table["patient_id"] = table["slide_id"]
     problems: list[tuple[int, str]] = []
-    problems += _check_ids(table["slide_id"], line, known_slides)
+    problems += _check_ids(table["slide_id"], line, known_slides, ambiguous)
     if task == "classification":
         table["label"] = raw["label"].str.strip()
         problems += [(n, "missing label") for n in line[table["label"].eq("").to_numpy()]]
@@ -126,7 +134,10 @@ def _infer_task(path: Path, columns: pd.Index, task: Task | None, id_column: str
 
 
 def _check_ids(
-    slide_ids: pd.Series, line: np.ndarray, known: Iterable[str] | None
+    slide_ids: pd.Series,
+    line: np.ndarray,
+    known: Iterable[str] | None,
+    ambiguous: dict[str, list[str]],
 ) -> list[tuple[int, str]]:
     problems = [(n, "empty slide id") for n in line[slide_ids.eq("").to_numpy()]]
     first_line = dict(zip(slide_ids[::-1], line[::-1], strict=True))
@@ -138,8 +149,14 @@ def _check_ids(
     if known is not None:
         unknown = ~slide_ids.isin(set(known)).to_numpy() & slide_ids.ne("").to_numpy()
         pairs = zip(line[unknown], slide_ids[unknown], strict=True)
-        problems += [(n, f"unknown slide '{s}'") for n, s in pairs]
+        problems += [(n, _unknown(s, ambiguous.get(s))) for n, s in pairs]
     return problems
+
+
+def _unknown(slide: str, fits: list[str] | None) -> str:
+    if not fits:
+        return f"unknown slide '{slide}'"
+    return f"slide '{slide}' fits several slides ({', '.join(fits[:3])}); use the full id"
 
 
 def _parse_survival(time_raw: pd.Series, event_raw: pd.Series) -> tuple[pd.Series, pd.Series, list]:

@@ -1,4 +1,5 @@
-"""The figures a pathologist expects: confusion matrix and Kaplan-Meier curves by risk group.
+"""The figures a pathologist expects: confusion matrix, ROC curves and Kaplan-Meier curves by
+risk group.
 
 Figures are built without pyplot (no global state, no display backend needed); each function
 draws on a given Axes or a new one and returns it.
@@ -36,6 +37,37 @@ def plot_confusion(
     for (i, j), n in np.ndenumerate(counts):
         ax.text(j, i, str(n), ha="center", va="center", color="white" if share[i, j] > 0.5 else "k")
     ax.set_title(title or "confusion matrix (out-of-fold)")
+    return ax
+
+
+def plot_roc(
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    classes: Sequence[str],
+    ax: Axes | None = None,
+    title: str = "",
+) -> Axes:
+    """One-vs-rest ROC curve of each class from out-of-fold probabilities (n, classes), with
+    its AUC in the legend; classes absent from `y_true` (or alone in it) have no curve."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    ax = ax or new_axes()
+    y_true = np.asarray(y_true).astype(str)
+    for k, name in enumerate(classes):
+        positive = y_true == str(name)
+        if not 0 < positive.sum() < len(y_true):
+            continue
+        fpr, tpr, _ = roc_curve(positive, proba[:, k])
+        auc = roc_auc_score(positive, proba[:, k])
+        ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {auc:.3f}, n={positive.sum()})")
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.legend(loc="lower right", fontsize="small")
+    ax.set_title(title or "ROC, one class vs the rest (pooled out-of-fold)")
     return ax
 
 

@@ -19,7 +19,7 @@ from numpy.typing import ArrayLike
 from sklearn.decomposition import PCA
 
 from hmgdm_core.atomic import save_figure, write_csv, write_json
-from hmgdm_core.downstream.classify import mean_std
+from hmgdm_core.downstream.classify import mean_std, predictions_table, write_predictions
 from hmgdm_core.downstream.concordance import cindex, linear_risk, pair_counts, pooled_cindex
 from hmgdm_core.downstream.config import EvalConfig
 from hmgdm_core.downstream.plots import plot_kaplan_meier
@@ -124,7 +124,8 @@ class RiskGroupKM:
 class SurvivalCV:
     """Cross-validated Cox probe: `fit(x, time, event, groups)` runs patient folds by event.
 
-    Fitted: `folds_` (C-index and pair counts per fold), `oof_risk_`, `metrics_` (per-fold
+    Fitted: `folds_` (C-index and pair counts per fold), `oof_risk_` and `oof_fold_` (the
+    fold each row was tested in), `metrics_` (per-fold
     C-index mean and std, and the C-index of the pair counts pooled over folds, which never
     compares risks of two different fold models), `km_` (RiskGroupKM of the out-of-fold
     risk), `model_` (the probe refitted on all rows).
@@ -158,13 +159,16 @@ class SurvivalCV:
         """`x`: embeddings (n, dim) here; what a subclass's `_fit_model` takes per row."""
         x, groups = self._rows(x), np.asarray(groups)
         time, event = np.asarray(time, dtype=np.float64), np.asarray(event).astype(int)
+        self.time_, self.event_, self.groups_ = time, event, groups
         self.oof_risk_ = np.full(len(time), np.nan)
+        self.oof_fold_ = np.full(len(time), -1)
         rows, counts = [], []
         for fold, (train, test) in enumerate(
             patient_folds(event, groups, self.config.folds, self.config.seed)
         ):
             model = self._fit_model(x[train], time[train], event[train], groups[train])
             self.oof_risk_[test] = self._risk(model, x[test])
+            self.oof_fold_[test] = fold
             counts.append(pair_counts(time[test], self.oof_risk_[test], event[test]))
             rows.append(
                 {
@@ -195,8 +199,22 @@ class SurvivalCV:
     def plot(self, ax: Axes | None = None) -> Axes:
         return self.km_.plot(ax=ax)
 
-    def write(self, out_dir: Path | str) -> dict[str, Path]:
-        """Write `metrics.json`, `folds.csv`, `km.png` and `km.json` into `out_dir` (atomically)."""
+    def predictions(self, slide_ids: Sequence[str] | None = None) -> pd.DataFrame:
+        """One row per slide, out of fold: slide, patient, fold, time, event, risk (log partial
+        hazard of its fold's model) and risk group (the KM plot's median split)."""
+        return predictions_table(
+            slide_ids,
+            self.groups_,
+            self.oof_fold_,
+            time=self.time_,
+            event=self.event_,
+            risk=self.oof_risk_,
+            risk_group=np.where(self.oof_risk_ > self.km_.threshold_, "high", "low"),
+        )
+
+    def write(self, out_dir: Path | str, slide_ids: Sequence[str] | None = None) -> dict[str, Path]:
+        """Write `metrics.json`, `folds.csv`, `predictions.csv` (rows named by `slide_ids`),
+        `km.png` and `km.json` into `out_dir` (atomically)."""
         out_dir = Path(out_dir)
         summary = {
             "task": "survival",
@@ -208,6 +226,7 @@ class SurvivalCV:
         return {
             "metrics": write_json(out_dir / "metrics.json", summary, private=False),
             "folds": write_csv(out_dir / "folds.csv", self.folds_, private=False),
+            **write_predictions(out_dir, self.predictions(slide_ids)),
             "km_plot": save_figure(out_dir / "km.png", self.plot().figure, private=False),
             "km": write_json(out_dir / "km.json", self.km_.summary(), private=False),
         }

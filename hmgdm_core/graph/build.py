@@ -7,6 +7,7 @@ in parallel); `build_graphs` in `runner.py` schedules slides, keeps the manifest
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,16 +16,31 @@ from pathlib import Path
 import numpy as np
 
 from hmgdm_core.config import GraphConfig
-from hmgdm_core.exceptions import HmgdmError, NoTissueError
+from hmgdm_core.exceptions import HmgdmError, NoTissueError, SlideReadError
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
+from hmgdm_core.graph.qc import (
+    FEW_ENTITIES,
+    KEPT,
+    LOW_TISSUE,
+    PANEL_PX,
+    SlideQC,
+    qc_path,
+    render_slide_qc,
+    save_png,
+)
 from hmgdm_core.graph.region import edge_attr_names, region_graph, x_names
 from hmgdm_core.io.slides import Slide
-from hmgdm_core.io.tissue import tile_grid, tissue_mask
+from hmgdm_core.io.tissue import tile_fractions, tile_grid, tissue_mask
+from hmgdm_core.stain import StainBasis, estimate_stains
 
 # Specks and holes are sized for whole slides; on a small region they would erase the image.
 _REGION_MORPH_SHARE = 0.01
 
 TileProgress = Callable[[int, int], None]
+_STAIN_PIXELS = 500_000
+# Bump when a code change makes the same slide, config and resolution give different graphs:
+# every cached slide is then rebuilt once instead of mixing old and new graphs in one cache.
+BUILDER_VERSION = 1
 
 
 @dataclass
@@ -42,9 +58,33 @@ class SlideResult:
     bytes: int = 0
     seconds: float = 0.0
     error: str = ""
+    mpp: float = 0.0  # µm/px of the slide's full-resolution image, as used
+    mpp_source: str = ""  # override | file | objective_power
+    build_key: str = ""  # see build_key()
+    warning: str = ""
 
     def row(self) -> dict:
         return asdict(self)
+
+
+def build_key(config_hash: str, mpp: float | None, version: int | None = None) -> str:
+    """Everything besides the slide's bytes that decides its graphs, as one short hash: the
+    graph config, the µm/px given for the input (None: the file's own) and the builder version
+    (default: this code's).
+    """
+    version = BUILDER_VERSION if version is None else version
+    blob = json.dumps([config_hash, mpp, version], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def archive_build_key(meta: dict) -> str:
+    """The build key an archive was built with; archives from before build keys existed were
+    builder version 1 and recorded a given resolution as mpp_source "override"."""
+    if "build_key" in meta:
+        return meta["build_key"]
+    slide = meta.get("slide", {})
+    given = slide.get("mpp") if slide.get("mpp_source") == "override" else None
+    return build_key(meta["config_hash"], given, version=1)
 
 
 def slide_fingerprint(path: Path, head_bytes: int = 1 << 20) -> str:
@@ -83,32 +123,84 @@ def _region_tissue_cfg(cfg: GraphConfig, area_um2: float):
     )
 
 
-def _write_single_region(slide: Slide, cfg: GraphConfig, writer: SlideGraphWriter) -> None:
+def _write_single_region(
+    slide: Slide, cfg: GraphConfig, writer: SlideGraphWriter, qc: SlideQC
+) -> StainBasis | None:
     w, h = slide.size_at(cfg.mpp)
     rgb = slide.read_region(0.0, 0.0, w, h, mpp=cfg.mpp)
     mask = tissue_mask(rgb, mpp=cfg.mpp, cfg=_region_tissue_cfg(cfg, w * h * cfg.mpp**2))
+    qc.thumbnail, qc.thumb_mpp, qc.mask, qc.mask_mpp = rgb, cfg.mpp, mask, cfg.mpp
+    qc.tile_um = (w * cfg.mpp, h * cfg.mpp)
     if not mask.any():
         raise NoTissueError(slide.path, "no tissue found at the configured thresholds")
-    graph = region_graph(rgb, mpp=cfg.mpp, cfg=cfg, mask=mask)
-    if graph is not None:
-        writer.add(graph)
+    stain = _slide_stains(slide, cfg, [rgb[mask]])
+    graph = region_graph(rgb, mpp=cfg.mpp, cfg=cfg, mask=mask, keep_labels=True, stain=stain)
+    if graph is None:
+        qc.add_tile(0.0, 0.0, FEW_ENTITIES)
+        return stain
+    writer.add(graph)
+    qc.add_tile(0.0, 0.0, KEPT, graph.num_nodes)
+    qc.labels = graph.seg.numpy()
+    return stain
+
+
+def _slide_stains(slide: Slide, cfg: GraphConfig, pixels: list[np.ndarray]) -> StainBasis | None:
+    """The slide's H&E basis from (n, 3) tissue pixels when `cfg.stain_norm` asks, else None.
+
+    One basis per slide, not per tile: a tile of stroma alone has no haematoxylin to find.
+    """
+    if cfg.stain_norm == "none":
+        return None
+    tissue = np.concatenate(pixels)  # (n, 3)
+    if len(tissue) > _STAIN_PIXELS:  # percentiles need no more; a fixed subset is repeatable
+        tissue = tissue[np.random.default_rng(0).choice(len(tissue), _STAIN_PIXELS, False)]
+    stain = estimate_stains(tissue)
+    if stain is None:
+        raise SlideReadError(
+            slide.path,
+            f"too little stained tissue to estimate its H&E stains (graph.stain_norm = "
+            f"{cfg.stain_norm}); is it an H&E slide?",
+        )
+    return stain
+
+
+def _qc_thumbnail(slide: Slide, cfg: GraphConfig, thumb: np.ndarray, thumb_mpp: float):
+    """(image, mpp) for the QC picture: about PANEL_PX on its longer side, reusing the
+    tissue thumbnail when that is already as fine."""
+    qc_mpp = max(cfg.mpp, max(slide.size_um) / PANEL_PX)
+    return (thumb, thumb_mpp) if qc_mpp >= thumb_mpp else (slide.thumbnail(qc_mpp), qc_mpp)
 
 
 def _write_tiles(
-    slide: Slide, cfg: GraphConfig, writer: SlideGraphWriter, on_tile: TileProgress | None
-) -> None:
+    slide: Slide,
+    cfg: GraphConfig,
+    writer: SlideGraphWriter,
+    on_tile: TileProgress | None,
+    qc: SlideQC,
+) -> StainBasis | None:
     # Tissue is found once on a thumbnail; tiles are then read one at a time at full
     # resolution, so memory stays flat however large the slide is.
     thumb_mpp = max(cfg.tissue.thumbnail_mpp, cfg.mpp)
-    mask = tissue_mask(slide.thumbnail(thumb_mpp), mpp=thumb_mpp, cfg=cfg.tissue)
+    thumb = slide.thumbnail(thumb_mpp)
+    mask = tissue_mask(thumb, mpp=thumb_mpp, cfg=cfg.tissue)
+    if qc.enabled:
+        qc.thumbnail, qc.thumb_mpp = _qc_thumbnail(slide, cfg, thumb, thumb_mpp)
+    qc.mask, qc.mask_mpp = mask, thumb_mpp
     if not mask.any():
         raise NoTissueError(slide.path, "no tissue found at the configured thresholds")
-    width_um, height_um = slide.size[0] * slide.base_mpp, slide.size[1] * slide.base_mpp
+    tile_um = cfg.tile_size * cfg.mpp
+    qc.tile_um = (tile_um, tile_um)
+    fractions = tile_fractions(
+        mask, mask_mpp=thumb_mpp, tile_um=tile_um, slide_size_um=slide.size_um
+    )  # (n_y, n_x)
+    low = (fractions > 0) & (fractions < cfg.tissue.min_tile_fraction)
+    for ty, tx in np.argwhere(low):
+        qc.add_tile(tx * tile_um, ty * tile_um, LOW_TISSUE)
     origins = tile_grid(
         mask,
         mask_mpp=thumb_mpp,
-        tile_um=cfg.tile_size * cfg.mpp,
-        slide_size_um=(width_um, height_um),
+        tile_um=tile_um,
+        slide_size_um=slide.size_um,
         min_fraction=cfg.tissue.min_tile_fraction,
     )
     if len(origins) == 0:
@@ -121,15 +213,36 @@ def _write_tiles(
         cfg.tile_margin + cfg.tile_size,
         cfg.tile_margin + cfg.tile_size,
     )
+    stain = None
+    if cfg.stain_norm != "none":  # from up to 8 tiles spread over the slide, at full resolution
+        sample = []
+        for x_um, y_um in origins[np.unique(np.linspace(0, len(origins) - 1, 8).astype(int))]:
+            rgb = slide.read_region(x_um, y_um, cfg.tile_size, cfg.tile_size, mpp=cfg.mpp)
+            tmask = _mask_for_region(mask, thumb_mpp, (x_um, y_um), rgb.shape[:2], cfg.mpp)
+            sample.append(rgb[tmask])
+        stain = _slide_stains(slide, cfg, sample)
     for i, (x_um, y_um) in enumerate(origins):
         origin = (float(x_um) - margin_um, float(y_um) - margin_um)
         rgb = slide.read_region(origin[0], origin[1], side, side, mpp=cfg.mpp)
         tmask = _mask_for_region(mask, thumb_mpp, origin, (side, side), cfg.mpp)
-        graph = region_graph(rgb, mpp=cfg.mpp, cfg=cfg, mask=tmask, core=core, origin_um=origin)
+        graph = region_graph(
+            rgb,
+            mpp=cfg.mpp,
+            cfg=cfg,
+            mask=tmask,
+            core=core,
+            origin_um=origin,
+            keep_labels=True,
+            stain=stain,
+        )
         if graph is not None:
             writer.add(graph)
+            qc.add_tile(x_um, y_um, KEPT, graph.num_nodes)
+        else:
+            qc.add_tile(x_um, y_um, FEW_ENTITIES)
         if on_tile is not None:
             on_tile(i + 1, len(origins))
+    return stain
 
 
 def build_slide(
@@ -141,22 +254,40 @@ def build_slide(
     slide_id: str | None = None,
     sha256: str | None = None,
     on_tile: TileProgress | None = None,
+    qc_dir: Path | None = None,
 ) -> SlideResult:
-    """Build and write every region graph of one slide; errors become a `status=error` row."""
+    """Build and write every region graph of one slide; errors become a `status=error` row.
+
+    With `qc_dir`, also draw the slide's QC image there (`qc.qc_path`), failures included
+    when the slide could be read.
+    """
     path = Path(path)
-    res = SlideResult(slide_id=slide_id or path.stem, path=str(path), config_hash=cfg.stable_hash())
+    config_hash = cfg.stable_hash()
+    res = SlideResult(
+        slide_id=slide_id or path.stem,
+        path=str(path),
+        config_hash=config_hash,
+        build_key=build_key(config_hash, mpp),
+    )
+    qc = SlideQC(res.slide_id, enabled=qc_dir is not None)
     start = time.perf_counter()
     try:
         res.sha256 = sha256 or slide_fingerprint(path)
         with Slide.open(path, mpp=mpp) as slide:
             res.slide_id = slide_id or slide.slide_id
+            res.mpp, res.mpp_source, res.warning = (
+                slide.base_mpp,
+                slide.mpp_source,
+                slide.mpp_warning,
+            )
+            qc.slide_mpp = slide.base_mpp
             out = graph_path(out_dir, res.slide_id)
             with SlideGraphWriter(out) as writer:
                 w, h = slide.size_at(cfg.mpp)
                 if max(w, h) <= cfg.max_region_size:
-                    _write_single_region(slide, cfg, writer)
+                    stain = _write_single_region(slide, cfg, writer, qc)
                 else:
-                    _write_tiles(slide, cfg, writer, on_tile)
+                    stain = _write_tiles(slide, cfg, writer, on_tile, qc)
                 if writer.n_graphs == 0:
                     raise NoTissueError(
                         path,
@@ -169,9 +300,14 @@ def build_slide(
                         "source": str(path),
                         "sha256": res.sha256,
                         "config_hash": res.config_hash,
+                        "build_key": res.build_key,
                         "graph_config": cfg.model_dump(mode="json"),
                         "x_names": x_names(cfg),
                         "edge_attr_names": edge_attr_names(cfg),
+                        # The slide's own stains, as normalisation found them (audit, QC).
+                        "stain": None
+                        if stain is None
+                        else {"he": stain.he.tolist(), "max_c": stain.max_c.tolist()},
                         "slide": {
                             "mpp": slide.base_mpp,
                             "size": list(slide.size),
@@ -191,5 +327,11 @@ def build_slide(
     except (OSError, ValueError, MemoryError) as err:
         # Anything a corrupt or exotic file can throw from deep inside a reader library.
         res.error = f"{path}: {type(err).__name__}: {err}".replace("\n", " ")
+    if qc_dir is not None and qc.thumbnail is not None:
+        qc.error = res.error
+        try:
+            save_png(qc_path(qc_dir, res.slide_id), render_slide_qc(qc))
+        except (OSError, ValueError) as err:  # a QC image never costs a slide its graphs
+            res.warning = f"{res.warning} QC image not written: {err}".strip()
     res.seconds = round(time.perf_counter() - start, 3)
     return res

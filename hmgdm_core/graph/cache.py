@@ -1,10 +1,11 @@
 """The on-disk graph cache: one archive per slide, written tile by tile, read lazily or whole.
 
-`DIR/graphs/<slide_id>.pt` is a zip archive (like every torch `.pt` file) holding `meta.json`
-and one `tiles/NNNNNN.pt` member per region graph. Tiles are appended while a slide is being
-built, so building memory does not grow with slide size, and a dataset can read any one graph
-without loading the slide. The archive is written to a temp name and renamed when complete, so
-an interrupted build never leaves a half-written file behind.
+`DIR/graphs/<slide_id>.pt` is a zip archive (like every torch `.pt` file) holding `meta.json`,
+one `tiles/NNNNNN.pt` member per region graph and its superpixel label image `seg/NNNNNN.npy`.
+Tiles are appended while a slide is being built, so building memory does not grow with slide
+size, and a dataset can read any one graph without loading the slide. The archive is written
+to a temp name and renamed when complete, so an interrupted build never leaves a half-written
+file behind.
 """
 
 from __future__ import annotations
@@ -17,17 +18,20 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch_geometric.data import Data, Dataset
 
 from hmgdm_core.atomic import fsync
 from hmgdm_core.exceptions import GraphDataError
+from hmgdm_core.slide_ids import match_slide_ids
 
 FORMAT_VERSION = 1
 GRAPH_FIELDS = ("x", "win", "edge_index", "edge_attr", "edge_win", "pos", "tile_origin")
 
 
 def graph_path(out_dir: Path, slide_id: str) -> Path:
+    """Where a slide's archive lives; ids with `/` (relative paths) give nested folders."""
     return Path(out_dir) / "graphs" / f"{slide_id}.pt"
 
 
@@ -48,10 +52,21 @@ class SlideGraphWriter:
         self.n_graphs = self.n_nodes = self.n_edges = 0
 
     def add(self, graph: Data) -> None:
+        """Append one region graph; its `seg` label image, if any, goes to `seg/NNNNNN.npy`."""
         tensors = {k: graph[k] for k in GRAPH_FIELDS if graph.get(k) is not None}
         buf = io.BytesIO()
         torch.save(tensors, buf)
         self._zip.writestr(f"tiles/{self.n_graphs:06d}.pt", buf.getvalue())
+        if graph.get("seg") is not None:
+            seg = io.BytesIO()
+            np.save(seg, graph.seg.numpy(), allow_pickle=False)
+            # Label images are piecewise constant: deflate shrinks them ~20x.
+            self._zip.writestr(
+                f"seg/{self.n_graphs:06d}.npy",
+                seg.getvalue(),
+                compress_type=zipfile.ZIP_DEFLATED,
+                compresslevel=1,
+            )
         self.n_graphs += 1
         self.n_nodes += graph.num_nodes
         self.n_edges += graph.edge_index.shape[1] // 2  # stored in both directions
@@ -84,7 +99,7 @@ class SlideGraphWriter:
 def remove_stale_temps(out_dir: Path) -> list[Path]:
     """Delete temp archives left by a killed build (their writer process no longer exists)."""
     removed = []
-    for tmp in (Path(out_dir) / "graphs").glob(".*.tmp"):
+    for tmp in (Path(out_dir) / "graphs").rglob(".*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
         if pid.isdigit() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
@@ -129,6 +144,18 @@ def _read_graph(zf: zipfile.ZipFile, index: int, meta: dict) -> Data:
     return Data(**tensors, slide_id=meta["slide_id"], tile_index=index)
 
 
+def load_entity_labels(path: Path) -> list[np.ndarray] | None:
+    """Each region's superpixel label image (entity index per pixel of the region read, -1 =
+    none), in tile order; None for archives built before they were stored."""
+    path = Path(path)
+    with _open(path) as zf:
+        meta = _read_meta(zf, path)
+        names = [f"seg/{i:06d}.npy" for i in range(meta["n_graphs"])]
+        if not set(names) <= set(zf.namelist()):
+            return None
+        return [np.load(io.BytesIO(zf.read(n)), allow_pickle=False) for n in names]
+
+
 def read_slide_meta(path: Path) -> dict:
     with _open(Path(path)) as zf:
         return _read_meta(zf, Path(path))
@@ -146,12 +173,28 @@ def graph_files(graph_dir: Path) -> list[Path]:
     """The slide archives of a cache directory (the `--out` of build-graphs), sorted by name."""
     graph_dir = Path(graph_dir)
     sub = graph_dir / "graphs"
-    files = sorted(sub.glob("*.pt")) if sub.is_dir() else []
+    files = sorted(sub.rglob("*.pt")) if sub.is_dir() else []
     if not files:
         raise GraphDataError(
             f"{graph_dir}: no graphs found (expected {sub}/*.pt from build-graphs)"
         )
     return files
+
+
+def find_slide_archive(graph_dir: Path, name: str) -> Path:
+    """The archive of the slide `name` names in a cache: its id, or a name `match_slide_ids`
+    resolves (a file stem, a path with suffix)."""
+    sub = Path(graph_dir) / "graphs"
+    ids = [f.relative_to(sub).with_suffix("").as_posix() for f in graph_files(graph_dir)]
+    matched, ambiguous = match_slide_ids([name], ids)
+    if name in ambiguous:
+        raise GraphDataError(
+            f"{graph_dir}: '{name}' fits several slides ({', '.join(ambiguous[name][:3])}); "
+            "give the full slide id"
+        )
+    if name not in matched:
+        raise GraphDataError(f"{graph_dir}: no graph archive for slide '{name}'")
+    return graph_path(graph_dir, matched[name])
 
 
 def load_graph_dir(graph_dir: Path) -> list[Data]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hmgdm_core.atomic import atomic_write
 from hmgdm_core.exceptions import GraphDataError
-from hmgdm_core.graph.build import SlideResult
+from hmgdm_core.graph.build import SlideResult, archive_build_key
 from hmgdm_core.graph.cache import graph_path, read_slide_meta
 
 COLUMNS = [f.name for f in fields(SlideResult)]
@@ -44,9 +44,9 @@ def write_manifest(out_dir: Path, rows: dict[str, SlideResult]) -> Path:
 
 
 def already_built(
-    out_dir: Path, slide_id: str, path: Path, sha256: str, config_hash: str
+    out_dir: Path, slide_id: str, path: Path, sha256: str, key: str
 ) -> SlideResult | None:
-    """The result of an earlier build of the same bytes with the same config, else None.
+    """The result of an earlier build of the same bytes with the same build key, else None.
 
     The archive's own metadata decides, not the manifest: a build killed before its manifest
     was rewritten still resumes without redoing finished slides.
@@ -56,16 +56,20 @@ def already_built(
         meta = read_slide_meta(archive)
     except GraphDataError:
         return None
-    if meta.get("sha256") != sha256 or meta.get("config_hash") != config_hash:
+    if meta.get("sha256") != sha256 or archive_build_key(meta) != key:
         return None
+    slide = meta.get("slide", {})
     return SlideResult(
         slide_id,
         str(path),
         sha256,
-        config_hash,
+        meta["config_hash"],
         "skipped",
         meta["n_graphs"],
         meta.get("n_nodes", 0),
         meta.get("n_edges", 0),
         archive.stat().st_size,
+        mpp=slide.get("mpp", 0.0),
+        mpp_source=slide.get("mpp_source", ""),
+        build_key=key,
     )

@@ -22,6 +22,7 @@ from hmgdm_core.graph.edges import (
 )
 from hmgdm_core.graph.features import NODE_NAMES, node_descriptors, windows
 from hmgdm_core.graph.superpixels import grid_step, slic
+from hmgdm_core.stain import StainBasis, estimate_stains, normalize_stains
 
 
 def x_names(cfg: GraphConfig) -> list[str]:
@@ -71,6 +72,8 @@ def region_graph(
     mask: np.ndarray | None = None,
     core: tuple[int, int, int, int] | None = None,
     origin_um: tuple[float, float] = (0.0, 0.0),
+    keep_labels: bool = False,
+    stain: StainBasis | None = None,
 ) -> Data | None:
     """Entity graph of the tile `core` = (y0, x0, y1, x1) of `rgb` (None: the whole array).
 
@@ -78,11 +81,20 @@ def region_graph(
     centroid falls outside `core` belong to the neighbouring tile and are dropped, pixels where
     `mask` is False never join an entity. `origin_um` is the slide (x, y) in µm of rgb's pixel
     (0, 0). More than `cfg.max_entities` entities: the ones nearest the core centre are kept.
-    Returns None when fewer than 2 entities remain.
+    Returns None when fewer than 2 entities remain. `keep_labels` adds `seg`, the (H, W)
+    superpixel label image of `rgb` (entity index, -1 = none), for the cache to store beside
+    the graph (entity outlines for QuPath export; never batched). With `cfg.stain_norm`,
+    `rgb` is first re-rendered with the reference stains from the slide's `stain` basis
+    (default: estimated on this region's tissue; ValueError when it has too little).
     """
     if cfg.cnn_weights is not None:
         raise MissingDependencyError("torchvision", "CNN entity features (graph.cnn_weights)")
     box = _check_inputs(rgb, mask, core)
+    if cfg.stain_norm == "macenko":
+        stain = stain or estimate_stains(rgb if mask is None else rgb[mask])
+        if stain is None:
+            raise ValueError("too little stained tissue to estimate H&E stains for macenko")
+        rgb = normalize_stains(rgb, stain)
     labels = slic(
         rgb, step=grid_step(mpp, cfg.entity_area_um2), compactness=cfg.compactness, mask=mask
     )
@@ -124,6 +136,8 @@ def region_graph(
         tile_origin=torch.tensor([origin_um], dtype=torch.float32),  # rgb's (0, 0), margin included
         num_nodes=k,
     )
+    if keep_labels:
+        data.seg = torch.from_numpy(labels.astype(np.int16 if k < 2**15 else np.int32))
     if cfg.edge_windows:
         # One window per undirected pair, shared by both directions.
         data.edge_win = torch.from_numpy(windows(rgb, mid, cfg.window_size)[which])

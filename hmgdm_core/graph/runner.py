@@ -6,7 +6,7 @@ import logging
 import multiprocessing as mp
 import queue
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import replace
@@ -17,50 +17,40 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hmgdm_core.config import GraphConfig
-from hmgdm_core.graph.build import SlideResult, build_slide, slide_fingerprint
-from hmgdm_core.graph.cache import remove_stale_temps
+from hmgdm_core.exceptions import GraphDataError
+from hmgdm_core.graph.build import SlideResult, build_key, build_slide, slide_fingerprint
+from hmgdm_core.graph.cache import graph_path, read_slide_meta, remove_stale_temps
+from hmgdm_core.graph.inputs import SlideInput, slide_inputs
 from hmgdm_core.graph.manifest import already_built, read_manifest, write_manifest
+from hmgdm_core.graph.qc import contact_sheet, qc_path, save_png
 from hmgdm_core.log import console
 
 log = logging.getLogger(__name__)
 
 MANIFEST_EVERY_S = 2.0
 
-SLIDE_SUFFIXES = frozenset(
-    {
-        ".svs",
-        ".ndpi",
-        ".mrxs",
-        ".scn",
-        ".vms",
-        ".vmu",
-        ".bif",
-        ".svslide",
-        ".tif",
-        ".tiff",
-        ".png",
-        ".jpg",
-        ".jpeg",
-        ".bmp",
-    }
-)
 
+def legacy_id(out_dir: Path, slide: SlideInput, sha256: str) -> str | None:
+    """The file stem, when the archive cached under it was built from this slide.
 
-def discover(inputs: Iterable[Path]) -> tuple[list[Path], list[SlideResult]]:
-    """Slides named directly or found (recursively, by suffix) in directories; missing paths
-    come back as error rows so they are reported like any other bad slide."""
-    files: list[Path] = []
-    missing: list[SlideResult] = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            files += sorted(
-                f for f in p.rglob("*") if f.suffix.lower() in SLIDE_SUFFIXES and f.is_file()
-            )
-        elif p.exists():
-            files.append(p)  # named explicitly: let the reader decide whether it is an image
-        else:
-            missing.append(SlideResult(p.stem, str(p), error=f"{p}: no such file or directory"))
-    return files, missing
+    Caches built before slide ids were paths relative to the input folder named slides by
+    their stem; a slide found again keeps that id, so its graphs are not rebuilt (or, if the
+    file changed, are rebuilt in place instead of beside the old ones) and the site's labels
+    and patient tables still name it. The archive is this slide's when it recorded the same
+    path below the input folder, or the same file name and content (a moved folder).
+    """
+    stem = slide.path.stem
+    if not slide.from_directory or slide.slide_id == stem:
+        return None
+    try:
+        meta = read_slide_meta(graph_path(out_dir, stem))
+    except GraphDataError:
+        return None
+    source = Path(str(meta.get("source", ""))).parts
+    below_root = (*slide.slide_id.split("/")[:-1], slide.path.name)
+    same_place = source[-len(below_root) :] == below_root
+    same_bytes = source[-1:] == (slide.path.name,) and meta.get("sha256") == sha256
+    return stem if same_place or same_bytes else None
 
 
 _progress_queue: mp.Queue | None = None  # set in each worker by _init_worker
@@ -104,41 +94,56 @@ def build_graphs(
     mpp: float | None = None,
     workers: int = 1,
     show_progress: bool = True,
+    qc: bool = False,
 ) -> list[SlideResult]:
-    """Build every input slide not already built with the same bytes and config.
+    """Build every input slide not already built from the same bytes with the same build key
+    (graph config, µm/px given for it, builder version).
 
-    Returns one result per input (status done / skipped / error); `out_dir/manifest.csv` is
-    rewritten after every slide so an interrupted run resumes where it stopped.
+    `inputs` are files, directories and slides CSVs (see `inputs.py`); `mpp` is the µm/px of
+    every input without its own in a slides CSV (None: each file's own). Returns one result
+    per input (status done / skipped / error); `out_dir/manifest.csv` is rewritten after every
+    slide so an interrupted run resumes where it stopped. With `qc`, every slide built gets a
+    QC image in `out_dir/qc/` and the run a contact sheet (`qc/contact_sheet.png`). Raises
+    SlideReadError, before writing anything, when a named directory holds no slide.
     """
+    slides, results = slide_inputs(inputs)
     out_dir = Path(out_dir)
+    qc_dir = out_dir / "qc" if qc else None
     out_dir.mkdir(parents=True, exist_ok=True)
     for tmp in remove_stale_temps(out_dir):
         log.info("removed %s left by an interrupted build", tmp.name)
-    files, results = discover(inputs)
     manifest = read_manifest(out_dir)
     config_hash = cfg.stable_hash()
-    todo: list[tuple[Path, str, str]] = []
+    todo: list[tuple[Path, str, str, float | None]] = []
     seen: dict[str, Path] = {}
-    for f in files:
-        sid = f.stem
+    for slide in slides:
+        given = slide.mpp if slide.mpp is not None else mpp
+        try:
+            sha = slide_fingerprint(slide.path)
+        except OSError as err:
+            results.append(
+                SlideResult(
+                    slide.slide_id,
+                    str(slide.path),
+                    error=f"{slide.path}: cannot read: {err.strerror}",
+                )
+            )
+            continue
+        sid = legacy_id(out_dir, slide, sha) or slide.slide_id
         if sid in seen:
             results.append(
                 SlideResult(
                     sid,
-                    str(f),
-                    error=f"{f}: duplicate slide id '{sid}' (also {seen[sid]}); rename one of them",
+                    str(slide.path),
+                    error=f"{slide.path}: duplicate slide id '{sid}' (also {seen[sid]}); "
+                    "name the slides in a slides.csv (slide_id,path)",
                 )
             )
             continue
-        seen[sid] = f
-        try:
-            sha = slide_fingerprint(f)
-        except OSError as err:
-            results.append(SlideResult(sid, str(f), error=f"{f}: cannot read: {err.strerror}"))
-            continue
-        done = already_built(out_dir, sid, f, sha, config_hash)
+        seen[sid] = slide.path
+        done = already_built(out_dir, sid, slide.path, sha, build_key(config_hash, given))
         if done is None:
-            todo.append((f, sid, sha))
+            todo.append((slide.path, sid, sha, given))
         else:
             results.append(done)
             manifest[sid] = replace(done, status="done", seconds=manifest.get(sid, done).seconds)
@@ -180,6 +185,10 @@ def build_graphs(
                     last_write = time.monotonic()
                 results.append(res)
                 progress.advance(slides_task)
+                if res.warning:
+                    console.print(
+                        f"[yellow]warning[/yellow] {res.warning}", soft_wrap=True, highlight=False
+                    )
                 if res.status == "error":
                     _print_error(res)
                 else:
@@ -187,18 +196,36 @@ def build_graphs(
 
             if workers <= 1 or len(todo) <= 1:
                 with _single_threaded_torch():
-                    for f, sid, sha in todo:
+                    for f, sid, sha, given in todo:
                         tile_cb = partial(on_tile, sid)
                         finish(
                             build_slide(
-                                f, out_dir, cfg, mpp=mpp, slide_id=sid, sha256=sha, on_tile=tile_cb
+                                f,
+                                out_dir,
+                                cfg,
+                                mpp=given,
+                                slide_id=sid,
+                                sha256=sha,
+                                on_tile=tile_cb,
+                                qc_dir=qc_dir,
                             )
                         )
             else:
-                _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish)
+                _run_pool(todo, out_dir, cfg, qc_dir, workers, on_tile, finish)
     finally:
         write_manifest(out_dir, manifest)
+    if qc_dir is not None:
+        sheet = write_contact_sheet(qc_dir, results)
+        console.print(f"QC images: {qc_dir} (contact sheet {sheet.name})")
     return results
+
+
+def write_contact_sheet(qc_dir: Path, results: Sequence[SlideResult]) -> Path:
+    """`qc_dir/contact_sheet.png`: the QC images of this run's slides, failed ones first."""
+    failed = sum(r.status == "error" for r in results)
+    title = f"build-graphs QC: {len(results)} slides, {failed} failed"
+    images = [(r.slide_id, qc_path(qc_dir, r.slide_id), r.error) for r in results]
+    return save_png(qc_dir / "contact_sheet.png", contact_sheet(images, title=title))
 
 
 def _print_error(res: SlideResult) -> None:
@@ -206,7 +233,7 @@ def _print_error(res: SlideResult) -> None:
     console.print(f"[red]error[/red] {res.error}", soft_wrap=True, markup=True, highlight=False)
 
 
-def _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish) -> None:
+def _run_pool(todo, out_dir, cfg, qc_dir, workers, on_tile, finish) -> None:
     # Forking this process after torch/OpenSlide have started threads is unsafe; a fork server
     # that imported the builder once forks workers without paying the seconds of imports each.
     ctx = mp.get_context("forkserver")
@@ -216,8 +243,17 @@ def _run_pool(todo, out_dir, cfg, mpp, workers, on_tile, finish) -> None:
         workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)
     ) as pool:
         pending = {
-            pool.submit(_build_in_worker, f, out_dir, cfg, mpp=mpp, slide_id=sid, sha256=sha)
-            for f, sid, sha in todo
+            pool.submit(
+                _build_in_worker,
+                f,
+                out_dir,
+                cfg,
+                mpp=given,
+                slide_id=sid,
+                sha256=sha,
+                qc_dir=qc_dir,
+            )
+            for f, sid, sha, given in todo
         }
         try:
             while pending:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import openslide
@@ -27,7 +27,12 @@ MAX_PLAIN_PIXELS = 2**27
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Extensions only whole-slide formats use: if OpenSlide does not recognise such a file it is
 # damaged, and decoding it as a plain image would only hide that.
-WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
+WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
+# µm/px = OBJECTIVE_UM / objective power when a slide records only its magnification: the
+# usual scanner optics (40x ~ 0.25 µm/px, 20x ~ 0.5 µm/px); real scanners differ by up to ~10%.
+OBJECTIVE_UM = 10.0
+# Where a slide's base resolution came from.
+MppSource = Literal["override", "file", "objective_power"]
 
 
 def _plausible(mpp: float | None) -> float | None:
@@ -251,24 +256,37 @@ class Slide:
         path: Path,
         levels: _OpenSlideLevels | _ArrayLevels,
         base_mpp: float,
-        mpp_override: float | None,
+        mpp_source: MppSource,
     ) -> None:
         self.path = path
         self.slide_id = path.stem
         self._levels = levels
-        self._mpp_override = mpp_override
+        self._mpp_override = base_mpp if mpp_source == "override" else None
         self.base_mpp = base_mpp
+        self.mpp_source: MppSource = mpp_source
         self.size: tuple[int, int] = levels.dims[0]
         self.backend: str = levels.backend
         self.metadata: dict[str, Any] = {
             **levels.metadata(),
             "backend": levels.backend,
             "base_mpp": base_mpp,
-            "mpp_source": "override" if mpp_override is not None else "file",
+            "mpp_source": mpp_source,
             "level_count": len(levels.dims),
             "level_dimensions": [list(d) for d in levels.dims],
             "level_downsamples": list(levels.downsamples),
         }
+
+    @property
+    def mpp_warning(self) -> str:
+        """What a user must hear when the resolution is an assumption, else ""."""
+        if self.mpp_source != "objective_power":
+            return ""
+        power = self.metadata["objective_power"]
+        return (
+            f"{self.path}: no microns-per-pixel in the file; assuming {self.base_mpp:g} µm/px "
+            f"from its {power:g}x objective ({OBJECTIVE_UM:g} µm / objective power); if that is "
+            "wrong pass --mpp or give the slide an mpp in a slides.csv"
+        )
 
     @classmethod
     def open(cls, path: str | Path, *, mpp: float | None = None) -> Slide:
@@ -277,11 +295,17 @@ class Slide:
         if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
             raise SlideReadError(path, f"invalid mpp {mpp}: must be a positive number")
         levels = _open_levels(path)
-        base_mpp = mpp if mpp is not None else _plausible(levels.file_mpp())
-        if base_mpp is None:
-            levels.close()
-            raise SlideReadError(path, "no microns-per-pixel in the file; pass --mpp")
-        return cls(path, levels, float(base_mpp), mpp)
+        if mpp is not None:
+            return cls(path, levels, float(mpp), "override")
+        if (file_mpp := _plausible(levels.file_mpp())) is not None:
+            return cls(path, levels, file_mpp, "file")
+        power = levels.metadata().get("objective_power")
+        if power is not None and _plausible(OBJECTIVE_UM / power) is not None:
+            return cls(path, levels, OBJECTIVE_UM / power, "objective_power")
+        levels.close()
+        raise SlideReadError(
+            path, "no microns-per-pixel or objective power in the file; pass --mpp"
+        )
 
     def __reduce__(self) -> tuple:
         return (_reopen, (str(self.path), self._mpp_override))

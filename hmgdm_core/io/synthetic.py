@@ -126,12 +126,15 @@ def write_pyramidal_tiff(
     seed: int = 0,
     compression: str = "jpeg",
     quality: int = 90,
+    description: str | None = None,
 ) -> Path:
     """Write a tiled pyramidal TIFF of synthetic tissue that OpenSlide reads as `generic-tiff`.
 
     Reduced levels (downsample 2, 4, ...) are separate pages with subfiletype=1 (OpenSlide
     ignores SubIFDs). `levels=None` adds levels until one fits in a single tile.
-    The file is written next to `path` and moved into place when complete.
+    The file is written next to `path` and moved into place when complete. `description` is
+    the first page's ImageDescription (e.g. an Aperio header, which OpenSlide then reads as
+    an Aperio slide with the header's properties).
     """
     path = Path(path)
     if levels is None:
@@ -158,6 +161,60 @@ def write_pyramidal_tiff(
                     resolutionunit="CENTIMETER",
                     subfiletype=0 if level == 0 else 1,
                     metadata=None,
+                    description=description if level == 0 else None,
                 )
 
     return atomic_write(path, write)
+
+
+def write_dicom_wsi(
+    folder: str | Path, width: int, height: int, *, mpp: float, tile: int = 256, seed: int = 0
+) -> Path:
+    """A DICOM whole-slide image of synthetic tissue, as OpenSlide 4 reads it: one file per
+    pyramid level (downsample 1, 2, ...) in `folder`, one series, tiles stored uncompressed
+    (VL Whole Slide Microscopy, TILED_FULL). Needs pydicom (a dev dependency)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame_of_ref = generate_uid(), generate_uid(), generate_uid()
+    level, d = 0, 1
+    while True:
+        lw, lh = -(-width // d), -(-height // d)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID, ds.Modality = frame_of_ref, "SM"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.Rows = ds.Columns = tile
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = lw, lh
+        ds.TotalPixelMatrixFocalPlanes, ds.DimensionOrganizationType = 1, "TILED_FULL"
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = width * mpp / 1e3, height * mpp / 1e3
+        ds.ImagedVolumeDepth = 0.001
+        measures = Dataset()
+        measures.PixelSpacing = [mpp * d / 1e3, mpp * d / 1e3]  # mm
+        measures.SliceThickness = 0.001
+        shared = Dataset()
+        shared.PixelMeasuresSequence = [measures]
+        ds.SharedFunctionalGroupsSequence = [shared]
+        path = Dataset()
+        path.OpticalPathIdentifier = "1"
+        ds.OpticalPathSequence, ds.NumberOfOpticalPaths = [path], 1
+        frames = list(_level_tiles(lw, lh, d, mpp=mpp, tile=tile, seed=seed))
+        padded = np.full((len(frames), tile, tile, 3), 255, np.uint8)  # edge tiles: white
+        for i, f in enumerate(frames):
+            padded[i, : f.shape[0], : f.shape[1]] = f
+        ds.NumberOfFrames, ds.PixelData = len(frames), padded.tobytes()
+        pydicom.dcmwrite(folder / f"level{level}.dcm", ds, enforce_file_format=True)
+        if max(lw, lh) <= tile:
+            return folder
+        level, d = level + 1, d * 2

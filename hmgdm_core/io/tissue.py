@@ -56,19 +56,13 @@ def tissue_mask(thumb: np.ndarray, *, mpp: float, cfg: TissueConfig) -> np.ndarr
     return remove_small_holes(mask, max_size=int(cfg.min_hole_um2 / px_area))
 
 
-def tile_grid(
-    mask: np.ndarray,
-    *,
-    mask_mpp: float,
-    tile_um: float,
-    slide_size_um: tuple[float, float],
-    min_fraction: float,
+def tile_fractions(
+    mask: np.ndarray, *, mask_mpp: float, tile_um: float, slide_size_um: tuple[float, float]
 ) -> np.ndarray:
-    """(n, 2) float64 top-left (x, y) µm of grid tiles holding tissue, in row-major order.
+    """(n_y, n_x) share of each tile of the slide's grid covered by tissue.
 
     The grid starts at the slide's origin with step `tile_um` and covers the whole slide; a mask
-    pixel belongs to the tile containing its centre. A tile is kept when its tissue covers at
-    least `min_fraction` of its area and it holds some tissue at all.
+    pixel belongs to the tile containing its centre.
     """
     if tile_um < 2 * mask_mpp:
         raise ConfigError(
@@ -81,6 +75,25 @@ def tile_grid(
     tx = np.minimum(((cols + 0.5) * mask_mpp // tile_um).astype(np.int64), n_x - 1)
     ty = np.minimum(((rows + 0.5) * mask_mpp // tile_um).astype(np.int64), n_y - 1)
     counts = np.bincount(ty * n_x + tx, minlength=n_x * n_y)  # (n_y * n_x,)
-    fraction = counts * (mask_mpp / tile_um) ** 2
-    keep = np.flatnonzero((counts > 0) & (fraction >= min_fraction))
+    return (counts * (mask_mpp / tile_um) ** 2).reshape(n_y, n_x)
+
+
+def tile_grid(
+    mask: np.ndarray,
+    *,
+    mask_mpp: float,
+    tile_um: float,
+    slide_size_um: tuple[float, float],
+    min_fraction: float,
+) -> np.ndarray:
+    """(n, 2) float64 top-left (x, y) µm of grid tiles holding tissue, in row-major order.
+
+    A tile of `tile_fractions`' grid is kept when its tissue covers at least `min_fraction` of
+    its area and it holds some tissue at all.
+    """
+    fractions = tile_fractions(
+        mask, mask_mpp=mask_mpp, tile_um=tile_um, slide_size_um=slide_size_um
+    )  # (n_y, n_x)
+    n_x = fractions.shape[1]
+    keep = np.flatnonzero((fractions.ravel() > 0) & (fractions.ravel() >= min_fraction))
     return np.stack([keep % n_x, keep // n_x], axis=1).astype(np.float64) * tile_um

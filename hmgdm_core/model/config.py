@@ -86,3 +86,6 @@ class TrainConfig(Section):
     min_lr_fraction: float = Field(0.1, ge=0, le=1, description="cosine floor, share of peak")
     grad_clip: float = Field(10.0, gt=0, description="gradient norm clip (official: 10)")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    stain_jitter: float = Field(
+        0.0, ge=0, le=0.5, description="H&E jitter of instance windows per graph (0 = off)"
+    )

@@ -52,7 +52,9 @@ def patient_batch(
     def batch(graphs: Sequence[Data]) -> Batch:
         if len(graphs) > k:
             graphs = [graphs[i] for i in torch.randperm(len(graphs), generator=generator)[:k]]
-        return make_batch(graphs, train_cfg.max_nodes, generator).to(device)
+        return make_batch(
+            graphs, train_cfg.max_nodes, generator, stain_jitter=train_cfg.stain_jitter
+        ).to(device)
 
     return batch
 

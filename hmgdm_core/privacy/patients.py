@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hmgdm_core.privacy.errors import PrivacyError
+from hmgdm_core.slide_ids import match_slide_ids
 
 COLUMNS = ("slide_id", "patient_id")
 
@@ -46,6 +47,13 @@ def read_patients(path: Path | str) -> dict[str, str]:
             )
         table[slide] = patient
     return table
+
+
+def for_slides(table: dict[str, str], slides: Iterable[str]) -> dict[str, str]:
+    """`table` keyed by the cache's slide ids: a table naming slides by file stem (as ids were
+    before they became relative paths) still groups them into their patients."""
+    matched, _ = match_slide_ids(table, slides)
+    return {matched.get(slide, slide): patient for slide, patient in table.items()}
 
 
 def unmapped(slides: Iterable[str], table: dict[str, str]) -> list[str]:

@@ -46,11 +46,15 @@ class PartitionSpec(Section):
     kind: Literal["iid", "dirichlet", "quantity"] = "iid"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, quantity)")
     stain: float = Field(0.0, ge=0, description="per-site H&E optical-density shift (std, log)")
+    stain_norm: Literal["none", "macenko"] = Field(
+        "none", description="sites normalise stains before building graphs (graph.stain_norm)"
+    )
 
     @property
     def name(self) -> str:
         base = self.kind if self.kind == "iid" else f"{self.kind}{self.alpha:g}"
-        return f"{base}+stain{self.stain:g}" if self.stain else base
+        base = f"{base}+stain{self.stain:g}" if self.stain else base
+        return base if self.stain_norm == "none" else f"{base}+{self.stain_norm}"
 
     def assign(self, labels: np.ndarray, sites: int, seed: int) -> np.ndarray:
         """Site index per item."""

@@ -194,8 +194,11 @@ def _prepare(cfg: StudyConfig, cell: Cell, out: Path, data: Path | None) -> Spli
         site = cell.partition.assign(cohort.labels, cell.sites, cell.seed)
     except ValueError as err:
         raise ConfigError(f"study cohort: {err}; use fewer sites or more images") from None
+    graph_cfg = (c.graph or cohort.graph).model_copy(
+        update={"stain_norm": cell.partition.stain_norm}
+    )
     graphs = cohorts.build_graphs(
-        cohort.images, cohort.mpp, c.graph or cohort.graph, sites=site, stain=cell.partition.stain
+        cohort.images, cohort.mpp, graph_cfg, sites=site, stain=cell.partition.stain
     )
     ok = np.array([g is not None for g in graphs])
     split = Split(

@@ -73,6 +73,15 @@ def test_exit_code_and_summary(tmp_path, data_dir):
     assert rows["nope"]["status"] == "error" and len(rows) == 4
 
 
+def test_a_folder_without_images_exits_1_with_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = _run(["build-graphs", tmp_path / "empty", "--out", tmp_path / "o", "--no-progress"])
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 1
+    assert len(lines) == 1 and "empty: no slides or images found" in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_config_key_is_a_clear_error(tmp_path, data_dir):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[graph]\ntile_sise = 10\n")

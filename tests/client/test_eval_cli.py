@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import geojson
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import DATA, TINY_MODEL
+from PIL import Image
 from typer.testing import CliRunner
 
 from client.cli import app
@@ -57,6 +60,12 @@ def test_finetune_writes_the_probe_outputs_and_a_model_that_explain_paints(site,
     folds = pd.read_csv(out / "folds.csv")
     assert len(folds) == 2 and (folds["n_test"] > 0).all()
     assert (out / "confusion.png").stat().st_size > 1000
+    assert (out / "roc.png").stat().st_size > 1000
+    pred = pd.read_csv(out / "predictions.csv")
+    labels = pd.read_csv(site["root"] / "labels.csv")
+    assert sorted(pred["slide_id"]) == sorted(labels["slide_id"])
+    assert set(pred["fold"]) == {0, 1} and set(pred["prediction"]) <= {"other", "tumour"}
+    assert np.allclose(pred["p_other"] + pred["p_tumour"], 1)
 
     slide = next(iter(sorted((KATHER / "01_TUMOR").glob("*.tif")))).stem
     png = tmp_path / "explain.png"
@@ -69,6 +78,45 @@ def test_finetune_writes_the_probe_outputs_and_a_model_that_explain_paints(site,
     n_nodes = sum(g.num_nodes for g in load_graph_dir(site["graphs"]) if g.slide_id == slide)
     assert len(entities) == n_nodes and entities["importance"].sum() == pytest.approx(1.0)
     assert png.stat().st_size > 1000
+    # The same importances, per entity outline, for QuPath.
+    collection = geojson.loads(png.with_suffix(".geojson").read_text())
+    assert collection.is_valid and len(collection["features"]) == n_nodes
+    importance = [f["properties"]["measurements"]["importance"] for f in collection["features"]]
+    assert importance == pytest.approx(entities["importance"].tolist())
+    top = max(collection["features"], key=lambda f: f["properties"]["measurements"]["importance"])
+    assert top["properties"]["classification"]["name"] == "importance 5/5"
+
+
+def test_export_writes_entity_outlines_and_draws_them(site, tmp_path):
+    slide = next(iter(sorted((KATHER / "04_LYMPHO").glob("*.tif")))).stem
+    out, png = tmp_path / "s.geojson", tmp_path / "s.png"
+    res = CliRunner().invoke(
+        app,
+        [
+            "export",
+            slide[:12],
+            "--graphs",
+            str(site["graphs"]),
+            "--out",
+            str(out),
+            "--color-by",
+            "Haematoxylin OD mean",
+            "--png",
+            str(png),
+        ],
+    )  # fmt: skip  (a unique prefix is not a slide id: refused below, then the full id)
+    assert res.exit_code == 1 and "no graph archive" in res.output
+    args = ["export", slide, "--graphs", str(site["graphs"]), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--color-by", "Haematoxylin OD mean", "--png", str(png)])
+    assert res.exit_code == 0, res.output
+    collection = geojson.loads(out.read_text())
+    assert collection.is_valid
+    assert {f["geometry"]["type"] for f in collection["features"]} == {"Polygon"}
+    assert len({f["properties"]["classification"]["name"] for f in collection["features"]}) == 5
+    with Image.open(png) as im:
+        assert im.size[0] >= 140  # the 150 px tile at the graphs' 0.5 µm/px
+    res = CliRunner().invoke(app, [*args, "--color-by", "nope"])
+    assert res.exit_code == 1 and "no measurement 'nope'" in res.output
 
 
 def test_explain_refuses_a_pretraining_checkpoint_and_a_bad_method(site, tmp_path):

@@ -86,5 +86,11 @@ def test_sites_finetune_on_their_own_labels_and_the_server_pools_their_pair_coun
         rows = mine.iloc[test]
         risk = predict(net, [[graphs[s]] for s in rows.index])[:, 0].double().numpy()
         union = union + pair_counts(rows["time"].to_numpy(), risk, rows["event"].to_numpy())
+        # The site kept its per-slide predictions of the last evaluation on its own disk.
+        (mine_csv,) = (tmp_path / "sites" / f"site-{pid}" / "downstream").glob("run-*/*.csv")
+        pred = pd.read_csv(mine_csv, dtype={"slide_id": str}).set_index("slide_id")
+        assert sorted(pred.index) == sorted(rows.index) and (pred["fold"] == "held-out").all()
+        assert pred.loc[rows.index, "risk"].to_numpy() == pytest.approx(risk, abs=1e-5)
+    assert not list(path.parent.rglob("predictions.csv"))  # the server's run has none
     assert union.comparable == result["pooled"]["comparable"]
     assert union.cindex == pytest.approx(result["pooled"]["cindex_pooled_pairs"])

@@ -79,8 +79,41 @@ def test_write_outputs(tmp_path):
     assert folds["fold"].tolist() == [0, 1, 2]
     assert folds["n_test"].sum() == len(y)
     assert paths["confusion"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["roc"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "confusion.png",
         "folds.csv",
         "metrics.json",
+        "predictions.csv",
+        "roc.png",
     ]  # no temp files left behind
+
+
+def test_predictions_are_out_of_fold_per_slide_and_match_the_metrics():
+    from hmgdm_core.downstream.plots import plot_roc
+
+    x, y, groups = cohort(n_patients=30)
+    probe = ProbeCV(EvalConfig(folds=3, seed=0)).fit(x, y, groups)
+    ids = [f"case{g}/slide{i}" for i, g in enumerate(groups)]
+    pred = probe.predictions(ids)
+    assert list(pred.columns) == [
+        "slide_id", "patient_id", "fold", "truth", "prediction", "p_adeno", "p_benign", "p_squamous"
+    ]  # fmt: skip
+    assert pred["slide_id"].tolist() == ids and (pred["truth"] == y).all()
+    # Each patient is tested in exactly one fold, the fold the per-fold metrics counted it in.
+    assert (pred.groupby("patient_id")["fold"].nunique() == 1).all()
+    for fold, rows in pred.groupby("fold"):
+        assert probe.folds_.loc[fold, "accuracy"] == pytest.approx(
+            (rows["truth"] == rows["prediction"]).mean()
+        )
+    proba = pred[["p_adeno", "p_benign", "p_squamous"]].to_numpy()
+    assert np.allclose(proba.sum(axis=1), 1)
+    assert (pred["prediction"] == np.array(probe.classes_)[proba.argmax(axis=1)]).all()
+    # The ROC plot has one curve per class, each labelled with the AUC of these predictions.
+    from sklearn.metrics import roc_auc_score
+
+    ax = plot_roc(y, proba, ["adeno", "benign", "squamous"])
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert len(labels) == 4 and labels[-1] == "chance"
+    auc = roc_auc_score(y == "benign", proba[:, 1])
+    assert labels[1].startswith(f"benign (AUC {auc:.3f}")

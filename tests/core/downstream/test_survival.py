@@ -105,3 +105,13 @@ def test_write_outputs(tmp_path):
     assert km["logrank_p"] == pytest.approx(cv.km_.p_value_)
     assert len(pd.read_csv(paths["folds"])) == 3
     assert paths["km_plot"].read_bytes()[:4] == b"\x89PNG"
+    pred = pd.read_csv(paths["predictions"])
+    assert list(pred.columns) == [
+        "slide_id", "patient_id", "fold", "time", "event", "risk", "risk_group"
+    ]  # fmt: skip
+    assert np.allclose(pred["time"], time) and (pred["event"] == event).all()
+    # Each fold's C-index is the one of the risks written for that fold's slides.
+    for fold, rows in pred.groupby("fold"):
+        expected = concordance_index(rows["time"], -rows["risk"], rows["event"])
+        assert cv.folds_.loc[fold, "cindex"] == pytest.approx(expected)
+    assert (pred["risk_group"] == "high").sum() == km["groups"]["high risk"]["n"]

@@ -143,6 +143,22 @@ def test_mpp_from_file_override_and_missing(data_dir, cmu, tmp_path):
             Slide.open(path)
 
 
+def test_objective_power_gives_the_resolution_with_a_warning(tmp_path):
+    """A slide recording only its magnification (Aperio AppMag, no MPP) is read at 10 µm /
+    objective power, and says so; --mpp still wins."""
+    header = "Aperio Image Library v12.0.16\r\n512x512 (256x256) JPEG/RGB Q=90|AppMag = 20"
+    path = write_pyramidal_tiff(
+        tmp_path / "mag.svs", 512, 512, mpp=0.5, tile=256, levels=1, description=header
+    )
+    with Slide.open(path) as s:
+        assert s.metadata["vendor"] == "aperio" and s.metadata["mpp_x"] is None
+        assert (s.base_mpp, s.mpp_source) == (0.5, "objective_power")
+        assert "mag.svs" in s.mpp_warning and "20x objective" in s.mpp_warning
+        assert "0.5 µm/px" in s.mpp_warning and "\n" not in s.mpp_warning
+    with Slide.open(path, mpp=0.3) as s:
+        assert (s.base_mpp, s.mpp_source, s.mpp_warning) == (0.3, "override", "")
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_invalid_mpp_rejected(cmu, bad):
     with pytest.raises(SlideReadError, match="invalid mpp"):
