@@ -5,10 +5,12 @@ with one line naming its sha256; in neither case does anything of the FAB run at
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -85,6 +87,12 @@ def run_app(fed, app: Path, run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "replies.json").read_text())
 
 
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
+
+
 def test_a_site_never_runs_the_operators_bundle(federation, tmp_path):
     fed = federation
     marker = tmp_path / "marker"
@@ -101,6 +109,10 @@ def test_a_site_never_runs_the_operators_bundle(federation, tmp_path):
     # The site's Runtime API hands tasks only to the launcher holding the join's secret
     # (RUNTIME_AUTHENTICATION_FAILED; without the secret Flower hands them to any local user).
     port = site.args[site.args.index("--port") + 1]
+    # Online at the SuperLink comes before the SuperNode opens its Runtime API.
+    while not _listening(int(port)):
+        assert site.poll() is None and time.monotonic() < deadline, "no Runtime API"
+        time.sleep(0.5)
     res = httpx.post(f"http://127.0.0.1:{port}/v1/runtime/acquire-task", content=b"",
                      headers={"content-type": "application/protobuf"})  # fmt: skip
     assert res.status_code == 401 and "Authentication failed" in res.text, res.text
