@@ -45,23 +45,29 @@ METHODS = ("probe", "finetune")
 
 
 def _embed_and_label(graphs, ckpt, labels, config, id_column, patient_column, device, task):
-    """(eval config, labels, rows): frozen slide embeddings (slides, hidden) for the probes."""
-    from hmgdm_core.pretrain import embed_graphs
+    """(eval config, labels, rows, raw): frozen slide embeddings (slides, hidden) for the
+    probes, and the raw-descriptor baselines {name: rows}: entity descriptors mean-pooled, and
+    mean + std pooled; rows in the labels' order."""
+    from hmgdm_core.pretrain import embed_graphs, raw_slide_features
     from hmgdm_core.train import resolve_device
 
     cfg, lab, data = _load(graphs, ckpt, labels, config, id_column, patient_column, task)
     names, emb, _ = embed_graphs(ckpt.model, data, device=resolve_device(device))
-    row = {name: i for i, name in enumerate(names)}
-    return cfg, lab, emb.numpy()[[row[s] for s in lab.table["slide_id"]]]
+    rows = [{name: i for i, name in enumerate(names)}[s] for s in lab.table["slide_id"]]
+    raw = {
+        f"raw_descriptors_{pool}": raw_slide_features(data, std=pool == "mean_std")[1].numpy()[rows]
+        for pool in ("mean", "mean_std")
+    }
+    return cfg, lab, emb.numpy()[rows], raw
 
 
 def _bags_and_label(graphs, ckpt, labels, config, id_column, patient_column, task):
-    """(eval config, labels, rows): each row the region graphs of one slide."""
+    """(eval config, labels, rows, None): each row the region graphs of one slide."""
     cfg, lab, data = _load(graphs, ckpt, labels, config, id_column, patient_column, task)
     by_slide: dict[str, list] = {}
     for g in data:
         by_slide.setdefault(str(g.slide_id), []).append(g)
-    return cfg, lab, [by_slide[s] for s in lab.table["slide_id"]]
+    return cfg, lab, [by_slide[s] for s in lab.table["slide_id"]], None
 
 
 def _load(graphs, ckpt, labels, config, id_column, patient_column, task):
@@ -130,25 +136,26 @@ def classify(
         from hmgdm_core.train import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint)
-        cfg, lab, x = _inputs(
-            method,
-            graphs,
-            ckpt,
-            labels,
-            config,
-            id_column,
-            patient_column,
-            device,
+        cfg, lab, x, raw = _inputs(
+            method, graphs, ckpt, labels, config, id_column, patient_column, device,
             "classification",
-        )
+        )  # fmt: skip
         probe = ProbeCV(cfg) if method == "probe" else FinetuneCV(ckpt.model, ckpt.cfg, cfg)
         probe.fit(x, lab.table["label"].to_numpy(), lab.groups)
+        for name, rows in (raw or {}).items():  # better than its own inputs? same probe, folds
+            probe.add_baseline(name, rows)
         files = probe.write(out, lab.table["slide_id"])
         m = probe.metrics_
         console.print(
             f"{len(x)} slides, {cfg.folds} folds: accuracy {_pm(m['accuracy'])}, "
             f"macro-F1 {_pm(m['macro_f1'])}, balanced acc {_pm(m['balanced_accuracy'])}"
         )
+        for name, base in probe.baselines_.items():
+            pooling = name.removeprefix("raw_descriptors_").replace("_", "+")
+            console.print(
+                f"raw entity descriptors ({pooling}-pooled), same probe and folds: "
+                f"accuracy {_pm(base['accuracy'])}"
+            )
         console.print("wrote " + ", ".join(str(p) for p in files.values()))
 
     run_reporting_errors(go)
@@ -178,7 +185,7 @@ def survival(
         from hmgdm_core.train import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint)
-        cfg, lab, x = _inputs(
+        cfg, lab, x, _ = _inputs(
             method, graphs, ckpt, labels, config, id_column, patient_column, device, "survival"
         )
         t = lab.table

@@ -30,6 +30,17 @@ def pretrain(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR/last.pt exactly."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    labels: Path | None = typer.Option(
+        None,
+        "--labels",
+        help="Optional classification labels CSV: a linear probe on the encoder is logged "
+        "(probe_acc) against its random-weight twin. Used only for monitoring, never trained on.",
+    ),
+    id_column: str = typer.Option("slide_id", "--id-column", help="Slide column of --labels."),
+    patient_column: str = typer.Option(
+        "patient_id", "--patient-column", help="Patient column of --labels (grouped folds)."
+    ),
+    probe_every: int = typer.Option(1, "--probe-every", min=1, help="Epochs between probes."),
 ) -> None:
     """Pretrain H-MGDM on this site's graphs: stage-1 autoencoder, then masked graph diffusion."""
     from hmgdm_core.config import load_config
@@ -45,13 +56,49 @@ def pretrain(
         dev = resolve_device(device)
         data = load_graph_dir(graphs)
         console.print(f"{len(data)} region graphs from {graphs}; training on {dev}", soft_wrap=True)
-        run(data, cfg, out, device=dev, resume=resume, progress=progress, source=str(graphs))
+        monitor = None
+        if labels is not None:
+            from hmgdm_core.downstream.labels import read_labels
+            from hmgdm_core.pretrain import probe_monitor
+
+            lab = read_labels(
+                labels, sorted({str(g.slide_id) for g in data}), n_folds=cfg.evaluation.folds,
+                task="classification", id_column=id_column, patient_column=patient_column,
+            )  # fmt: skip
+            monitor = probe_monitor(data, lab, cfg.evaluation, device=dev)
+        run(
+            data, cfg, out, device=dev, resume=resume, progress=progress, source=str(graphs),
+            monitor=monitor, probe_every=probe_every,
+        )  # fmt: skip
     except HmgdmError as err:
         raise _fail(err) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: rerun with --resume to continue")
         raise typer.Exit(130) from None
     console.print(f"checkpoint: {out / CHECKPOINT_NAME}; metrics: {out / 'metrics.csv'}")
+    _print_diagnostics(out / "metrics.csv", console)
+
+
+def _print_diagnostics(metrics_csv: Path, console) -> None:
+    """The run's last held-out diagnostic, with what it means (the full series is in the CSV)."""
+    import pandas as pd
+
+    rows = pd.read_csv(metrics_csv)
+    probes = rows.dropna(subset=["probe_acc"])
+    if not probes.empty:
+        console.print(
+            f"probe accuracy {probes['probe_acc'].iloc[-1]:.3f} (random-weight twin "
+            f"{probes['probe_random_twin'].iloc[-1]:.3f})"
+        )
+    shares = rows["context_share"].dropna()
+    if shares.empty:
+        return
+    console.print(
+        f"held-out context share {shares.iloc[-1]:.3f}: the share of the masked entities' "
+        "variance that the encoder's view of the rest of the graph explains (near 0: the "
+        "diffusion decoder does not use the encoder)",
+        soft_wrap=True,
+    )
 
 
 def embed(

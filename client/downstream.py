@@ -2,7 +2,8 @@
 standardisation (`query.entity_moments`), fine-tune the slide head on this site's own labels
 (`train.finetune`) and evaluate the global head on this site's held-out patients
 (`evaluate.downstream`). Replies carry model arrays and scalars only: metrics, counts and, for
-survival, the concordance pair counts of the site's own patients.
+survival, the concordance pair counts of the site's own patients; statistics and metrics only
+within the site's disclosure policy, trained weights never from a local-DP site (no DP path).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.guard import request_config, server_round
+from client.privacy import site_local_dp
 from client.records import (
     FROZEN,
     SHARED,
@@ -20,7 +23,6 @@ from client.records import (
     pack_metrics,
     pack_state,
     record_names,
-    unpack_config,
     unpack_task,
 )
 from client.site import Site
@@ -28,6 +30,7 @@ from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.downstream.finetune import Bag, Task
 from hmgdm_core.downstream.labels import Labels
 from hmgdm_core.exceptions import LabelError
+from hmgdm_core.privacy.errors import PrivacyError
 
 
 def task_from_config(config: ConfigRecord) -> Task:
@@ -42,6 +45,10 @@ class SiteCohort:
     labels: Labels
     train: np.ndarray
     test: np.ndarray
+
+    def patients(self, rows: np.ndarray) -> int:
+        """Distinct patients among `rows` of the table."""
+        return len(set(self.labels.groups[rows].tolist()))
 
     def target(self, task: Task) -> np.ndarray:
         t = self.labels.table
@@ -86,7 +93,7 @@ def site_cohort(site: Site, cfg: HmgdmConfig, task: Task) -> SiteCohort:
 
 def _site_net(msg: Message, context: Context):
     config = msg.content["config"]
-    cfg, task = unpack_config(config), task_from_config(config)
+    cfg, task = request_config(config), task_from_config(config)
     site = Site.from_context(context)
     cohort = site_cohort(site, cfg, task)
     from hmgdm_core.data import graph_dims
@@ -97,14 +104,22 @@ def _site_net(msg: Message, context: Context):
     return cfg, task, cohort, net
 
 
+def _guard(context: Context):
+    return Site.from_context(context).guard(context.run_id)
+
+
 def entity_moments(msg: Message, context: Context) -> Message:
     """Count, sum and sum of squares of the global encoder's entity embeddings over this
     site's training patients: the server pools them into the head's input standardisation."""
     _, _, cohort, net = _site_net(msg, context)
+    guard = _guard(context)
+    guard.patients(cohort.patients(cohort.train), "entity-embedding moments")
+    guard.query("entity-moments")
     n, total, total_sq = net.entity_moments([cohort.bags[i] for i in cohort.train])
     content = RecordDict(
         {
-            "metrics": MetricRecord({"entities": n}),
+            # Its labelled slides: the most this site may weigh in fine-tuning and evaluation.
+            "metrics": MetricRecord({"entities": n, "slides": len(cohort.bags)}),
             "moments": pack_state({"total": total, "total_sq": total_sq}),
         }
     )
@@ -120,8 +135,16 @@ def finetune(msg: Message, context: Context) -> Message:
         train_epochs,
     )
 
+    site, run_privacy = Site.from_context(context), request_config(msg.content["config"]).privacy
+    if site_local_dp(site, run_privacy) is not None:
+        # Trained weights leave only under the site's DP and ledger; fine-tuning has no DP-SGD
+        # path yet (the deep Cox loss couples patients), so a local-DP site refuses it.
+        raise PrivacyError(
+            "fine-tuning under this site's local DP is not supported; it sends no trained "
+            "weights outside DP-SGD rounds"
+        )
     cfg, task, cohort, net = _site_net(msg, context)
-    ev, rnd = cfg.evaluation, int(msg.content["config"]["server-round"])
+    ev, rnd = cfg.evaluation, server_round(msg.content["config"])
     y = cohort.target(task)[cohort.train]
     weight = class_weights(y, task.out_channels) if task.kind == "classification" else None
     loss = train_epochs(
@@ -153,6 +176,9 @@ def evaluate_downstream(msg: Message, context: Context) -> Message:
 
     _, task, cohort, net = _site_net(msg, context)
     test = cohort.test
+    guard = _guard(context)
+    guard.patients(cohort.patients(test), "held-out metrics")
+    guard.query("evaluate-downstream", guard.policy.max_evaluations_per_run)
     out = predict(net, [cohort.bags[i] for i in test])
     y = cohort.target(task)[test]
     rows = cohort.labels.table.iloc[test]

@@ -2,28 +2,26 @@
 round of the stage the server asks for (`train`), evaluate held-out graphs (`evaluate`).
 
 Under local DP a round is patient-level DP-SGD with the site's own settings and ledger; a site
-whose budget is spent answers with an error saying so, and the server goes on without it.
+whose budget is spent refuses (client/report.py answers with that category) and the server
+goes on without it. Statistics and held-out losses answer within the site's disclosure policy.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from logging import WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.common import log
-from flwr.common.constant import ErrorCode
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch_geometric.data import Data
 
+from client.guard import bounded, request_config, request_stage, server_round
 from client.privacy import patient_table, site_local_dp
-from client.records import SHARED, pack_metrics, pack_state, record_names, unpack_config
+from client.records import SHARED, pack_metrics, pack_state, record_names
 from client.site import Site, site_model
 from hmgdm_core.atomic import save_torch
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.exceptions import GraphDataError
 from hmgdm_core.privacy.config import LocalDP
-from hmgdm_core.privacy.errors import PrivacyError
 
 
 def _reply(msg: Message, metrics: MetricRecord, arrays: ArrayRecord | None = None) -> Message:
@@ -40,11 +38,16 @@ def stats(msg: Message, context: Context) -> Message:
     site = Site.from_context(context)
     graphs = site.graphs()
     validate_graphs(graphs, str(site.graphs_dir))
+    guard = site.guard(context.run_id)
+    guard.patients(site.patient_count(graphs), "feature moments")
+    guard.query("stats")
     dims = {k: int(v) for k, v in asdict(graph_dims(graphs)).items()}
     content = RecordDict(
         {
             "dims": MetricRecord(dims),
             "moments": pack_state(feature_moments(graphs)),
+            # The most this site may weigh in any round (the server caps num-examples by it).
+            "metrics": MetricRecord({"graphs": len(graphs)}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -69,10 +72,10 @@ def _train_round(
         train_steps,
     )
 
-    stage, rnd, fed = str(config["stage"]), int(config["server-round"]), cfg.federation
+    stage, rnd, fed = request_stage(config), server_round(config), cfg.federation
     generator = torch.Generator().manual_seed(cfg.train.seed * 100_003 + rnd)
     objective = model_objective(model, stage=stage, generator=generator)
-    if (mu := float(config.get("proximal-mu", 0.0))) > 0:
+    if mu := bounded(config.get("proximal-mu", 0.0), "proximal-mu", 0, 1e6):
         objective = proximal(objective, model, shared, mu)
     common = dict(
         stage=stage,
@@ -101,28 +104,24 @@ def _train_round(
 def train(msg: Message, context: Context) -> Message:
     """Local epochs/steps of the round's stage from the global weights; send the shared ones."""
     config = msg.content["config"]
-    cfg, rnd = unpack_config(config), int(config["server-round"])
+    cfg, rnd = request_config(config), server_round(config)
     fed = cfg.federation
     site = Site.from_context(context)
-    try:
-        local_dp = site_local_dp(site, cfg.privacy)
-        graphs, _ = site.split(fed.eval_fraction, fed.seed)
-        model = site_model(site, cfg, msg, graphs)
-        shared = record_names(msg.content[SHARED])
-        metrics = _train_round(site, model, graphs, cfg, local_dp, config, shared)
-    except PrivacyError as err:
-        # An error reply, not an exception: the server logs the reason and goes on without us.
-        log(WARNING, "round %d: not training: %s", rnd, err)
-        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err))
-        return Message(error, reply_to=msg)
+    # A refusal (e.g. a spent budget) raises: report_mod answers with its category and the
+    # server goes on without this site.
+    local_dp = site_local_dp(site, cfg.privacy)
+    graphs, _ = site.split(fed.eval_fraction, fed.seed)
+    model = site_model(site, cfg, msg, graphs)
+    shared = record_names(msg.content[SHARED])
+    metrics = _train_round(site, model, graphs, cfg, local_dp, config, shared)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     num_graphs = int(metrics.pop("num_graphs"))
     # The full model stays here: unshared parts (e.g. the decoder) live only in this file,
     # next to a record of what this site contributed to the round.
     save_torch(
-        {"model": state, "round": rnd, "stage": str(config["stage"]), "sent": shared,
+        {"model": state, "round": rnd, "stage": request_stage(config), "sent": shared,
          "num_examples": num_graphs},
-        site.checkpoint(str(config["run"])),
+        site.checkpoint(config.get("run")),
     )  # fmt: skip
     return _reply(msg, pack_metrics(metrics, num_graphs), pack_state(state, shared))
 
@@ -132,12 +131,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     from hmgdm_core.train import eval_loss, resolve_device
 
     config = msg.content["config"]
-    cfg, stage = unpack_config(config), str(config["stage"])
+    cfg, stage = request_config(config), request_stage(config)
     fed = cfg.federation
     site = Site.from_context(context)
     train_graphs, held_out = site.split(fed.eval_fraction, fed.seed)
     if not held_out:
         raise GraphDataError(f"{site.graphs_dir}: no held-out graphs (eval_fraction is 0)")
+    guard = site.guard(context.run_id)
+    guard.patients(site.patient_count(held_out), "a held-out loss")
+    guard.query("evaluate", guard.policy.max_evaluations_per_run)
     model = site_model(site, cfg, msg, train_graphs)
     metrics = eval_loss(
         model,

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from hmgdm_core.config import HmgdmConfig, parse_section
 from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.privacy.config import LocalDP
+from hmgdm_core.privacy.disclosure import DisclosureConfig
 from hmgdm_core.section import Section
 
 NUM_EXAMPLES = "num-examples"  # the weight FedAvg-style strategies read from each reply
@@ -43,7 +44,7 @@ COX_ARRAYS = "cox"
 # Run config keys: what the virtual sites of a simulation read instead of a node config (JSON),
 # and its one flat knob for a Flower user: the graph cache they split.
 SIM_SITES, SIM_GRAPHS_DIR = "sim", "sim-graphs-dir"
-Fault = Literal["nan", "shape", "huge"]
+Fault = Literal["nan", "shape", "huge", "liar", "stats"]
 
 
 class SimulatedSites(Section):
@@ -58,9 +59,12 @@ class SimulatedSites(Section):
     clinical_dir: Path | None = Field(None, description="site-K.csv: virtual site K's table")
     names: tuple[str, ...] = Field((), description="site names in reports, by partition id")
     faults: dict[int, Fault] = Field(
-        {}, description='partition -> corrupted train replies, or a spec "2:nan,3:shape,4:huge"'
+        {}, description='partition -> corrupted train replies, or a spec "1:liar,2:nan,3:shape"'
     )
     local_dp: LocalDP | None = Field(None, description="every virtual site's own [local_dp]")
+    disclosure: DisclosureConfig = Field(
+        DisclosureConfig(), description="every virtual site's own [disclosure]"
+    )
 
     @field_validator("faults", mode="before")
     @classmethod

@@ -8,16 +8,18 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import torch
 from flwr.app import Context, Message
 from pydantic import ConfigDict, Field
 from torch_geometric.data import Data
 
+from client.guard import Guard, run_key
 from client.records import FROZEN, SHARED, SimulatedSites, load_into
 from hmgdm_core.atomic import load_torch
 from hmgdm_core.config import HmgdmConfig, parse_section
+from hmgdm_core.data import holdout_split
 from hmgdm_core.exceptions import GraphDataError
 from hmgdm_core.privacy.config import LocalDP
+from hmgdm_core.privacy.disclosure import LOG_NAME, DisclosureConfig, ReleaseLog
 from hmgdm_core.section import Section
 
 
@@ -46,6 +48,9 @@ class Site(Section):
     # The site's own local DP: the [local_dp] of its privacy_config file (of the simulation for
     # a virtual site); never read from a node config or anything a server sends.
     local_dp: LocalDP | None = Field(None, exclude=True)
+    # What statistics about its patients may say: the [disclosure] of the same file (of the
+    # simulation for a virtual site), the defaults without one; never from the server.
+    disclosure: DisclosureConfig = Field(DisclosureConfig(), exclude=True)
 
     @classmethod
     def from_context(cls, context: Context) -> Site:
@@ -72,25 +77,22 @@ class Site(Section):
 
     def split(self, fraction: float, seed: int) -> tuple[list[Data], list[Data]]:
         """(train, held-out): whole slides are held out when the site has several."""
-        graphs = self.graphs()
-        slides = sorted({str(g.slide_id) for g in graphs})
-        gen = torch.Generator().manual_seed(seed)
-        if len(slides) >= 2:
-            n_eval = max(1, round(fraction * len(slides))) if fraction > 0 else 0
-            held = {slides[i] for i in torch.randperm(len(slides), generator=gen)[:n_eval]}
-            return (
-                [g for g in graphs if str(g.slide_id) not in held],
-                [g for g in graphs if str(g.slide_id) in held],
-            )
-        n_eval = max(1, int(fraction * len(graphs))) if fraction > 0 and len(graphs) > 1 else 0
-        held_idx = set(torch.randperm(len(graphs), generator=gen)[:n_eval].tolist())
-        return (
-            [g for i, g in enumerate(graphs) if i not in held_idx],
-            [g for i, g in enumerate(graphs) if i in held_idx],
-        )
+        return holdout_split(self.graphs(), fraction, seed)
 
-    def checkpoint(self, run_key: str) -> Path:
-        return self.state / f"{run_key}.pt"
+    def checkpoint(self, key: object) -> Path:
+        """The private checkpoint of the server's run `key` (checked: it names a file)."""
+        return self.state / f"{run_key(key)}.pt"
+
+    def patient_count(self, graphs: list[Data]) -> int:
+        """Distinct patients behind `graphs` (by the site's table; else one per slide)."""
+        from hmgdm_core.privacy.patients import read_patients
+
+        table = read_patients(self.patients) if self.patients else {}
+        return len({table.get(str(g.slide_id), str(g.slide_id)) for g in graphs})
+
+    def guard(self, run: object) -> Guard:
+        """The disclosure checks of a message of run `run`: this site's policy and release log."""
+        return Guard(self.disclosure, str(run), ReleaseLog(self.state / LOG_NAME))
 
     @property
     def state(self) -> Path:
@@ -110,20 +112,23 @@ class Site(Section):
         return self.state / LEDGER_NAME
 
 
-def load_site_privacy(path: Path) -> LocalDP | None:
-    """The [local_dp] section of a site's own TOML, None when it has none (no local DP); a typo
-    anywhere in the file is refused with the key's name."""
-    from hmgdm_core.config import load_config, load_local_dp
+def load_site_privacy(path: Path) -> tuple[LocalDP | None, DisclosureConfig]:
+    """The [local_dp] (None when it has none: no local DP) and [disclosure] (its defaults when
+    it has none) of a site's own TOML; a typo anywhere in the file is refused with its name."""
+    from hmgdm_core.config import load_config, load_disclosure, load_local_dp
 
     load_config(path)
-    return load_local_dp(path)
+    return load_local_dp(path), load_disclosure(path)
 
 
 @functools.lru_cache(maxsize=8)
 def _deployed(node: tuple[tuple[str, str], ...]) -> Site:
-    site = parse_section(Site, {k: v for k, v in node if k != "local-dp"}, "node config")
-    path = site.privacy_config
-    return site.model_copy(update={"local_dp": load_site_privacy(path) if path else None})
+    own = {k: v for k, v in node if k not in ("local-dp", "disclosure")}
+    site = parse_section(Site, own, "node config")
+    if (path := site.privacy_config) is None:
+        return site
+    local_dp, disclosure = load_site_privacy(path)
+    return site.model_copy(update={"local_dp": local_dp, "disclosure": disclosure})
 
 
 def _simulated(sim: SimulatedSites, pid: int, n: int) -> Site:
@@ -136,6 +141,7 @@ def _simulated(sim: SimulatedSites, pid: int, n: int) -> Site:
         clinical=sim.clinical_dir / f"site-{pid}.csv" if sim.clinical_dir else None,
         partition=(pid, n),
         local_dp=sim.local_dp,
+        disclosure=sim.disclosure,
     )
 
 
@@ -165,7 +171,7 @@ def site_model(site: Site, cfg: HmgdmConfig, msg: Message, graphs: list[Data]):
     from hmgdm_core.train import build_model
 
     model = build_model(cfg, graph_dims(graphs))
-    path = site.checkpoint(str(msg.content["config"]["run"]))
+    path = site.checkpoint(msg.content["config"].get("run"))
     if path.exists():
         model.load_state_dict(load_torch(path)["model"])
     records = [msg.content[k] for k in (SHARED, FROZEN) if k in msg.content.array_records]

@@ -16,6 +16,7 @@ from hmgdm_core.exceptions import ConfigError
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.model.config import DiffusionConfig, ModelConfig, TrainConfig
 from hmgdm_core.privacy.config import LocalDP, PrivacyConfig
+from hmgdm_core.privacy.disclosure import DisclosureConfig
 from hmgdm_core.section import Section, hash_values
 
 
@@ -77,7 +78,9 @@ class HmgdmConfig(Section):
 
 
 S = TypeVar("S", bound=Section)
-LOCAL_DP = "local_dp"  # a site's own section, never in HmgdmConfig
+# A site's own sections, never in HmgdmConfig: nothing a run sends can set them.
+LOCAL_DP, DISCLOSURE = "local_dp", "disclosure"
+SITE_SECTIONS: dict[str, type[Section]] = {LOCAL_DP: LocalDP, DISCLOSURE: DisclosureConfig}
 
 
 def _format_validation_error(path: Path | str, err: ValidationError) -> str:
@@ -120,23 +123,31 @@ def with_overrides(data: dict, overrides: dict | None) -> dict:
 def load_config(path: Path | str | None = None, overrides: dict | None = None) -> HmgdmConfig:
     """Load a TOML config (all defaults when `path` is None), then apply nested `overrides`.
 
-    A site's own file may hold its [local_dp] too: checked here, read by `load_local_dp` only,
-    never part of the HmgdmConfig that a run sends between parties.
+    A site's own file may hold its [local_dp] and [disclosure] too: checked here, read by
+    `load_local_dp` and `load_disclosure` only, never part of the HmgdmConfig that a run sends
+    between parties.
     """
     data = with_overrides(read_toml(Path(path)) if path is not None else {}, overrides)
-    _local_dp_section(data, path)
-    data.pop(LOCAL_DP, None)
+    for name in SITE_SECTIONS:
+        _site_section(data, path, name)
+        data.pop(name, None)
     return parse_section(HmgdmConfig, data, path or "<defaults>")
 
 
 def load_local_dp(path: Path | str | None, overrides: dict | None = None) -> LocalDP | None:
     """The [local_dp] section of a site's own TOML (None when it has none: no local DP)."""
     data = with_overrides(read_toml(Path(path)) if path is not None else {}, overrides)
-    return _local_dp_section(data, path)
+    return _site_section(data, path, LOCAL_DP)
 
 
-def _local_dp_section(data: dict, source: Path | str | None) -> LocalDP | None:
-    section = data.get(LOCAL_DP)
+def load_disclosure(path: Path | str | None, overrides: dict | None = None) -> DisclosureConfig:
+    """The [disclosure] section of a site's own TOML (its defaults when it has none)."""
+    data = with_overrides(read_toml(Path(path)) if path is not None else {}, overrides)
+    return _site_section(data, path, DISCLOSURE) or DisclosureConfig()
+
+
+def _site_section(data: dict, source: Path | str | None, name: str):
+    section = data.get(name)
     if section is None:
         return None
-    return parse_section(LocalDP, section, f"{source or '<defaults>'} [{LOCAL_DP}]")
+    return parse_section(SITE_SECTIONS[name], section, f"{source or '<defaults>'} [{name}]")

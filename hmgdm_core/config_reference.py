@@ -14,8 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from hmgdm_core.config import LOCAL_DP, HmgdmConfig
-from hmgdm_core.privacy.config import LocalDP
+from hmgdm_core.config import SITE_SECTIONS, HmgdmConfig
 
 HEADER = """# Configuration reference
 
@@ -71,8 +70,9 @@ def _sections(cls: type[BaseModel], prefix: str) -> list[tuple[str, type[BaseMod
 
 def reference_markdown(root: type[BaseModel] = HmgdmConfig) -> str:
     parts = [HEADER]
-    # A site's own [local_dp] is read from its file only, never part of a run's config.
-    for dotted, cls in [*_sections(root, ""), (LOCAL_DP, LocalDP)]:
+    # A site's own [local_dp] and [disclosure] are read from its file only, never part of a
+    # run's config.
+    for dotted, cls in [*_sections(root, ""), *SITE_SECTIONS.items()]:
         doc = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
         rows = [
             f"| `{name}` | {_type_name(f.annotation)} | {_default(f.default)} | {f.description} |"

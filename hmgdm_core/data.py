@@ -144,3 +144,25 @@ def make_batch(
             generator=generator,
         )
     return batch
+
+
+def holdout_split(
+    graphs: Sequence[Data], fraction: float, seed: int
+) -> tuple[list[Data], list[Data]]:
+    """(train, held-out), seeded: whole slides are held out when there are several, so no
+    region of a held-out slide is trained on; single-slide sets hold out region graphs."""
+    gen = torch.Generator().manual_seed(seed)
+    slides = sorted({str(g.slide_id) for g in graphs})
+    if len(slides) >= 2:
+        n_eval = max(1, round(fraction * len(slides))) if fraction > 0 else 0
+        held = {slides[i] for i in torch.randperm(len(slides), generator=gen)[:n_eval].tolist()}
+        return (
+            [g for g in graphs if str(g.slide_id) not in held],
+            [g for g in graphs if str(g.slide_id) in held],
+        )
+    n_eval = max(1, int(fraction * len(graphs))) if fraction > 0 and len(graphs) > 1 else 0
+    held_idx = set(torch.randperm(len(graphs), generator=gen)[:n_eval].tolist())
+    return (
+        [g for i, g in enumerate(graphs) if i not in held_idx],
+        [g for i, g in enumerate(graphs) if i in held_idx],
+    )

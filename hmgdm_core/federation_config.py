@@ -54,6 +54,11 @@ class FederationConfig(Section):
     aggregate: Aggregate = Field(
         "encoder", description="what is averaged: encoder, encoder+decoder or all"
     )
+    weighting: Literal["examples", "equal"] = Field(
+        "examples",
+        description="weight of a site's update: its example count (capped by the graph count "
+        "it reported before round 1) or 1 for every site",
+    )
     local_epochs: int = Field(1, ge=1, description="local epochs per round")
     local_steps: int | None = Field(None, ge=1, description="if set, steps per round, not epochs")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of a site's slides held out")

@@ -59,7 +59,10 @@ __all__ = [  # the API the federated client calls; data helpers re-exported for 
 ]
 
 CHECKPOINT_FORMAT = "hmgdm-checkpoint/1"
-STAGE_PREFIXES = {"autoencoder": ("autoencoder.",), "diffusion": ("encoder.", "decoder.")}
+STAGE_PREFIXES = {
+    "autoencoder": ("autoencoder.",),
+    "diffusion": ("encoder.", "decoder.", "projector."),
+}
 
 
 def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
@@ -76,6 +79,8 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
             window=window,
             channels=m.window_channels,
             kl_weight=m.kl_weight,
+            recon=m.window_recon,
+            invariance_weight=m.window_invariance,
         )
         edge_vae = (
             EntityVAE(
@@ -99,6 +104,9 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
             conv=m.conv,
             heads=m.heads,
             dropout=m.dropout,
+            mask_token_dims=(m.latent_dim, max(edge_latent, 1))
+            if d.encoder_input == "mask_token"
+            else None,
         )
         decoder = MaskedGraphDecoder(
             latent_dim=m.latent_dim,
@@ -111,6 +119,7 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
             conv=m.conv,
             dropout=m.dropout,
             skip_connections=m.skip_connections,
+            own_state=d.encoder_input == "mask_token",
         )
         model = HMGDM(
             autoencoder=vae,
@@ -130,6 +139,12 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
             prediction=d.prediction,
             edge_loss_weight=d.edge_loss_weight,
             readout=m.readout,
+            standardise_latents=d.standardise_latents,
+            timestep_range=d.timestep_range,
+            encoder_input=d.encoder_input,
+            node_loss=d.node_loss,
+            sce_gamma=d.sce_gamma,
+            invariance_weight=d.invariance_weight,
         )
     model.dims = dims
     return model
@@ -362,21 +377,33 @@ def eval_loss(
     device: torch.device,
     generator: torch.Generator,
 ) -> dict[str, float]:
-    """Mean masked-reconstruction (or stage-1) loss terms over held-out `graphs`."""
+    """Mean masked-reconstruction (or stage-1) loss terms over held-out `graphs`.
+
+    Stage 2 adds the context diagnostic: `context_share` = (loss with another graph's encoder
+    states - loss with the true ones) / variance of the masked targets (zeroed states when
+    only one graph is held out). Near 0, the decoder
+    denoises without using the encoder, and stage 2 cannot be teaching the encoder much.
+    """
     model.to(device).eval()
     sums: dict[str, float] = {}
-    for i in range(0, len(graphs), cfg.batch_size):
-        chunk = graphs[i : i + cfg.batch_size]
+    starts = list(range(0, len(graphs), cfg.batch_size))
+    if len(starts) > 1 and len(graphs) - starts[-1] == 1:
+        starts.pop()  # no batch of one graph: the context swap needs another graph
+    for i, end in zip(starts, [*starts[1:], len(graphs)], strict=True):
+        chunk = graphs[i:end]
         batch = make_batch(chunk, cfg.max_nodes, generator, stain_jitter=cfg.stain_jitter).to(
             device
         )
         with _autocast(device, cfg.amp):
-            terms = model.loss(batch, stage=stage, generator=generator)
+            terms = model.loss(
+                batch, stage=stage, generator=generator, diagnose=stage == "diffusion"
+            )
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
-    return {key: value / len(graphs) for key, value in sums.items()} | {
-        "num_graphs": float(len(graphs))
-    }
+    out = {key: value / len(graphs) for key, value in sums.items()}
+    if "context_gain" in out:  # a ratio of means: small batches do not dominate
+        out["context_share"] = out["context_gain"] / max(out.pop("target_var"), 1e-12)
+    return out | {"num_graphs": float(len(graphs))}
 
 
 @dataclasses.dataclass

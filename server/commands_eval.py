@@ -82,8 +82,11 @@ def survival_clinical(
         f"federated Cox ({m['newton_rounds']} Newton rounds): {coefs}; max rel. difference to "
         f"lifelines on pooled rows {m['max_relative_coef_difference']:.1e}"
     )
-    typer.echo(
-        f"C-index from pooled site pair counts {m['cindex_pooled_pairs']:.3f}; "
-        f"KM high vs low risk log-rank p {m['logrank_p']:.2g}"
+    km = (
+        f"KM high vs low risk ({len(m['km_sites'])} of {m['sites']} sites released life "
+        f"tables, {m['km_patients']} patients) log-rank p {m['logrank_p']:.2g}"
+        if m["logrank_p"] is not None
+        else "no site released life tables (disclosure policies): no KM"
     )
+    typer.echo(f"C-index from pooled site pair counts {m['cindex_pooled_pairs']:.3f}; {km}")
     typer.echo(f"wrote {path.parent}/metrics.json, sites.csv, km.json, km.png")

@@ -209,7 +209,7 @@ def simulate(
     config: Path | None = typer.Option(None, "--config", "-c", help="hmgdm TOML config."),
     verbose_run: bool = typer.Option(False, "--stream", help="Print the run's log live."),
     faults: str = typer.Option(
-        "", "--faults", help='Sites that send broken updates, e.g. "2:nan,3:shape,4:huge".'
+        "", "--faults", help='Sites that send broken updates, e.g. "1:liar,2:nan,3:shape,4:huge".'
     ),
 ) -> None:
     """Federated pretraining with simulated hospitals on this machine (Flower simulation)."""

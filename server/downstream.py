@@ -6,6 +6,8 @@ The server receives model arrays, per-site metrics and counts only. It reports e
 figures and the pooled ones: the count-weighted mean of classification metrics; for survival
 the C-index of the summed concordance pair counts, i.e. pairs within a site (patients of two
 different sites are never compared, so the pooled figure is not the C-index of the union).
+Every reply is checked before use (server/replies.py), and a site weighs at most the labelled
+slides it reported before fine-tuning.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from hmgdm_core.atomic import write_json
 from hmgdm_core.downstream.concordance import PairCounts
 from hmgdm_core.downstream.finetune import Task, save_slide_net, slide_net_for
 from hmgdm_core.events import EventLog
+from hmgdm_core.privacy.errors import PrivacyError
 from hmgdm_core.train import load_checkpoint
 from server.messaging import (
     FederationError,
@@ -42,6 +45,7 @@ from server.messaging import (
     broadcast,
     wait_for_sites,
 )
+from server.replies import downstream_metrics, entity_moments
 from server.run_config import DownstreamRun
 from server.strategy import aggregate_train, make_strategy
 
@@ -101,6 +105,9 @@ def run_downstream(grid: Grid, run: DownstreamRun, events: EventLog) -> Path:
     # The diffusion decoder plays no part downstream: it never travels.
     frozen = [k for k in state if k not in shared and not k.startswith("backbone.decoder.")]
     strategy = make_strategy(fed, cfg.privacy)
+    if cfg.privacy.secagg.enabled:
+        # Refused rather than ignored: the sites' updates would reach the server unmasked.
+        raise PrivacyError("[privacy.secagg] is not available for federated fine-tuning yet")
     nodes = wait_for_sites(grid, fed.min_sites, fed.wait_timeout_s, fed.poll_interval_s)
 
     def content(rnd: int) -> RecordDict:
@@ -109,13 +116,18 @@ def run_downstream(grid: Grid, run: DownstreamRun, events: EventLog) -> Path:
         return RecordDict({**arrays, "config": config})
 
     moments = broadcast(grid, QUERY_ENTITY_MOMENTS, content(0), fed, nodes)
-    _standardise_head_input(net, moments.require(fed.min_replies))
+    sizes = _standardise_head_input(net, moments, fed.min_replies)
+    if fed.weighting == "equal":
+        sizes = dict.fromkeys(sizes, 1)
     state.update({k: v.detach().clone() for k, v in net.state_dict().items() if k in frozen})
     history = []
     for rnd in range(1, ev.fed_rounds + 1):
         sent = content(rnd)
         replies = broadcast(grid, TRAIN_FINETUNE, sent, fed, nodes)
-        outcome = aggregate_train(strategy, rnd, replies, fed.min_replies, sent=sent[SHARED])
+        outcome = aggregate_train(
+            strategy, rnd, replies, fed.min_replies, sent=sent[SHARED], privacy=cfg.privacy,
+            sizes=sizes,
+        )  # fmt: skip
         if not outcome.aggregated:
             reasons = {replies.name(n): r for n, r in {**outcome.failed, **outcome.dropped}.items()}
             raise FederationError(f"fine-tuning round {rnd} not aggregated: {reasons}")
@@ -124,10 +136,7 @@ def run_downstream(grid: Grid, run: DownstreamRun, events: EventLog) -> Path:
         log(INFO, "fine-tuning round %d: %s", rnd, history[-1]["train"])
 
     evaluated = broadcast(grid, EVALUATE_DOWNSTREAM, content(ev.fed_rounds), fed, nodes)
-    per_site = {
-        name: dict(reply.content["metrics"])
-        for name, reply in evaluated.warn_failed().require(1).by_name.items()
-    }
+    per_site = _site_metrics(evaluated, task, sizes)
     result = {
         "task": task.kind,
         "classes": list(task.classes),
@@ -144,11 +153,23 @@ def run_downstream(grid: Grid, run: DownstreamRun, events: EventLog) -> Path:
     return path
 
 
-def _standardise_head_input(net, replies: Replies) -> None:
-    """The head's input standardisation, from every site's entity-embedding sums."""
-    sums = [unpack_state(r.content["moments"]) for r in replies.ok.values()]
-    net.set_input_stats(
-        sum(int(r.content["metrics"]["entities"]) for r in replies.ok.values()),
-        sum(m["total"] for m in sums),
-        sum(m["total_sq"] for m in sums),
-    )
+def _site_metrics(replies: Replies, task: Task, sizes: dict[int, int]) -> dict[str, dict]:
+    """Site name -> its checked held-out figures, weighing at most the labelled slides it
+    reported (`sizes`; 1 each with weighting = "equal")."""
+    checked = replies.parse(lambda r: downstream_metrics(r, task.kind))
+    replies.warn_failed().require(1)
+    floor = min(sizes.values())  # a site that sent no moments weighs as the smallest that did
+    return {
+        replies.name(node): m | {NUM_EXAMPLES: min(m[NUM_EXAMPLES], sizes.get(node, floor))}
+        for node, m in checked.items()
+    }
+
+
+def _standardise_head_input(net, replies: Replies, minimum: int) -> dict[int, int]:
+    """The head's input standardisation, from the sites' checked entity-embedding sums; each
+    site's labelled slides (its weight cap) by node."""
+    width = net.input_mean.numel()
+    sums = replies.parse(lambda r: entity_moments(r, width))
+    replies.warn_failed().require(minimum)
+    net.set_input_stats(*(sum(m[i] for m in sums.values()) for i in range(3)))
+    return {node: slides for node, (*_, slides) in sums.items()}

@@ -1,13 +1,15 @@
 """How the ServerApp talks to sites, for every run mode: wait for them, `broadcast` one message
-kind and collect the `Replies` (answered, failed and why, by site name).
+kind and collect the `Replies` (answered, failed and why, by site name), each answer checked by
+the mode's parser (server/replies.py) before anything of it is used.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import WARNING
+from typing import TypeVar
 
 from flwr.app import Message, RecordDict
 from flwr.common import log
@@ -15,6 +17,9 @@ from flwr.serverapp import Grid
 
 from hmgdm_core.exceptions import HmgdmError
 from hmgdm_core.federation_config import FederationConfig
+from server.replies import InvalidReply
+
+T = TypeVar("T")
 
 
 class FederationError(HmgdmError):
@@ -94,6 +99,18 @@ class Replies:
                 out.failed[node] = reply.error.reason
             else:
                 out.ok[node] = reply
+        return out
+
+    def parse(self, parse: Callable[[Message], T]) -> dict[int, T]:
+        """node -> `parse(reply)` for each answer; one `parse` refuses (missing, malformed,
+        non-finite or out-of-range values: `InvalidReply`) moves to `failed`."""
+        out = {}
+        for node, reply in list(self.ok.items()):
+            try:
+                out[node] = parse(reply)
+            except InvalidReply as err:
+                del self.ok[node]
+                self.failed[node] = f"invalid reply: {err}"
         return out
 
     def name(self, node: int) -> str:

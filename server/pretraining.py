@@ -15,7 +15,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from client.records import QUERY_STATS, pack_config, unpack_state
+from client.records import QUERY_STATS, pack_config
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.events import EventLog
 from hmgdm_core.privacy.config import CENTRAL_MODES
@@ -28,6 +28,7 @@ from server.messaging import (
     wait_for_sites,
 )
 from server.privacy import CentralAccountant
+from server.replies import site_stats
 from server.rounds import run_round
 from server.run_config import PretrainRun
 from server.strategy import (
@@ -49,24 +50,24 @@ from server.summary import (
 FINAL_NAME = "final.pt"  # the trained global model; only a run that trained writes it
 
 
-def query_stats(grid: Grid, cfg: HmgdmConfig, nodes: list[int]) -> tuple[dict, dict]:
-    """Input sizes (must agree) and summed feature moments: no site sends rows, only sums."""
+def query_stats(grid: Grid, cfg: HmgdmConfig, nodes: list[int]) -> tuple[dict, dict, dict]:
+    """Input sizes (must agree), summed feature moments and each site's graph count (which caps
+    its weight later): no site sends rows, only sums. Malformed replies count as failed."""
     fed = cfg.federation
-    content = RecordDict({"config": pack_config(cfg)})
-    ok = broadcast(grid, QUERY_STATS, content, fed, nodes).warn_failed().require(fed.min_replies).ok
-    replies = list(ok.values())
-    dims = {k: int(v) for k, v in replies[0].content["dims"].items()}
+    replies = broadcast(grid, QUERY_STATS, RecordDict({"config": pack_config(cfg)}), fed, nodes)
+    stats = replies.parse(site_stats)
+    replies.warn_failed().require(fed.min_replies)
+    first = next(iter(stats.values()))
     moments: dict[str, torch.Tensor] = {}
-    for m in replies:
-        site_dims = {k: int(v) for k, v in m.content["dims"].items()}
-        if site_dims != dims:
+    for node, site in stats.items():
+        if site.dims != first.dims or set(site.moments) != set(first.moments):
             raise FederationError(
-                f"site {m.metadata.src_node_id} has input sizes {site_dims}, another has {dims}; "
-                "all sites must build graphs with the same graph config"
+                f"site {replies.name(node)} has input sizes {site.dims}, another has "
+                f"{first.dims}; all sites must build graphs with the same graph config"
             )
-        for k, v in unpack_state(m.content["moments"]).items():
+        for k, v in site.moments.items():
             moments[k] = moments.get(k, 0) + v.double()
-    return dims, moments
+    return first.dims, moments, {node: site.graphs for node, site in stats.items()}
 
 
 def initial_state(cfg: HmgdmConfig, dims: dict, moments: dict) -> dict[str, torch.Tensor]:
@@ -123,14 +124,15 @@ def _central_accountant(cfg: HmgdmConfig, ckpt: dict | None) -> CentralAccountan
 
 def _starting_point(
     grid: Grid, cfg: HmgdmConfig, ckpt: dict | None, strategy: Strategy, nodes: list[int]
-) -> tuple[dict[str, torch.Tensor], dict, list, int]:
-    """(global state, input sizes, history, first round): after the last round checkpoint, or
-    fresh from the sites' pooled statistics."""
+) -> tuple[dict[str, torch.Tensor], dict, list, int, dict[int, int]]:
+    """(global state, input sizes, history, first round, each site's graph count): after the
+    last round checkpoint, or fresh from the sites' pooled statistics."""
     if ckpt is not None:
         restore_strategy_state(strategy, ckpt["strategy"])
-        return ckpt["arrays"], ckpt["dims"], ckpt["history"], ckpt["round"] + 1
-    dims, moments = query_stats(grid, cfg, nodes)
-    return initial_state(cfg, dims, moments), dims, [], 1
+        sizes = {int(n): int(g) for n, g in ckpt.get("site_sizes", {}).items()}
+        return ckpt["arrays"], ckpt["dims"], ckpt["history"], ckpt["round"] + 1, sizes
+    dims, moments, sizes = query_stats(grid, cfg, nodes)
+    return initial_state(cfg, dims, moments), dims, [], 1, sizes
 
 
 def run_pretraining(grid: Grid, run: PretrainRun, events: EventLog) -> Path:
@@ -149,7 +151,7 @@ def run_pretraining(grid: Grid, run: PretrainRun, events: EventLog) -> Path:
                 resume_after=ckpt["round"] if ckpt else None)  # fmt: skip
     nodes = wait_for_sites(grid, fed.min_sites, fed.wait_timeout_s, fed.poll_interval_s)
     events.emit("sites_connected", sites=sorted(site_names(grid).values()), count=len(nodes))
-    state, dims, history, start = _starting_point(grid, cfg, ckpt, strategy, nodes)
+    state, dims, history, start, sizes = _starting_point(grid, cfg, ckpt, strategy, nodes)
     # Sites key their private checkpoint by this, so a resumed run finds its local weights.
     run_key = "run-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
 
@@ -163,7 +165,9 @@ def run_pretraining(grid: Grid, run: PretrainRun, events: EventLog) -> Path:
     tensorboard = summary_writer(run_dir)
     for rnd in range(start, fed.total_rounds + 1):
         try:
-            history.append(run_round(grid, strategy, cfg, run_key, rnd, state, events, accountant))
+            history.append(
+                run_round(grid, strategy, cfg, run_key, rnd, state, sizes, events, accountant)
+            )
             add_scalars(tensorboard, round_scalars(history[-1]), rnd)
         except PrivacyBudgetExhausted as err:
             events.emit("privacy_budget_exhausted", level=WARNING, round=rnd, reason=str(err))
@@ -173,6 +177,7 @@ def run_pretraining(grid: Grid, run: PretrainRun, events: EventLog) -> Path:
             "arrays": state, "dims": dims, "strategy": strategy_state(strategy),
             "central_dp_history": list(accountant.history) if accountant else [],
             "config": cfg.model_dump(mode="json"), "history": history,
+            "site_sizes": {str(n): g for n, g in sizes.items()},
         })  # fmt: skip
         summarise("running")
         events.emit("checkpoint", round=rnd, path=str(path))

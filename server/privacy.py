@@ -233,6 +233,15 @@ def validate_metrics(msg: Message, weight_key: str) -> tuple[bool, str]:
     return True, "ok"
 
 
+def finite_metrics(msg: Message) -> bool:
+    """Every metric of every MetricRecord is a finite number (one NaN would poison a mean)."""
+    return all(
+        isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+        for record in msg.content.metric_records.values()
+        for v in record.values()
+    )
+
+
 def drop_invalid(
     replies: Mapping[int, Message],
     reference_arrays: ArrayRecord,
@@ -268,5 +277,7 @@ def _check(
         records[0], reference_arrays, max_norm, nonzero=privacy.mode == "central"
     )
     if ok and weight_key is not None:
-        return validate_metrics(msg, weight_key)
+        ok, reason = validate_metrics(msg, weight_key)
+    if ok and not finite_metrics(msg):
+        return False, "a metric is not a finite number"
     return ok, reason

@@ -24,6 +24,7 @@ from server.messaging import FederationError, broadcast, site_names, wait_for_si
 from server.privacy import CentralAccountant
 from server.secagg import secagg_train
 from server.strategy import RoundOutcome, aggregate_evaluate, aggregate_train
+from server.weight import round_caps
 
 
 def frozen_names(fed: FederationConfig, stage: Stage, names: list[str]) -> list[str]:
@@ -62,10 +63,12 @@ def run_round(
     run_key: str,
     rnd: int,
     state: dict[str, torch.Tensor],
+    sizes: dict[int, int],
     events: EventLog,
     accountant: CentralAccountant | None = None,
 ) -> dict[str, Any]:
     """One training (+ evaluation) round; updates `state` in place when it is aggregated.
+    A site's weight is capped by its `sizes` entry (the graph count of its statistics reply).
 
     With central DP, raises PrivacyBudgetExhausted before contacting any site when releasing
     this round's aggregate would exceed the run's max_epsilon.
@@ -81,7 +84,9 @@ def run_round(
     events.emit("round_start", round=rnd, stage=stage, sites=sorted(sites.values()))
     t0 = time.monotonic()
     config = pack_config(cfg, stage=stage, run=run_key)
-    outcome, traffic = _train(grid, strategy, cfg, rnd, pack_state(state, shared), frozen, config)
+    outcome, traffic = _train(
+        grid, strategy, cfg, rnd, pack_state(state, shared), frozen, config, sizes
+    )
     record = _round_record(rnd, stage, outcome, sites, events) | traffic
     if outcome.aggregated:
         state.update(unpack_state(outcome.arrays))
@@ -90,7 +95,8 @@ def run_round(
             record["central_dp"] = {"epsilon": eps, "delta": accountant.delta}
         if fed.evaluates(rnd):
             config = pack_config(cfg, stage=stage, run=run_key)
-            ev = _evaluate(grid, strategy, fed, rnd, pack_state(state, shared), frozen, config)
+            arrays = pack_state(state, shared)
+            ev = _evaluate(grid, strategy, fed, rnd, arrays, frozen, config, sizes)
             record |= {"eval": ev} if ev is not None else {}
     record["seconds"] = time.monotonic() - t0
     events.emit(
@@ -102,6 +108,7 @@ def run_round(
         min_replies=fed.min_replies,
         loss=record["train"].get("loss"),
         eval_loss=record.get("eval", {}).get("loss"),
+        context_share=record.get("eval", {}).get("context-share"),
         epsilon=record.get("central_dp", {}).get("epsilon"),
         seconds=round(record["seconds"], 2),
     )
@@ -116,6 +123,7 @@ def _train(
     sent: ArrayRecord,
     frozen: ArrayRecord,
     config: ConfigRecord,
+    sizes: dict[int, int],
 ) -> tuple[RoundOutcome, dict[str, int]]:
     """The round's train broadcast and its aggregation; the array bytes sent and received."""
     content, nodes = _one_content(strategy.configure_train(rnd, sent, config, grid), frozen)
@@ -124,9 +132,11 @@ def _train(
         # SecAgg+ replies travel inside its workflow, uncounted here: bytes_up stays 0 then.
         return secagg_train(grid, content, nodes, rnd, cfg, sent), traffic | {"bytes_up": 0}
     replies = broadcast(grid, MessageType.TRAIN, content, cfg.federation, nodes)
+    fed = cfg.federation
     outcome = aggregate_train(
-        strategy, rnd, replies, cfg.federation.min_replies, sent=sent, privacy=cfg.privacy
-    )
+        strategy, rnd, replies, fed.min_replies, sent=sent, privacy=cfg.privacy,
+        sizes=round_caps(sizes, fed, cfg.train.batch_size), equal_weights=fed.weighting == "equal",
+    )  # fmt: skip
     return outcome, traffic | {"bytes_up": _array_bytes(m.content for m in replies.ok.values())}
 
 
@@ -138,13 +148,16 @@ def _evaluate(
     arrays: ArrayRecord,
     frozen: ArrayRecord,
     config: ConfigRecord,
+    sizes: dict[int, int],
 ) -> dict[str, float] | None:
     """Held-out loss of the new global model at the sites, averaged by the strategy."""
     content, nodes = _one_content(strategy.configure_evaluate(rnd, arrays, config, grid), frozen)
     if not nodes:
         return None
     replies = broadcast(grid, MessageType.EVALUATE, content, fed, nodes)
-    return aggregate_evaluate(strategy, rnd, replies.ok)
+    return aggregate_evaluate(
+        strategy, rnd, replies.ok, sizes=sizes, equal_weights=fed.weighting == "equal"
+    )
 
 
 def _round_record(
@@ -161,6 +174,11 @@ def _round_record(
         "replied": [name(n) for n in outcome.replied],
         "failed": {name(n): r for n, r in outcome.failed.items()},
         "dropped": {name(n): r for n, r in outcome.dropped.items()},
+        # Used, but weighing only what the site's size reported before round 1 allows.
+        "capped": {
+            name(n): f"claimed {claimed:g} examples, capped at {cap:g}"
+            for n, (claimed, cap) in outcome.capped.items()
+        },
         "aggregated": outcome.aggregated,
         "train": dict(outcome.metrics or {}),
         # Local DP sites report their ledger's epsilon; an average of those would mean nothing.
@@ -176,7 +194,7 @@ def _round_record(
         m = outcome.site_metrics.get(node, {})
         events.emit("site_replied", round=rnd, site=name(node), loss=m.get("loss"),
                     epsilon=m.get("epsilon"), seconds=m.get("seconds"))  # fmt: skip
-    for kind, reasons in (("site_failed", record["failed"]), ("site_dropped", record["dropped"])):
-        for site, reason in reasons.items():
-            events.emit(kind, level=WARNING, round=rnd, site=site, reason=reason)
+    for kind in ("failed", "dropped", "capped"):
+        for site, reason in record[kind].items():
+            events.emit(f"site_{kind}", level=WARNING, round=rnd, site=site, reason=reason)
     return record

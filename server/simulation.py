@@ -11,7 +11,7 @@ from typing import Any
 
 from client.flower_env import free_port
 from client.records import SimulatedSites
-from hmgdm_core.config import HmgdmConfig, load_config, load_local_dp
+from hmgdm_core.config import HmgdmConfig, load_config, load_disclosure, load_local_dp
 from server.flwr_cli import submit_run
 from server.run_config import submission
 from server.summary import check_run, print_run_summary
@@ -82,15 +82,16 @@ def simulate(
     simulation SuperLink, stopped on return). A cache with `site-K/` sub-caches gives virtual
     site K its own graphs; otherwise sites split the slides round-robin. `backend` sets what
     each virtual site gets from Ray (see `write_flower_config`); Ray joins the cluster named by
-    `RAY_ADDRESS` when set. `faults` ("2:nan,3:shape") makes those virtual sites send corrupted
+    `RAY_ADDRESS` when set. `faults` ("1:liar,2:nan") makes those virtual sites send corrupted
     updates (client/faults.py), to exercise validation. Returns the path of `final.pt`.
     """
     out_dir = Path(out_dir).resolve()
     cfg = sim_config(config, sites, overrides)
-    # Every virtual site gets the [local_dp] of the simulation's config as its own.
+    # Every virtual site takes the simulation config's [local_dp] and [disclosure] as its own.
     sim = SimulatedSites(
         graphs_dir=Path(graphs_dir).resolve(), faults=faults,
         local_dp=load_local_dp(config, overrides),
+        disclosure=load_disclosure(config, overrides),
     )  # fmt: skip
     run_dir = run_simulation(out_dir, sites=sites, cfg=cfg, sim=sim, echo=echo, backend=backend)
     if summary:
@@ -127,6 +128,7 @@ def simulate_downstream(
     sim = SimulatedSites(
         graphs_dir=Path(graphs_dir).resolve(), labels=Path(labels).resolve(),
         labels_id_column=id_column, labels_patient_column=patient_column,
+        disclosure=load_disclosure(config, overrides),
     )  # fmt: skip
     run_dir = run_simulation(
         out_dir, sites=sites, cfg=cfg, sim=sim, echo=echo, mode="downstream",

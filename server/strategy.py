@@ -24,9 +24,11 @@ from server.messaging import Replies
 from server.privacy import (
     check_secure_aggregation,
     drop_invalid,
+    finite_metrics,
     validate_metrics,
     wrap_strategy,
 )
+from server.weight import bound_weights
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,8 @@ class RoundOutcome:
     """One training round as the server saw it.
 
     `replied`: sites whose update was used; `failed`: error or no reply (node -> reason);
-    `dropped`: malformed updates refused by validation (node -> reason).
+    `dropped`: malformed updates refused by validation (node -> reason); `capped`: sites whose
+    claimed weight exceeded what they reported before (node -> (claimed, cap)).
     """
 
     arrays: ArrayRecord | None
@@ -110,6 +113,7 @@ class RoundOutcome:
     failed: dict[int, str] = field(default_factory=dict)
     dropped: dict[int, str] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    capped: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def aggregated(self) -> bool:
@@ -124,19 +128,23 @@ def aggregate_train(
     *,
     sent: ArrayRecord,
     privacy: PrivacyConfig | None = None,
+    sizes: Mapping[int, float] | None = None,
+    equal_weights: bool = False,
 ) -> RoundOutcome:
     """Aggregate a round only if at least `min_replies` sites sent a valid update.
 
     Replies with an error (or none) are failures; replies whose arrays differ in names, shapes
     or dtypes from `sent`, hold NaN/Inf or exceed `max_update_norm` are dropped. Flower's
     strategies average whatever arrived (one reply suffices); a federation that promised each
-    site its update is mixed with at least `min_replies - 1` others must not.
+    site its update is mixed with at least `min_replies - 1` others must not. Each weight is
+    capped at the size its site reported (`sizes`, node -> count), or 1 with `equal_weights`.
     """
     kept, dropped = drop_invalid(
         replies.ok, sent, privacy or PrivacyConfig(), weight_key=_weight_key(strategy)
     )
+    capped = bound_weights(kept, _weight_key(strategy), sizes, equal=equal_weights)
     outcome = RoundOutcome(
-        None, None, sorted(kept), dict(replies.failed), dropped, _site_metrics(kept)
+        None, None, sorted(kept), dict(replies.failed), dropped, _site_metrics(kept), capped
     )
     if len(kept) >= min_replies:
         arrays, outcome.metrics = strategy.aggregate_train(
@@ -147,14 +155,22 @@ def aggregate_train(
 
 
 def aggregate_evaluate(
-    strategy: Strategy, server_round: int, replies: Mapping[int, Message]
+    strategy: Strategy,
+    server_round: int,
+    replies: Mapping[int, Message],
+    *,
+    sizes: Mapping[int, float] | None = None,
+    equal_weights: bool = False,
 ) -> dict[str, float] | None:
-    """Mean held-out metrics of the replies without error and with a valid weight."""
+    """Mean held-out metrics of the replies without error, with a valid weight (capped as in
+    `aggregate_train`) and only finite metrics."""
     key = _weight_key(strategy)
-    ok = [m for m in replies.values() if not m.has_error() and validate_metrics(m, key)[0]]
+    ok = {n: m for n, m in replies.items() if not m.has_error() and validate_metrics(m, key)[0]}
+    ok = {n: m for n, m in ok.items() if finite_metrics(m)}
     if not ok:
         return None
-    return dict(strategy.aggregate_evaluate(server_round, _common_metrics(ok)) or {})
+    bound_weights(ok, key, sizes, equal=equal_weights)
+    return dict(strategy.aggregate_evaluate(server_round, _common_metrics(ok.values())) or {})
 
 
 def _weight_key(strategy: Strategy) -> str:

@@ -30,8 +30,33 @@ def malformed_counts(history: list[dict[str, Any]]) -> Counter[str]:
     return Counter(site for h in history for site in h.get("dropped", {}))
 
 
-def _loss(metrics: dict | None) -> float | None:
-    return float(metrics["loss"]) if metrics and "loss" in metrics else None
+def _loss(metrics: dict | None, key: str = "loss") -> float | None:
+    return float(metrics[key]) if metrics and key in metrics else None
+
+
+def _round_row(h: dict[str, Any]) -> dict[str, Any]:
+    """One round of the history as the summary lists it."""
+    return {
+        "round": h["round"],
+        "stage": h["stage"],
+        "replied": h["replied"],
+        "failed": h["failed"],
+        "dropped": h.get("dropped", {}),
+        "aggregated": h["aggregated"],
+        "train_loss": _loss(h.get("train")),
+        "eval_loss": _loss(h.get("eval")),
+        # Held-out share of the masked targets' variance the encoder's context explains.
+        "context_share": _loss(h.get("eval"), "context-share"),
+        "seconds": round(float(h.get("seconds", 0.0)), 3),
+        # Everything else a report or a dashboard plots per round.
+        "train": numeric(h.get("train") or {}),
+        "eval": numeric(h.get("eval") or {}),
+        "site_epsilon": numeric(h.get("site_epsilon", {})),
+        "site_seconds": numeric(h.get("site_seconds", {})),
+        "central_epsilon": (h.get("central_dp") or {}).get("epsilon"),
+        "bytes_up": h.get("bytes_up", 0),
+        "bytes_down": h.get("bytes_down", 0),
+    }
 
 
 def run_summary(
@@ -76,28 +101,7 @@ def run_summary(
         "final_train_loss": next(
             (loss for h in reversed(history) if (loss := _loss(h.get("train"))) is not None), None
         ),
-        "rounds": [
-            {
-                "round": h["round"],
-                "stage": h["stage"],
-                "replied": h["replied"],
-                "failed": h["failed"],
-                "dropped": h.get("dropped", {}),
-                "aggregated": h["aggregated"],
-                "train_loss": _loss(h.get("train")),
-                "eval_loss": _loss(h.get("eval")),
-                "seconds": round(float(h.get("seconds", 0.0)), 3),
-                # Everything else a report or a dashboard plots per round.
-                "train": numeric(h.get("train") or {}),
-                "eval": numeric(h.get("eval") or {}),
-                "site_epsilon": numeric(h.get("site_epsilon", {})),
-                "site_seconds": numeric(h.get("site_seconds", {})),
-                "central_epsilon": (h.get("central_dp") or {}).get("epsilon"),
-                "bytes_up": h.get("bytes_up", 0),
-                "bytes_down": h.get("bytes_down", 0),
-            }
-            for h in history
-        ],
+        "rounds": [_round_row(h) for h in history],
         "sites": dict(sorted(sites.items())),
         "central_dp": central[-1] if central else None,
         "repeat_offenders": sorted(
@@ -202,7 +206,8 @@ def summary_table(summary: dict[str, Any]):
     if summary.get("reason"):
         caption += f"\n{escape(summary['reason'])}"  # reasons quote config sections: [privacy]
     rounds = Table(title=title, caption=caption)
-    for col in ("round", "stage", "sites", "train loss", "eval loss", "aggregated", "s"):
+    columns = ("round", "stage", "sites", "train loss", "eval loss", "context", "aggregated", "s")
+    for col in columns:
         rounds.add_column(col, justify="right" if col in ("round", "s") else "left")
 
     def fmt(loss: float | None) -> str:
@@ -212,7 +217,8 @@ def summary_table(summary: dict[str, Any]):
         asked = len(r["replied"]) + len(r["failed"]) + len(r["dropped"])
         rounds.add_row(
             str(r["round"]), r["stage"], f"{len(r['replied'])}/{asked}", fmt(r["train_loss"]),
-            fmt(r["eval_loss"]), "yes" if r["aggregated"] else "NO", f"{r['seconds']:.1f}",
+            fmt(r["eval_loss"]), fmt(r.get("context_share")), "yes" if r["aggregated"] else "NO",
+            f"{r['seconds']:.1f}",
         )  # fmt: skip
     sites = Table("site", "rounds replied", "failed", "dropped", "local DP epsilon")
     for name, s in summary["sites"].items():

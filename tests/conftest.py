@@ -78,3 +78,12 @@ def tiny_cache(root: Path, slides: int = 1) -> Path:
             writer.add(random_region_graph(12 + i, seed=i, slide_id=f"s{i}"))
             writer.commit({"slide_id": f"s{i}", "config_hash": "x"})
     return root
+
+
+def tiny_site_policy(directory: Path) -> str:
+    """A site's own TOML for test cohorts of a few tiles: fewer patients than the default
+    small-cell minimum of 10 (tests/client/test_disclosure.py tests the policy itself)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "site_policy.toml"
+    path.write_text("[disclosure]\nmin_patients = 1\n")
+    return str(path)

@@ -266,8 +266,9 @@ def test_presets_are_combinations_the_code_accepts():
     for name in ("demo", "consortium"):
         make_strategy(cfg[name].federation, cfg[name].privacy)  # raises on a refused combination
     assert cfg["consortium"].privacy.mode in ("central", "client_central")
-    site = load_site_privacy(REPO / "configs" / "hospital.toml")
+    site, disclosure = load_site_privacy(REPO / "configs" / "hospital.toml")
     assert site is not None and site.max_epsilon is not None  # the hospital runs local DP
+    assert disclosure.min_patients >= 10  # and the small-cell rule
     # Sites build graphs with hospital.toml; the consortium's model expects the same graphs.
     assert cfg["hospital"].graph == cfg["consortium"].graph and cfg["hospital"].graph.mpp == 0.5
     demo = cfg["demo"]

@@ -89,6 +89,7 @@ class ProbeCV:
     def fit(self, x: ArrayLike, y: ArrayLike, groups: ArrayLike) -> ProbeCV:
         """`x`: embeddings (n, dim) here; what a subclass's `_fit_model` takes per row."""
         x, y, groups = self._rows(x), np.asarray(y), np.asarray(groups)
+        self.y_, self.groups_, self.baselines_ = y, groups, {}
         self.classes_ = np.unique(y)
         self.y_, self.groups_ = y, groups
         self.oof_proba_ = np.full((len(y), len(self.classes_)), np.nan)
@@ -108,6 +109,13 @@ class ProbeCV:
         self.confusion_ = confusion_matrix(y, y_oof, labels=self.classes_)
         self.model_ = self._fit_model(x, y, groups)
         return self
+
+    def add_baseline(self, name: str, x: ArrayLike) -> dict:
+        """The same probe on the same folds and labels with other features `x` (e.g. raw
+        descriptors): its mean/std metrics, kept in `baselines_` and written to metrics.json."""
+        other = ProbeCV(self.config).fit(x, self.y_, self.groups_)
+        self.baselines_[name] = other.metrics_
+        return other.metrics_
 
     def _rows(self, x: ArrayLike) -> np.ndarray:
         return np.asarray(x, dtype=np.float64)  # (n, dim)
@@ -156,6 +164,8 @@ class ProbeCV:
             "classes": classes,
             "metrics": self.metrics_,
         }
+        if self.baselines_:
+            summary["baselines"] = self.baselines_
         return {
             "metrics": write_json(out_dir / "metrics.json", summary, private=False),
             "folds": write_csv(out_dir / "folds.csv", self.folds_, private=False),

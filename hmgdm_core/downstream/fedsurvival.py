@@ -24,6 +24,7 @@ from hmgdm_core.atomic import save_figure, write_csv, write_json
 from hmgdm_core.downstream.concordance import PairCounts, linear_risk, pair_counts, pooled_cindex
 from hmgdm_core.downstream.fedcox import FederatedCox, SiteRows
 from hmgdm_core.downstream.plots import plot_kaplan_meier
+from hmgdm_core.privacy.disclosure import time_bins
 
 GROUPS = ("low risk", "high risk")
 
@@ -61,7 +62,8 @@ class SiteEvaluation:
     """What a site reports on the final model: counts only, no row of its patients.
 
     `tables` holds, per risk group, the site's life table on the bins `bin_width * (1..k)` up
-    to its own last time (the server pads shorter tables with zeros before summing).
+    to its own last time (the server pads shorter tables with zeros before summing); empty
+    when the site's disclosure policy withheld them.
     """
 
     patients: int
@@ -76,20 +78,21 @@ def evaluate_site(
     event: np.ndarray,
     params: np.ndarray,
     center: np.ndarray,
-    bin_width: float,
+    bin_width: float | None,
 ) -> SiteEvaluation:
     """Pair counts of the model's risks among this site's patients and the life tables of its
     low- and high-risk patients (above the pooled-mean hazard = high, a threshold every site
-    knows without data)."""
+    knows without data); no life tables when `bin_width` is None (the site withholds them)."""
     time, event = np.asarray(time, dtype=np.float64), np.asarray(event, dtype=int)
     risk = linear_risk(x, params, center)
-    bins = max(1, int(np.ceil(time.max() / bin_width))) if len(time) else 1
-    edges = bin_width * np.arange(1, bins + 1)
-    high = risk > 0
-    tables = {
-        GROUPS[0]: life_table(time[~high], event[~high], edges),
-        GROUPS[1]: life_table(time[high], event[high], edges),
-    }
+    tables = {}
+    if bin_width is not None:
+        edges = bin_width * np.arange(1, time_bins(time.max(initial=0.0), bin_width) + 1)
+        high = risk > 0
+        tables = {
+            GROUPS[0]: life_table(time[~high], event[~high], edges),
+            GROUPS[1]: life_table(time[high], event[high], edges),
+        }
     return SiteEvaluation(len(time), int(event.sum()), pair_counts(time, risk, event), tables)
 
 
@@ -102,18 +105,15 @@ def write_survival_report(
     bin_width: float,
 ) -> dict:
     """The server's report from the fitted model and the sites' evaluations: metrics.json,
-    sites.csv, km.json and km.png in `out_dir` (pooled C-index, KM from summed life tables)."""
+    sites.csv, km.json and km.png in `out_dir` (pooled C-index, KM from summed life tables of
+    the sites that released them; without any, no KM)."""
     out_dir = Path(out_dir)
-    bins = max(e.tables[g].shape[1] for e in sites.values() for g in GROUPS)
-    edges = bin_width * np.arange(1, bins + 1)
-    tables = {g: np.zeros((2, bins), dtype=np.int64) for g in GROUPS}
-    rows = []
-    for name, site in sites.items():
-        for g in GROUPS:
-            tables[g][:, : site.tables[g].shape[1]] += site.tables[g]
-        rows.append({"site": name, "patients": site.patients, "events": site.events,
-                     "cindex": site.counts.cindex, **vars(site.counts)})  # fmt: skip
-    fitters, p_value = summed_km(tables, edges)
+    rows = [
+        {"site": name, "patients": s.patients, "events": s.events, "cindex": s.counts.cindex,
+         **vars(s.counts), "life_tables": bool(s.tables)}
+        for name, s in sites.items()
+    ]  # fmt: skip
+    with_tables = {name: s for name, s in sites.items() if s.tables}
     metrics = {
         "model": "site-stratified Cox (Efron ties), federated Newton on summed site statistics",
         "sites": len(sites),
@@ -123,11 +123,31 @@ def write_survival_report(
         "coefficients": dict(zip(covariates, fed.params_.tolist(), strict=True)),
         "cindex_pooled_pairs": pooled_cindex(s.counts for s in sites.values()),
         "cross_site_pairs": "not compared",
-        "logrank_p": p_value,
         "km_bin_width": bin_width,
+        # A site's disclosure policy may withhold its life tables (e.g. a risk group too small).
+        "km_sites": sorted(with_tables),
+        "km_patients": int(sum(s.patients for s in with_tables.values())),
+        "logrank_p": None,
     }
+    write_csv(out_dir / "sites.csv", pd.DataFrame(rows), private=False)
+    if with_tables:
+        metrics["logrank_p"] = _write_km(with_tables, out_dir, bin_width)
+    write_json(out_dir / "metrics.json", metrics, private=False)
+    return metrics
+
+
+def _write_km(sites: Mapping[str, SiteEvaluation], out_dir: Path, bin_width: float) -> float:
+    """km.json and km.png from the summed life tables of `sites`; the log-rank p-value."""
+    bins = max(e.tables[g].shape[1] for e in sites.values() for g in GROUPS)
+    edges = bin_width * np.arange(1, bins + 1)
+    tables = {g: np.zeros((2, bins), dtype=np.int64) for g in GROUPS}
+    for site in sites.values():
+        for g in GROUPS:
+            tables[g][:, : site.tables[g].shape[1]] += site.tables[g]
+    fitters, p_value = summed_km(tables, edges)
     km_summary = {
         "split": "risk above vs below the pooled-mean hazard",
+        "sites": sorted(sites),
         "groups": {
             g: {
                 "n": int(tables[g].sum()),
@@ -140,11 +160,9 @@ def write_survival_report(
     }
     ax = plot_kaplan_meier(fitters, p_value)
     ax.set_title(f"Federated Kaplan-Meier, {len(sites)} sites (log-rank p = {p_value:.2g})")
-    write_json(out_dir / "metrics.json", metrics, private=False)
-    write_csv(out_dir / "sites.csv", pd.DataFrame(rows), private=False)
     write_json(out_dir / "km.json", km_summary, private=False)
     save_figure(out_dir / "km.png", ax.figure, private=False)
-    return metrics
+    return p_value
 
 
 def lifelines_check(

@@ -72,10 +72,14 @@ class MaskedGraphDecoder(nn.Module):
         conv: Literal["gine", "gatv2"] = "gine",
         dropout: float = 0.0,
         skip_connections: bool = True,
+        own_state: bool = False,
     ) -> None:
         super().__init__()
         self.num_blocks, self.skip_connections = num_blocks, skip_connections
         self.token_in = nn.Linear(latent_dim + pos_dim, hidden)
+        # With mask tokens the encoder has a state for each masked entity, inferred from its
+        # neighbours only; `own_state` adds it to that entity's token.
+        self.own_in = nn.Linear(hidden, hidden) if own_state else None
         self.context_in = nn.Linear(hidden, hidden)
         self.time = TimestepEmbedding(hidden=hidden)
         layer = nn.TransformerEncoderLayer(
@@ -134,13 +138,17 @@ class MaskedGraphDecoder(nn.Module):
         states: list[Tensor],
         visible_batch: Tensor,
         num_graphs: int,
+        own: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Predictions for masked nodes (masked, latent_dim) and masked edges (E_m, edge_dim).
 
         z_t: noisy masked latents (masked, latent_dim); t: their graph's timestep (masked,);
-        edge_index: masked-subgraph edges relabelled to 0..masked-1; states: encoder layers.
+        edge_index: masked-subgraph edges relabelled to 0..masked-1; states: encoder layers;
+        own: the encoder's last-layer state of each masked entity (masked, hidden), if any.
         """
         h = self.token_in(torch.cat([z_t, pos_enc], dim=-1))  # (masked, hidden)
+        if self.own_in is not None:
+            h = h + self.own_in(own)
         t_emb = self.time(t)
         if self.self_attn is not None:
             h = self._joint_self_attention(h + t_emb, batch, states[-1], visible_batch, num_graphs)

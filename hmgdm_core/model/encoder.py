@@ -64,9 +64,16 @@ class GraphEncoder(nn.Module):
         conv: Literal["gine", "gatv2"] = "gine",
         heads: int = 4,
         dropout: float = 0.0,
+        mask_token_dims: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.in_dim, self.hidden, self.num_layers, self.kind = in_dim, hidden, num_layers, conv
+        # Learned stand-ins for a masked entity's latent and its edges' latents (GraphMAE): the
+        # encoder then reads the whole graph, as at inference, and must infer masked entities.
+        self.mask_token = self.edge_mask_token = None
+        if mask_token_dims is not None:
+            self.mask_token = nn.Parameter(torch.zeros(mask_token_dims[0]))
+            self.edge_mask_token = nn.Parameter(torch.zeros(mask_token_dims[1]))
         self.input = nn.Linear(in_dim, hidden)
         self.edge_input = nn.Linear(edge_dim, hidden) if edge_dim else None
         self.convs = nn.ModuleList(
@@ -80,6 +87,9 @@ class GraphEncoder(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        for token in (self.mask_token, self.edge_mask_token):
+            if token is not None:
+                nn.init.zeros_(token)
 
     def forward(
         self,

@@ -82,13 +82,20 @@ def lc25000(images: int, data: Path | None = None) -> Cohort:
 
 def _graph(args: tuple) -> Data | None:
     from hmgdm_core.graph.region import region_graph
+    from hmgdm_core.stain import estimate_stains
 
     image, mpp, cfg, site, stain = args
     if isinstance(image, str):
         from PIL import Image
 
         image = np.asarray(Image.open(image).convert("RGB"))
-    return region_graph(stain_shift(image, site, stain), mpp=mpp, cfg=cfg)
+    image = stain_shift(image, site, stain)
+    basis = estimate_stains(image) if cfg.stain_norm == "macenko" else None
+    if cfg.stain_norm == "macenko" and basis is None:
+        # build-graphs refuses such a slide; the study drops the image like a too-small one
+        # (e.g. an LC25000 image whose blue channel is saturated: no pixel absorbs in all three).
+        return None
+    return region_graph(image, mpp=mpp, cfg=cfg, stain=basis)
 
 
 def _init_worker() -> None:
@@ -104,7 +111,8 @@ def build_graphs(
     stain: float = 0.0,
     workers: int = 2,
 ) -> list[Data | None]:
-    """One region graph per image (None when too small), image i stained as site `sites[i]`."""
+    """One region graph per image, image i stained as site `sites[i]`; None when too small, or
+    when `cfg.stain_norm` cannot estimate its stains."""
     sites = np.zeros(len(images), dtype=np.int64) if sites is None else sites
     jobs = [(im, mpp, cfg, int(s), stain) for im, s in zip(images, sites, strict=True)]
     with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:

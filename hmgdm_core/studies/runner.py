@@ -305,6 +305,8 @@ def _federated_cell(
         "federation.strategy": "fedprox" if cell.regime == "fedprox" else "fedavg",
         "federation.proximal_mu": tb.proximal_mu,
         "privacy.delta": tb.delta,
+        # The study's virtual sites partition the operator's own cohort: nothing to disclose.
+        "disclosure.min_patients": 1,
     }
     if cell.regime == "central_dp":
         overrides |= {

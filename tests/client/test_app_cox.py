@@ -15,7 +15,7 @@ from client.records import QUERY_COX
 from hmgdm_core.downstream.concordance import linear_risk, pair_counts
 from hmgdm_core.downstream.fedcox import site_cox_stats
 from hmgdm_core.downstream.tcga import COVARIATES, read_tcga_survival
-from hmgdm_core.exceptions import LabelError
+from hmgdm_core.events import EVENTS_FILE
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 LUSC = DATA / "tcga_survival" / "tcga_lusc_survival.csv"
@@ -41,8 +41,13 @@ def tables(tmp_path_factory) -> dict[str, tuple]:
 
 
 def ask(path, phase: str, **arrays: np.ndarray) -> Message:
-    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
-                  node_config={"clinical": str(path)})  # fmt: skip
+    # The 10-patient table's risk groups are smaller than the default small-cell minimum; the
+    # site's own file lowers it (tests/client/test_disclosure.py checks the policy itself).
+    policy = path.with_suffix(".toml")
+    policy.write_text("[disclosure]\nmin_patients = 1\n")
+    node = {"clinical": str(path), "state-dir": str(path.with_suffix("")),
+            "privacy-config": str(policy)}  # fmt: skip
+    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config=node)
     content = {"config": ConfigRecord({"phase": phase, "ties": "efron", "bin-width": 1.0})}
     if arrays:
         content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
@@ -107,10 +112,12 @@ def test_cox_replies_are_the_sites_sums_and_never_sized_by_its_patients(tables):
     )
 
 
-def test_a_site_without_a_clinical_table_says_how_to_give_one():
-    # Flower's runtime turns the exception into the error reply the server logs.
-    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config={})
+def test_a_site_without_a_clinical_table_says_how_to_give_one_in_its_own_log(tmp_path):
+    node = {"state-dir": str(tmp_path)}
+    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config=node)
     msg = Message(RecordDict({"config": ConfigRecord({"phase": "moments"})}), dst_node_id=7,
                   message_type=QUERY_COX)  # fmt: skip
-    with pytest.raises(LabelError, match="join --clinical"):
-        app(msg, ctx)
+    reply = app(msg, ctx)
+    # The server learns the kind of failure; the how-to stays in the site's own event log.
+    assert reply.has_error() and reply.error.reason == "site data or setup unavailable"
+    assert "join --clinical" in (tmp_path / EVENTS_FILE).read_text()

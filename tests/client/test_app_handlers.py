@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, tiny_site_policy
 from flwr.app import Context, Message, RecordDict
 
 from client.app import app
@@ -50,8 +50,9 @@ class Server:
             node_id=7,
             state=RecordDict(),
             run_config={},
-            node_config={"graphs-dir": str(cache), "state-dir": str(state_dir)},
-        )
+            node_config={"graphs-dir": str(cache), "state-dir": str(state_dir),
+                         "privacy-config": tiny_site_policy(state_dir.parent)},
+        )  # fmt: skip
         self.sent: list[Message] = []
         stats = self.send(QUERY_STATS, RecordDict({"config": pack_config(self.cfg)}))
         dims = {k: int(v) for k, v in stats.content["dims"].items()}
@@ -156,7 +157,7 @@ def test_downstream_replies_hold_only_head_weights_and_scalars(cache, tmp_path):
     ctx = Context(
         run_id=1, node_id=7, state=RecordDict(), run_config={},
         node_config={"graphs-dir": str(cache), "state-dir": str(tmp_path / "s"),
-                     "labels": str(labels)},
+                     "labels": str(labels), "privacy-config": tiny_site_policy(tmp_path)},
     )  # fmt: skip
     replies = []
     for kind in (QUERY_ENTITY_MOMENTS, TRAIN_FINETUNE, EVALUATE_DOWNSTREAM):

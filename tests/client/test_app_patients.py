@@ -51,7 +51,7 @@ def _train_round(cache: Path, tmp_path: Path, patients: Path | None) -> Message:
     privacy = tmp_path / "site_privacy.toml"
     privacy.write_text(tomli_w.dumps({"local_dp": {
         "noise_multiplier": SIGMA, "patients_per_step": PER_STEP,
-    }}))  # fmt: skip
+    }, "disclosure": {"min_patients": 1}}))  # fmt: skip
     node = {"graphs-dir": str(cache), "state-dir": str(tmp_path / "site"),
             "privacy-config": str(privacy)}  # fmt: skip
     if patients is not None:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, tiny_site_policy
 from flwr.app import Context, Message, RecordDict
 
 from client.app import app
@@ -39,7 +39,8 @@ from hmgdm_core.config import HmgdmConfig
 root = Path(sys.argv[1])
 sent = torch.load(root / "sent.pt")
 cfg = HmgdmConfig.model_validate_json(sent["config"])
-node = {"graphs-dir": str(root / "cache"), "state-dir": str(root / "site")}
+node = {"graphs-dir": str(root / "cache"), "state-dir": str(root / "site"),
+        "privacy-config": str(root / "site_policy.toml")}
 ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
 config = pack_config(cfg, stage="diffusion", run="run-test")
 config["server-round"] = 1
@@ -57,7 +58,11 @@ def test_a_plain_training_round_imports_no_library_it_does_not_need(tmp_path):
         with SlideGraphWriter(graph_path(tmp_path / "cache", f"s{s}")) as writer:
             writer.add(random_region_graph(20, seed=s))
             writer.commit({"slide_id": f"s{s}", "config_hash": "test"})
-    node = {"graphs-dir": str(tmp_path / "cache"), "state-dir": str(tmp_path / "site")}
+    node = {
+        "graphs-dir": str(tmp_path / "cache"),
+        "state-dir": str(tmp_path / "site"),
+        "privacy-config": tiny_site_policy(tmp_path),
+    }
     ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
     fed = {"local_steps": 1, "eval_fraction": 0.0, "stage1_rounds": 0}
     cfg = load_config(overrides={**TINY_MODEL, **{f"federation.{k}": v for k, v in fed.items()}})

@@ -128,3 +128,18 @@ def test_explain_refuses_a_pretraining_checkpoint_and_a_bad_method(site, tmp_pat
     res = runner.invoke(app, [*base, "--checkpoint", str(site["ckpt"]), "--method", "shap"])
     assert res.exit_code == 1 and "auto, attention or gradient" in res.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_probe_reports_the_raw_descriptor_baseline_on_the_same_folds(site, tmp_path):
+    out = tmp_path / "probe"
+    res = CliRunner().invoke(app, [
+        "evaluate", "classify", "--graphs", str(site["graphs"]), "--checkpoint", str(site["ckpt"]),
+        "--labels", str(site["root"] / "labels.csv"), "--out", str(out),
+        "--config", str(site["root"] / "eval.toml"),
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "raw entity descriptors (mean-pooled), same probe and folds" in res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    raw = metrics["baselines"]["raw_descriptors_mean"]["accuracy"]
+    assert 0.0 <= raw["mean"] <= 1.0 and raw["mean"] != metrics["metrics"]["accuracy"]["mean"]
+    assert "raw_descriptors_mean_std" in metrics["baselines"]

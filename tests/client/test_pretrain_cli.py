@@ -85,7 +85,8 @@ def test_pretrain_then_embed_writes_run_files_and_one_row_per_slide(tmp_path):
     with open(out) as fh:
         table = list(csv.DictReader(fh))
     assert [r["slide_id"] for r in table] == ["a", "b"]
-    assert len(table[0]) == 1 + 32  # slide_id + debug hidden width
+    # slide_id + the "layers_std" readout: mean and std of the input block and 2 layers of 32
+    assert len(table[0]) == 1 + 2 * 3 * 32
     node_rows = torch.load(nodes, weights_only=False)
     assert [r["emb"].shape[0] for r in node_rows] == [25, 30, 25, 30]
 
@@ -164,3 +165,26 @@ def test_embed_refuses_a_checkpoint_built_for_other_features(tmp_path):
     )
     assert result.exit_code == 2 and "do not match the checkpoint" in result.output
     assert not out.exists()
+
+
+def test_pretrain_with_labels_logs_a_probe_against_the_random_twin(tmp_path):
+    slides = [f"s{i}" for i in range(8)]
+    graphs = _cache(tmp_path / "cache", slides=slides)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\n" + "".join(f"{s},c{i % 2}\n" for i, s in enumerate(slides)))
+    config = tmp_path / "cfg.toml"
+    config.write_text(DEBUG.read_text() + "\n[evaluation]\nfolds = 2\n")
+    run = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["pretrain", "--graphs", str(graphs), "--out", str(run), "--config", str(config),
+         "--labels", str(labels), "--device", "cpu", "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "probe accuracy" in result.output and "context share" in result.output
+    with open(run / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3  # debug: 1 autoencoder + 2 diffusion epochs, each probed
+    assert all(0.0 <= float(r["probe_acc"]) <= 1.0 for r in rows)
+    # One reference for the whole run: the probe of the encoder at its random init.
+    assert len({r["probe_random_twin"] for r in rows}) == 1

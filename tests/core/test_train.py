@@ -116,6 +116,22 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         rows = list(csv.DictReader(fh))
     assert [r["stage"] for r in rows] == ["autoencoder"] * 2 + ["diffusion"] * 2
     assert (tmp_path / "split" / "loss.png").stat().st_size > 0
+    # Every epoch is scored on held-out slides; stage 2 also reports the context share.
+    assert all(float(r["eval_loss"]) > 0 for r in rows)
+    assert [r["context_share"] == "" for r in rows] == [True, True, False, False]
+
+
+def test_eval_loss_reports_the_context_share_in_stage_2_only():
+    graphs = _graphs()
+    cfg = load_config(overrides=TINY)
+    model = build_model(cfg, graph_dims(graphs))
+    model.stats.set(stats_from_moments(feature_moments(graphs)))
+    kwargs = dict(device=CPU, generator=torch.Generator().manual_seed(1))
+    diffusion = eval_loss(model, graphs, cfg.train, stage="diffusion", **kwargs)
+    gain = diffusion["context_gain"]
+    assert diffusion["context_share"] != 0 and gain * diffusion["context_share"] > 0
+    assert "target_var" not in diffusion
+    assert "context_share" not in eval_loss(model, graphs, cfg.train, stage="autoencoder", **kwargs)
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):
@@ -162,3 +178,16 @@ def test_bad_graphs_give_one_line_errors(case):
     with pytest.raises(GraphDataError) as err:
         validate_graphs(graphs, "cache")
     assert "\n" not in str(err.value) and str(err.value).startswith("cache")
+
+
+def test_raw_slide_features_pool_every_entity_of_a_slide():
+    from hmgdm_core.pretrain import raw_slide_features
+
+    graphs = _graphs()  # slides s0, s1, s2, two region graphs each
+    names, feats = raw_slide_features(graphs, std=True)
+    assert names == ["s0", "s1", "s2"]
+    x = torch.cat([g.x for g in graphs if g.slide_id == "s1"])
+    dim = x.shape[1]
+    assert torch.allclose(feats[1, :dim], x.mean(0), atol=1e-5)
+    assert torch.allclose(feats[1, dim:], x.std(0, unbiased=False), atol=1e-4)
+    assert raw_slide_features(graphs, std=False)[1].shape == (3, dim)

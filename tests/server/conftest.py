@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import DATA, free_port
+from conftest import DATA, free_port, tiny_site_policy
 
 from client.commands_fed import supernode_command, write_keypair
 from client.flower_env import flower_env, stop_tree
 from server.certs import TlsFiles, make_certificates
-from server.flwr_cli import register_site
+from server.flwr_cli import register_site, submit_run
 from server.superlink import SuperLink, start_superlink
 
 KATHER = DATA / "kather2016_tiles"
@@ -66,12 +66,23 @@ class Federation:
         return keys
 
     def join(self, name: str, graphs: Path, key: Path | None, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("privacy_config", tiny_site_policy(self.root))  # 6-9 tiles a site
         cmd = supernode_command(
             superlink=self.address, graphs=graphs, state_dir=self.root / "sites" / name,
             root_cert=kwargs.pop("root_cert", self.tls.ca_cert), auth_key=key,
             local_port=free_port(), **kwargs,
         )  # fmt: skip
         return self.spawn(cmd, self.root / f"supernode_{name}.log")
+
+    def submit(self, run_config: dict, timeout: float) -> str:
+        """`flwr run` with `run_config` from the operator's side; its output once it ends."""
+        proc = submit_run(self.home, run_config, self.root)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return out
 
     def spawn(self, cmd: list[str], log: Path) -> subprocess.Popen:
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor

@@ -15,7 +15,7 @@ from conftest import DATA
 
 from client.cox import site_rows
 from client.flower_env import stop_tree
-from hmgdm_core.config import HmgdmConfig
+from hmgdm_core.config import SITE_SECTIONS, HmgdmConfig
 from hmgdm_core.downstream.concordance import pooled_cindex
 from hmgdm_core.downstream.fedcox import FederatedCox
 from hmgdm_core.events import EVENTS_FILE, read_events
@@ -44,7 +44,8 @@ round_timeout_s = 180
 
 def _run_config(toml: str, **fields) -> dict:
     """What hmgdm-server submits for the config in `toml` and the run's own `fields`."""
-    return submission(HmgdmConfig.model_validate(tomllib.loads(toml)), **fields)
+    data = {k: v for k, v in tomllib.loads(toml).items() if k not in SITE_SECTIONS}
+    return submission(HmgdmConfig.model_validate(data), **fields)
 
 
 def clinical_tables(root: Path) -> dict[str, Path]:
@@ -58,13 +59,7 @@ def clinical_tables(root: Path) -> dict[str, Path]:
 
 
 def _run(fed, run_dir, timeout=420) -> str:
-    proc = submit_run(fed.home, _run_config(RUN_TOML, run_dir=str(run_dir)), fed.root)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return out
+    return fed.submit(_run_config(RUN_TOML, run_dir=str(run_dir)), timeout)
 
 
 def test_two_sites_average_weighted_by_graphs_and_outsiders_are_refused(federation, site_caches):

@@ -28,6 +28,7 @@ FAST = {
     "evaluation.fed_rounds": 2,
     "evaluation.finetune_hidden": 8,
     "evaluation.finetune_lr": 0.01,
+    "disclosure.min_patients": 1,  # 4 held-out patients a site (the policy: tests/client)
 }
 
 

@@ -18,6 +18,7 @@ import tomllib
 from conftest import TINY_MODEL, free_port
 
 from client.records import SIM_SITES, SimulatedSites
+from hmgdm_core.privacy.disclosure import DisclosureConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,11 +53,14 @@ def test_flwr_run_dot_trains_on_flowers_default_local_simulation(site_caches, tm
     }
     env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)  # Flower's default: install
     cfg = tomllib.loads((REPO / "configs" / "debug.toml").read_text())
+    disclosure = DisclosureConfig(**cfg.pop("disclosure"))  # the virtual sites' own section
     for key, value in TINY_MODEL.items():
         section, name = key.split(".")
         cfg.setdefault(section, {})[name] = value
     cfg["federation"] = {"local_steps": 1, "evaluate_every": 0}
-    sim = SimulatedSites(graphs_dir=site_caches["B"], state_dir=tmp_path / "sites")
+    sim = SimulatedSites(
+        graphs_dir=site_caches["B"], state_dir=tmp_path / "sites", disclosure=disclosure
+    )
     run_config = tmp_path / "run.toml"
     # The rest of the config as JSON, a flat Flower knob for the rounds, the simulated sites.
     run_config.write_text(tomli_w.dumps({

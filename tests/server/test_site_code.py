@@ -120,7 +120,7 @@ def test_a_site_never_runs_the_operators_bundle(federation, tmp_path):
     # Same app and version, modified code: answered by the site's installed ClientApp.
     same = malicious_app(tmp_path / "same", marker)
     (reply,) = run_app(fed, same, tmp_path / "run_same")
-    assert reply == {"error": None, "records": ["dims", "moments"]}
+    assert reply == {"error": None, "records": ["dims", "metrics", "moments"]}
     assert not marker.exists()
 
     # Another version: refused, with the sha256 of the bundle the operator submitted.

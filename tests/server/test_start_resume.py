@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_site_policy
 
 from client.flower_env import stop_tree
 from hmgdm_core.downstream.finetune import load_slide_net
@@ -75,7 +76,8 @@ def test_start_join_kill_resume(tmp_path, site_caches, federation_cleanup):
                "--graphs", str(site_caches[name]), "--root-cert", str(tls / "ca.crt"),
                "--auth-key", str(tmp_path / name / "site.key"),
                "--local-port", str(federation_cleanup.free_port()),
-               "--labels", str(labels[name])]  # fmt: skip
+               "--labels", str(labels[name]),
+               "--privacy-config", tiny_site_policy(tmp_path)]  # fmt: skip
         log = open(tmp_path / f"join{name}.log", "w")  # noqa: SIM115
         federation_cleanup.track(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
 

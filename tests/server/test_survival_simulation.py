@@ -40,6 +40,10 @@ def test_sites_answer_cox_messages_and_the_server_fits_the_stratified_model(tmp_
     assert m["cindex_pooled_pairs"] == pytest.approx(union.cindex)
     sites = pd.read_csv(path.parent / "sites.csv", dtype={"site": str})
     assert sorted(sites["site"]) == names and sites["comparable"].sum() == union.comparable
+    # KM from the sites whose disclosure policy released life tables (both risk groups of at
+    # least 10 patients); the others sent their pair counts only.
     km = json.loads((path.parent / "km.json").read_text())
-    assert sum(g["n"] for g in km["groups"].values()) == len(cases)
+    released = sites[sites["life_tables"]]
+    assert sorted(released["site"]) == m["km_sites"] == km["sites"] and len(released) >= 2
+    assert sum(g["n"] for g in km["groups"].values()) == released["patients"].sum()
     assert summary["cases"] == len(cases) + summary["cases_missing_values"]

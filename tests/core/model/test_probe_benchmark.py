@@ -22,9 +22,11 @@ def test_quick_probe_runs_and_the_synthetic_task_is_learnable(capsys, monkeypatc
     result = probe.main(["--quick"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == result
-    for key in ("hmgdm_acc", "random_init_acc", "graphmae_acc", "raw_acc"):
-        assert 0.0 <= result[key] <= 1.0
+    for key in ("hmgdm", "random_twin", "stage1_twin", "graphmae", "raw"):
+        assert 0.0 <= result[f"synthetic_{key}"] <= 1.0
+        assert result[f"synthetic_{key}_std"] >= 0.0  # every figure comes with its spread
+    assert isinstance(result["synthetic_met"], bool) and result["met"] == result["synthetic_met"]
     # 3 balanced classes: chance is 1/3; the pretrained encoder must clearly beat it.
-    assert result["hmgdm_acc"] > result["chance"] + 0.15
+    assert result["synthetic_hmgdm"] > result["chance"] + 0.15
     # ...while pooled descriptors, blind to the graph, cannot (36 images: loose bound).
-    assert result["raw_acc"] < result["chance"] + 0.2
+    assert result["synthetic_raw"] < result["chance"] + 0.2
