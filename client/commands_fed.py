@@ -204,7 +204,7 @@ def _check_transport(superlink: str, root_cert: Path | None, insecure: bool) -> 
 def _warn_unbounded_budget(privacy_config: Path | None) -> None:
     from client.site import load_site_privacy
 
-    local_dp = load_site_privacy(privacy_config) if privacy_config is not None else None
+    local_dp = load_site_privacy(privacy_config)[0] if privacy_config is not None else None
     if local_dp is not None and local_dp.max_epsilon is None:
         typer.secho(
             f"warning: {privacy_config} sets no [local_dp] max_epsilon: this site will train "
