@@ -1,6 +1,7 @@
 """Faulty virtual sites for robustness tests and studies: in simulation only, the simulated
 sites' `faults` (e.g. "2:nan,3:shape,4:huge,1:liar") make those partitions corrupt their train
-replies (a liar keeps its update and claims 1e15 examples).
+replies (a liar keeps its update and claims 1e15 examples); "stats" puts a NaN into the feature
+moments a site reports before round 1.
 
 A deployed SuperNode has no partition id in its node config, so this mod never touches a real
 site's reply whatever a server puts in the run config.
@@ -32,20 +33,27 @@ def corrupt(arrays: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
 
 
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    from flwr.app import Array, ArrayRecord
-
-    from client.records import NUM_EXAMPLES, SHARED, SimulatedSites
+    from client.records import NUM_EXAMPLES, QUERY_STATS, SHARED, SimulatedSites
 
     reply = call_next(msg, context)
     sim = SimulatedSites.from_run_config(context.run_config)
     if sim is None or "partition-id" not in context.node_config or reply.has_error():
         return reply
     kind = sim.faults.get(int(context.node_config["partition-id"]))
-    if kind is None or msg.metadata.message_type != "train" or SHARED not in reply.content:
+    target = QUERY_STATS if kind == "stats" else "train"  # the one message kind it corrupts
+    if kind is None or msg.metadata.message_type != target:
         return reply
-    if kind == "liar":
+    if kind == "stats":
+        reply.content["moments"] = _corrupted(reply.content["moments"], "nan")
+    elif kind == "liar":
         reply.content["metrics"][NUM_EXAMPLES] = 10**15
-        return reply
-    arrays = {k: v.numpy() for k, v in reply.content[SHARED].items()}
-    reply.content[SHARED] = ArrayRecord({k: Array(v) for k, v in corrupt(arrays, kind).items()})
+    elif SHARED in reply.content:
+        reply.content[SHARED] = _corrupted(reply.content[SHARED], kind)
     return reply
+
+
+def _corrupted(record, kind: str):
+    from flwr.app import Array, ArrayRecord
+
+    arrays = {k: v.numpy() for k, v in record.items()}
+    return ArrayRecord({k: Array(v) for k, v in corrupt(arrays, kind).items()})

@@ -44,7 +44,7 @@ COX_ARRAYS = "cox"
 # Run config keys: what the virtual sites of a simulation read instead of a node config (JSON),
 # and its one flat knob for a Flower user: the graph cache they split.
 SIM_SITES, SIM_GRAPHS_DIR = "sim", "sim-graphs-dir"
-Fault = Literal["nan", "shape", "huge", "liar"]
+Fault = Literal["nan", "shape", "huge", "liar", "stats"]
 
 
 class SimulatedSites(Section):

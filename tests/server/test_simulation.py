@@ -20,10 +20,11 @@ def test_simulated_hospitals_train_and_report_and_broken_updates_are_dropped(
     site_caches, tmp_path, capsys
 ):
     # Five virtual sites; three send a NaN, a wrong-shape and an oversized update every round,
-    # one claims 1e15 examples (in the audit such a site became the global model).
+    # one claims 1e15 examples (in the audit such a site became the global model), and one
+    # reports NaN feature moments (once pooled and broadcast as every site's standardisation).
     final = simulate(
         site_caches["B"], tmp_path, sites=5, config=DEBUG_TOML,
-        faults="1:liar,2:nan,3:shape,4:huge",
+        faults="0:stats,1:liar,2:nan,3:shape,4:huge",
         overrides={"federation.local_steps": 1, "federation.stage2_rounds": 1,
                    "federation.min_replies": 2, "privacy.validation.max_update_norm": 100.0},
     )  # fmt: skip
@@ -40,7 +41,7 @@ def test_simulated_hospitals_train_and_report_and_broken_updates_are_dropped(
         assert any("expected float32" in r for r in reasons)
         assert any("exceeds max_update_norm" in r for r in reasons)
         # The liar's update is used, weighing at most its own graph count (a few tiles).
-        ((liar, reason),) = h["capped"].items()
+        ((liar, reason),) = [(s, r) for s, r in h["capped"].items() if "1e+15" in r]
         assert liar in h["replied"] and reason.startswith("claimed 1e+15 examples, capped at ")
         assert 1 <= float(reason.rsplit(" ", 1)[1]) <= 20
     assert all(torch.isfinite(torch.tensor(h["eval"]["loss"])) for h in history)
@@ -49,6 +50,7 @@ def test_simulated_hospitals_train_and_report_and_broken_updates_are_dropped(
     assert torch.isfinite(torch.tensor(history[1]["eval"]["context-share"]))
     assert "context" in table
     assert all(torch.isfinite(p).all() for p in ckpt.model.state_dict().values())
+    assert "invalid reply: moment" in (tmp_path / "run.log").read_text()  # the NaN site's
     # Every virtual site kept its private checkpoint; nothing of the engine is left running.
     assert len(list((tmp_path / "sites").glob("site-*/run-*.pt"))) == 5
     assert not _processes_using(tmp_path)
