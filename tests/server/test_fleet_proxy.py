@@ -129,7 +129,11 @@ def test_the_stock_flwr_cli_from_outside_is_refused(server, tmp_path):
 
 
 def test_start_prints_the_sha256_of_the_app_bundle_sites_log(server, tmp_path):
-    assert f"app bundle: FAB sha256 {app_fab_hash(tmp_path)}\n" in server["log"].read_text()
+    expected = f"app bundle: FAB sha256 {app_fab_hash(tmp_path)}\n"
+    deadline = time.monotonic() + 120  # printed while start waits for sites
+    while "app bundle:" not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert expected in server["log"].read_text()
 
 
 def test_fleet_routes_reach_the_superlink(server):
