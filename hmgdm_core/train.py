@@ -391,9 +391,9 @@ def eval_loss(
         starts.pop()  # no batch of one graph: the context swap needs another graph
     for i, end in zip(starts, [*starts[1:], len(graphs)], strict=True):
         chunk = graphs[i:end]
-        batch = make_batch(chunk, cfg.max_nodes, generator, stain_jitter=cfg.stain_jitter).to(
-            device
-        )
+        # No stain jitter: an augmentation of training batches would make held-out losses
+        # noisier and incomparable across jitter settings.
+        batch = make_batch(chunk, cfg.max_nodes, generator).to(device)
         with _autocast(device, cfg.amp):
             terms = model.loss(
                 batch, stage=stage, generator=generator, diagnose=stage == "diffusion"

@@ -191,3 +191,23 @@ def test_raw_slide_features_pool_every_entity_of_a_slide():
     assert torch.allclose(feats[1, :dim], x.mean(0), atol=1e-5)
     assert torch.allclose(feats[1, dim:], x.std(0, unbiased=False), atol=1e-4)
     assert raw_slide_features(graphs, std=False)[1].shape == (3, dim)
+
+
+def test_eval_loss_is_held_out_without_stain_jitter():
+    """train.stain_jitter augments training batches only: the held-out loss stays comparable."""
+    graphs = _graphs()
+    cfg = load_config(overrides=TINY)
+    model = build_model(cfg, graph_dims(graphs))
+    model.stats.set(stats_from_moments(feature_moments(graphs)))
+    losses = [
+        eval_loss(
+            model,
+            graphs,
+            cfg.train.model_copy(update={"stain_jitter": jitter}),
+            stage="autoencoder",
+            device=CPU,
+            generator=torch.Generator().manual_seed(1),
+        )["loss"]
+        for jitter in (0.0, 0.3)
+    ]
+    assert losses[0] == losses[1]
