@@ -115,6 +115,14 @@ def local_pretrain(cfg, graph_dirs: list[Path]) -> tuple[float, dict]:
     return time.perf_counter() - t0, model.state_dict()
 
 
+def _site_policy(work: Path) -> Path:
+    """The sites' own file: a few tiles each, below the default small-cell minimum of 10."""
+    path = work / "site_policy.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[disclosure]\nmin_patients = 1\n")
+    return path
+
+
 def deployment(
     cfg: HmgdmConfig, caches: dict[str, Path], work: Path, warm: bool = True
 ) -> tuple[float, list]:
@@ -143,6 +151,7 @@ def deployment(
                 auth_key=key,
                 local_port=_port(),
                 warm=warm,
+                privacy_config=_site_policy(work),
             )
             with open(work / f"supernode_{name}.log", "wb") as log:
                 env = flower_env() | {"OMP_NUM_THREADS": str(SITE_THREADS)}
@@ -220,7 +229,8 @@ def main() -> None:
         sim_wall, sim_hist = None, None
         if not args.skip_sim:
             t0 = time.perf_counter()
-            sim_final = simulate(caches["B"], work / "sim", sites=2, config=cfg_path)
+            sim_final = simulate(caches["B"], work / "sim", sites=2, config=cfg_path,
+                                 overrides={"disclosure.min_patients": 1})  # fmt: skip
             sim_wall = time.perf_counter() - t0
             sim_hist = torch.load(sim_final, weights_only=False)["extra"]["federation"]
 

@@ -90,7 +90,9 @@ def run(sites: int, work: Path) -> dict:
     with PeakMemory() as mem:
         final = simulate(
             graphs, work / "run", sites=sites, overrides={**SMALL_MODEL,
-            "federation.min_sites": sites, "federation.min_replies": sites},
+            "federation.min_sites": sites, "federation.min_replies": sites,
+            # One slide a virtual site: the operator's own synthetic data, nothing to disclose.
+            "disclosure.min_patients": 1},
             backend=backend, summary=False,
         )  # fmt: skip
     import torch

@@ -28,6 +28,12 @@ PATIENT_COLUMN = typer.Option(
     "patient_id", "--patient-column", help="Column naming the patient (folds never split one)."
 )
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+TRUST_CHECKPOINT = typer.Option(
+    False,
+    "--trust-checkpoint",
+    help="Load a legacy checkpoint with full Python unpickling, which can run code hidden in "
+    "the file: only for a file you wrote yourself with an older hmgdm.",
+)
 METHOD = typer.Option(
     "probe",
     "--method",
@@ -38,45 +44,40 @@ METHOD = typer.Option(
 METHODS = ("probe", "finetune")
 
 
-def _embed_and_label(graphs, checkpoint, labels, config, id_column, patient_column, device, task):
-    """(eval config, labels, rows, checkpoint, raw): frozen slide embeddings (slides, hidden)
-    for the probes, and the raw-descriptor baselines {name: rows}: entity descriptors
-    mean-pooled, and mean + std pooled; rows in the labels' order."""
+def _embed_and_label(graphs, ckpt, labels, config, id_column, patient_column, device, task):
+    """(eval config, labels, rows, raw): frozen slide embeddings (slides, hidden) for the
+    probes, and the raw-descriptor baselines {name: rows}: entity descriptors mean-pooled, and
+    mean + std pooled; rows in the labels' order."""
     from hmgdm_core.pretrain import embed_graphs, raw_slide_features
     from hmgdm_core.train import resolve_device
 
-    cfg, lab, data, ckpt = _load(
-        graphs, checkpoint, labels, config, id_column, patient_column, task
-    )
+    cfg, lab, data = _load(graphs, ckpt, labels, config, id_column, patient_column, task)
     names, emb, _ = embed_graphs(ckpt.model, data, device=resolve_device(device))
     rows = [{name: i for i, name in enumerate(names)}[s] for s in lab.table["slide_id"]]
     raw = {
         f"raw_descriptors_{pool}": raw_slide_features(data, std=pool == "mean_std")[1].numpy()[rows]
         for pool in ("mean", "mean_std")
     }
-    return cfg, lab, emb.numpy()[rows], ckpt, raw
+    return cfg, lab, emb.numpy()[rows], raw
 
 
-def _bags_and_label(graphs, checkpoint, labels, config, id_column, patient_column, task):
-    """(eval config, labels, rows, checkpoint): each row the region graphs of one slide."""
-    cfg, lab, data, ckpt = _load(
-        graphs, checkpoint, labels, config, id_column, patient_column, task
-    )
+def _bags_and_label(graphs, ckpt, labels, config, id_column, patient_column, task):
+    """(eval config, labels, rows, None): each row the region graphs of one slide."""
+    cfg, lab, data = _load(graphs, ckpt, labels, config, id_column, patient_column, task)
     by_slide: dict[str, list] = {}
     for g in data:
         by_slide.setdefault(str(g.slide_id), []).append(g)
-    return cfg, lab, [by_slide[s] for s in lab.table["slide_id"]], ckpt, None
+    return cfg, lab, [by_slide[s] for s in lab.table["slide_id"]], None
 
 
-def _load(graphs, checkpoint, labels, config, id_column, patient_column, task):
+def _load(graphs, ckpt, labels, config, id_column, patient_column, task):
     from hmgdm_core.config import load_config
     from hmgdm_core.downstream.labels import read_labels
     from hmgdm_core.graph.cache import load_graph_dir
-    from hmgdm_core.train import check_graph_dims, load_checkpoint
+    from hmgdm_core.train import check_graph_dims
 
     cfg = load_config(config).evaluation
     data = load_graph_dir(graphs)
-    ckpt = load_checkpoint(checkpoint)
     check_graph_dims(ckpt.model, data, str(graphs))
     lab = read_labels(
         labels,
@@ -86,7 +87,7 @@ def _load(graphs, checkpoint, labels, config, id_column, patient_column, task):
         id_column=id_column,
         patient_column=patient_column,
     )
-    return cfg, lab, data, ckpt
+    return cfg, lab, data
 
 
 def _inputs(method, *args):
@@ -122,6 +123,7 @@ def classify(
     patient_column: str = PATIENT_COLUMN,
     device: str = DEVICE,
     method: str = METHOD,
+    trust_checkpoint: bool = TRUST_CHECKPOINT,
 ) -> None:
     """Linear probe (logistic regression) on frozen slide embeddings, or fine-tuning: accuracy,
     macro-F1, balanced accuracy and macro AUC per fold, out-of-fold predictions per slide, a
@@ -131,9 +133,11 @@ def classify(
         from hmgdm_core.downstream.classify import ProbeCV
         from hmgdm_core.downstream.finetune_cv import FinetuneCV
         from hmgdm_core.log import console
+        from hmgdm_core.train import load_checkpoint
 
-        cfg, lab, x, ckpt, raw = _inputs(
-            method, graphs, checkpoint, labels, config, id_column, patient_column, device,
+        ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint)
+        cfg, lab, x, raw = _inputs(
+            method, graphs, ckpt, labels, config, id_column, patient_column, device,
             "classification",
         )  # fmt: skip
         probe = ProbeCV(cfg) if method == "probe" else FinetuneCV(ckpt.model, ckpt.cfg, cfg)
@@ -168,6 +172,7 @@ def survival(
     patient_column: str = PATIENT_COLUMN,
     device: str = DEVICE,
     method: str = METHOD,
+    trust_checkpoint: bool = TRUST_CHECKPOINT,
 ) -> None:
     """Cox probe (lifelines, PCA-reduced frozen embeddings) or deep Cox head fine-tuned on the
     encoder: C-index per fold and pooled, and a Kaplan-Meier plot of low vs high predicted risk
@@ -177,11 +182,12 @@ def survival(
         from hmgdm_core.downstream.finetune_cv import DeepCoxCV
         from hmgdm_core.downstream.survival import SurvivalCV
         from hmgdm_core.log import console
+        from hmgdm_core.train import load_checkpoint
 
-        cfg, lab, x, ckpt, _ = _inputs(
-            method, graphs, checkpoint, labels, config, id_column, patient_column, device,
-            "survival",
-        )  # fmt: skip
+        ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint)
+        cfg, lab, x, _ = _inputs(
+            method, graphs, ckpt, labels, config, id_column, patient_column, device, "survival"
+        )
         t = lab.table
         cv = SurvivalCV(cfg) if method == "probe" else DeepCoxCV(ckpt.model, ckpt.cfg, cfg)
         cv.fit(x, t["time"].to_numpy(), t["event"].to_numpy(), lab.groups)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from client.commands_eval import TRUST_CHECKPOINT
+
 GRAPHS = typer.Option(None, "--graphs", "-g", help="Graph cache of the slide.")
 IMAGE = typer.Option(
     None, "--image", help="The slide image, if not at the path recorded when graphs were built."
@@ -33,13 +35,16 @@ def explain(
     ),
     image: Path | None = IMAGE,
     max_side: int = MAX_SIDE,
+    trust_checkpoint: bool = TRUST_CHECKPOINT,
 ) -> None:
     """Per-entity importance (attention-pooling weights, or gradient x input of the predicted
     class / Cox risk) painted on the slide thumbnail, one Voronoi cell per entity centroid;
     the GeoJSON outlines each entity and classifies it by importance quintile."""
     from client.commands_eval import run_reporting_errors
 
-    run_reporting_errors(lambda: _explain(slide, checkpoint, out, graphs, method, image, max_side))
+    run_reporting_errors(
+        lambda: _explain(slide, checkpoint, out, graphs, method, image, max_side, trust_checkpoint)
+    )
 
 
 def export(
@@ -101,7 +106,7 @@ def _write_geojson(out: Path, bag, meta, seg, *, values=None, classify_by=None) 
     )
 
 
-def _explain(slide, checkpoint, out, graphs, method, image, max_side) -> None:
+def _explain(slide, checkpoint, out, graphs, method, image, max_side, trust_checkpoint) -> None:
     from hmgdm_core.atomic import save_figure, write_csv
     from hmgdm_core.downstream.explain import entity_importance, plot_importance
     from hmgdm_core.downstream.finetune import load_slide_net
@@ -112,7 +117,7 @@ def _explain(slide, checkpoint, out, graphs, method, image, max_side) -> None:
     if method not in ("auto", "attention", "gradient"):
         raise ConfigError(f"--method must be auto, attention or gradient, not '{method}'")
     archive, bag, meta, seg = _load(slide, graphs)
-    net, task, _ = load_slide_net(checkpoint)
+    net, task, _ = load_slide_net(checkpoint, trust=trust_checkpoint)
     check_graph_dims(net.backbone, bag, str(archive))
     if method == "auto":
         method = "attention" if task.kind == "classification" else "gradient"

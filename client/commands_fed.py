@@ -19,8 +19,11 @@ from client.flower_env import (
     stop_tree,
 )
 from client.heartbeat import HEARTBEAT_FILE
-from hmgdm_core.cli import fail
+from hmgdm_core.atomic import atomic_write
+from hmgdm_core.cli import check_plaintext, fail
 from hmgdm_core.exceptions import HmgdmError
+
+RUNTIME_SECRET = "runtime.secret"  # in the state dir: the SuperNode <-> launcher shared secret
 
 if TYPE_CHECKING:
     from client.site import Site
@@ -131,10 +134,12 @@ def supernode_command(
 ) -> list[str]:
     """The command that runs this site's SuperNode (also used by tests and benchmarks).
 
-    `warm` (default): with the warm ClientApp launcher of `client.site_runtime`, which also keeps
-    STATE_DIR/heartbeat.json; otherwise a plain `flower-supernode` that starts every ClientApp
-    as a cold `flwr-clientapp` process. `local_port`: the SuperNode's loopback ClientApp port;
-    None picks a free one (several sites can run on one host).
+    `warm` (default, what `join` runs): with the warm ClientApp launcher of
+    `client.site_runtime`, which serves only this installation's ClientApp and keeps
+    STATE_DIR/heartbeat.json. Otherwise a plain `flower-supernode` that starts every ClientApp
+    as a cold `flwr-clientapp` process from the run's FAB: Flower's stock behaviour, kept only
+    as a benchmark baseline. `local_port`: the SuperNode's loopback ClientApp port; None picks
+    a free one (several sites can run on one host).
     """
     import tomli_w
 
@@ -174,16 +179,49 @@ def supernode_command(
     if not warm:
         return [str(Path(sys.executable).with_name("flower-supernode")), *cmd,
                 "--isolation", "subprocess"]  # fmt: skip
+    # Only the launcher (and the site's own users) may take tasks from the Runtime API: a new
+    # secret each start, readable by this user alone.
+    secret = atomic_write(site.state / RUNTIME_SECRET, lambda p: p.write_bytes(os.urandom(32)))
+    cmd += ["--superexec-auth-secret-file", str(secret)]
     launcher = [sys.executable, "-m", "client.site_runtime", "--runtime-port", str(local_port),
                 "--heartbeat", str(site.state / HEARTBEAT_FILE)]  # fmt: skip
     return [*launcher, "--", *cmd]
+
+
+def _check_transport(superlink: str, root_cert: Path | None, insecure: bool) -> None:
+    """TLS unless the site says `--insecure`, and plaintext only to this machine."""
+    if insecure and root_cert is not None:
+        raise HmgdmError("--insecure and --root-cert: choose one")
+    if insecure:
+        check_plaintext(superlink.rsplit(":", 1)[0])
+    elif root_cert is None:
+        raise HmgdmError(
+            "--root-cert is required: the consortium's ca.crt, from the operator "
+            "(--insecure only for a SuperLink on this machine)"
+        )
+
+
+def _warn_unbounded_budget(privacy_config: Path | None) -> None:
+    from client.site import load_site_privacy
+
+    local_dp = load_site_privacy(privacy_config)[0] if privacy_config is not None else None
+    if local_dp is not None and local_dp.max_epsilon is None:
+        typer.secho(
+            f"warning: {privacy_config} sets no [local_dp] max_epsilon: this site will train "
+            "every round the server asks for and its epsilon has no limit",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
 def join(
     superlink: str = typer.Option(..., "--superlink", help="The consortium's HOST:PORT."),
     graphs: Path = typer.Option(..., "--graphs", help="This site's graph cache (build-graphs)."),
     root_cert: Path | None = typer.Option(
-        None, "--root-cert", help="The consortium CA certificate (ca.crt); omit only for tests."
+        None, "--root-cert", help="The consortium CA certificate (ca.crt), unless --insecure."
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Plaintext, no TLS: only to a SuperLink on this machine (tests)."
     ),
     auth_key: Path | None = typer.Option(
         None, "--auth-key", help="This site's private key from keygen (site.key)."
@@ -223,6 +261,8 @@ def join(
     Only model weights and scalar metrics leave this machine; graphs stay in GRAPHS.
     """
     try:
+        _check_transport(superlink, root_cert, insecure)
+        _warn_unbounded_budget(privacy_config)
         cmd = supernode_command(
             superlink=superlink,
             graphs=graphs,

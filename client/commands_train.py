@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from client.commands_eval import TRUST_CHECKPOINT
+
 
 def _fail(err: Exception) -> typer.Exit:
     from hmgdm_core.log import console
@@ -107,6 +109,7 @@ def embed(
         None, "--nodes", help="Also save node embeddings per region graph to this .pt file."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    trust_checkpoint: bool = TRUST_CHECKPOINT,
 ) -> None:
     """Write slide embeddings (mean of the slide's region-graph embeddings) for every slide."""
     import pandas as pd
@@ -122,7 +125,7 @@ def embed(
     try:
         data = load_graph_dir(graphs)
         validate_graphs(data, str(graphs))
-        model = load_checkpoint(checkpoint).model
+        model = load_checkpoint(checkpoint, trust=trust_checkpoint).model
         check_graph_dims(model, data, str(graphs))
         names, slide_emb, node_emb = embed_graphs(model, data, device=resolve_device(device))
     except HmgdmError as err:

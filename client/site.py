@@ -8,13 +8,13 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import torch
 from flwr.app import Context, Message
 from pydantic import ConfigDict, Field
 from torch_geometric.data import Data
 
 from client.guard import Guard, run_key
 from client.records import FROZEN, SHARED, SimulatedSites, load_into
+from hmgdm_core.atomic import load_torch
 from hmgdm_core.config import HmgdmConfig, parse_section
 from hmgdm_core.data import holdout_split
 from hmgdm_core.exceptions import GraphDataError
@@ -173,7 +173,7 @@ def site_model(site: Site, cfg: HmgdmConfig, msg: Message, graphs: list[Data]):
     model = build_model(cfg, graph_dims(graphs))
     path = site.checkpoint(msg.content["config"].get("run"))
     if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        model.load_state_dict(load_torch(path)["model"])
     records = [msg.content[k] for k in (SHARED, FROZEN) if k in msg.content.array_records]
     load_into(model, *records)
     return model

@@ -4,14 +4,20 @@ together (`python -m client.site_runtime --runtime-port P -- <flower-supernode a
 Flower starts a fresh `flwr-clientapp` process for every message, and importing torch, PyG and
 Flower costs seconds of each round. The launcher is Flower's own SuperExec loop with one change:
 each ClientApp is forked from a fork server that has imported those libraries and nothing else
-(no hmgdm code, no model, no data), so every message still gets a fresh process that loads the
-run's app code from its FAB, but skips the imports.
+(no hmgdm code, no model, no data), so every message still gets a fresh process but skips the
+imports.
+
+That process runs this site's own installed ClientApp, never code from the run's app bundle
+(FAB): the SuperLink's operator chooses the FAB, and privacy enforcement is ClientApp code. The
+FAB is neither unpacked nor imported; a run whose FAB names another app or version is refused
+with one line naming its sha256.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -20,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from logging import INFO
 from pathlib import Path
 
@@ -29,9 +35,10 @@ from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
 from client.flower_env import stop_tree
 
-# Third-party only: the run's own code must come from its FAB in the forked process. Importing
+# Third-party only: a fresh process per message imports this site's app code anew. Importing
 # torch starts neither CUDA nor its OpenMP threads, so a forked ClientApp may use both.
 APP_PACKAGES = ("client", "server", "hmgdm_core")
+APP_ID = "hmgdm/hmgdm"  # [tool.flwr.app] publisher / [project] name, as Flower names the FAB
 PRELOAD = (
     "numpy",
     "torch",
@@ -43,26 +50,50 @@ PRELOAD = (
 )
 
 
-def forget_app_packages() -> None:
-    """Unpickling the ClientApp's target imported the site's installed `client` package; forget
-    it so that Flower loads the run's app code from the FAB it installs, as a cold process does."""
-    for name in [m for m in sys.modules if m.split(".")[0] in APP_PACKAGES]:
-        del sys.modules[name]
+def site_clientapp_loader(**_flower_args) -> Callable[[str, str, str], object]:
+    """Stands in for Flower's `get_load_client_app_fn`: whatever the run's FAB holds, the
+    ClientApp is this site's installed `client.app`, and only for a run of the same app and
+    version (the ServerApp speaks the same messages)."""
+
+    def load(fab_id: str, fab_version: str, fab_hash: str):
+        from flwr.clientapp.client_app import LoadClientAppError
+        from flwr.supercore import log
+
+        installed = importlib.metadata.version("hmgdm")
+        if (fab_id, fab_version) != (APP_ID, installed):
+            raise LoadClientAppError(
+                f"refused run app {fab_id} {fab_version} (FAB sha256 {fab_hash}): this site "
+                f"runs only its own installed {APP_ID} {installed}; install and review that "
+                "version, or ask the operator to run this one"
+            )
+        from client.app import app
+
+        log(INFO, "run app %s %s (FAB sha256 %s): serving with this site's installed "
+            "ClientApp; no code from the FAB runs here", fab_id, fab_version, fab_hash)  # fmt: skip
+        return app
+
+    return load
+
+
+def _never_install(*_args, **_kwargs) -> None:
+    """Flower unpacks each run's FAB before loading it; this site never loads it."""
 
 
 def _run_clientapp(spec: ExecutionSpec) -> None:
     """Body of one forked ClientApp process: what `flwr-clientapp --token ...` would do."""
     from flwr.supercore import log
     from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
+    from flwr.supernode.runtime import run_clientapp as flower
 
-    forget_app_packages()
+    # flwr is pinned (pyproject); a test runs this path against the installed version.
+    flower.install_from_fab = _never_install
+    flower.get_load_client_app_fn = site_clientapp_loader
     if spec.suppress_output:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
     log(INFO, "Start `flwr-clientapp` process (forked from the warm launcher)")
-    run_clientapp(
+    flower.run_clientapp(
         runtime_api_address=spec.runtime_api_address,
         token=spec.token,
         insecure=spec.insecure,
@@ -93,8 +124,11 @@ class ForkServerExecutor(SubprocessExecutor):
         return LaunchResult.accepted()
 
 
-def run_launcher(runtime_api_address: str, parent_pid: int | None) -> None:
-    """Flower's SuperExec loop (task polling, signals, parent monitor) with the warm executor."""
+def run_launcher(
+    runtime_api_address: str, parent_pid: int | None, secret_file: Path | None = None
+) -> None:
+    """Flower's SuperExec loop (task polling, signals, parent monitor) with the warm executor;
+    `secret_file` is the SuperNode's `--superexec-auth-secret-file`."""
     from flwr.supercore.superexec import run_superexec as superexec
 
     executor = ForkServerExecutor()
@@ -106,6 +140,7 @@ def run_launcher(runtime_api_address: str, parent_pid: int | None) -> None:
         insecure=True,  # the Runtime API listens on loopback only (see supernode_command)
         parent_pid=parent_pid,
         runtime_dependency_install=False,
+        superexec_auth_secret=secret_file.read_bytes() if secret_file else None,
     )
 
 
@@ -139,9 +174,11 @@ def run_site(
         cert = _option(supernode_args, "--root-certificates")
         start_heartbeat(heartbeat, _option(supernode_args, "--superlink"), cert and Path(cert))
     _wait_for_port(runtime_port, node)
+    secret_file = _option(supernode_args, "--superexec-auth-secret-file")
+    secret = ["--secret-file", secret_file] if secret_file else []
     launcher = subprocess.Popen(
         [sys.executable, "-m", "client.site_runtime", "--launcher",
-         "--runtime-port", str(runtime_port), "--parent-pid", str(node.pid)],
+         "--runtime-port", str(runtime_port), "--parent-pid", str(node.pid), *secret],
         start_new_session=True,
     )  # fmt: skip
     code = node.wait()
@@ -162,11 +199,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--runtime-port", type=int, required=True, help="the SuperNode's --port")
     ap.add_argument("--launcher", action="store_true", help="run only the warm launcher")
     ap.add_argument("--parent-pid", type=int, help="launcher: exit when this process exits")
+    ap.add_argument("--secret-file", type=Path, help="launcher: the Runtime API's shared secret")
     ap.add_argument("--heartbeat", type=Path, help="file recording when the SuperLink answered")
     ap.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- flower-supernode args")
     args = ap.parse_args(argv)
     if args.launcher:
-        run_launcher(f"127.0.0.1:{args.runtime_port}", args.parent_pid)
+        run_launcher(f"127.0.0.1:{args.runtime_port}", args.parent_pid, args.secret_file)
         return
     rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
     sys.exit(run_site(rest, args.runtime_port, args.heartbeat))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import typer
 
 from hmgdm_core import __version__
+from hmgdm_core.exceptions import ConfigError
 
 
 def new_app(name: str, help: str) -> typer.Typer:
@@ -37,6 +40,21 @@ def new_app(name: str, help: str) -> typer.Typer:
 
     main.__doc__ = help
     return app
+
+
+def check_plaintext(host: str) -> None:
+    """`--insecure` means no TLS and no SuperNode authentication: only ever on loopback (tests,
+    one machine); a ConfigError for any other address."""
+    name = host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        loopback = name == "localhost"
+    if not loopback:
+        raise ConfigError(
+            f"--insecure with {host}: plaintext without node authentication is only for "
+            "127.0.0.1 (one machine); use TLS for any other address"
+        )
 
 
 def fail(err: Exception) -> typer.Exit:

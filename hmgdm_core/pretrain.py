@@ -59,7 +59,9 @@ METRIC_COLUMNS = (
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     """RUN_DIR/metrics.csv (one row per epoch) and RUN_DIR/loss.png, both written atomically:
     training and held-out loss per stage, and the stage-2 context share on held-out graphs."""
-    write_csv(run_dir / "metrics.csv", pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS))
+    write_csv(
+        run_dir / "metrics.csv", pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS), private=False
+    )
 
     import matplotlib
 
@@ -94,7 +96,7 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
         )
         probe_ax.set(xlabel="epoch", ylabel="probe accuracy (grouped CV)")
         probe_ax.legend(fontsize="small")
-    save_figure(run_dir / "loss.png", fig, dpi=100)
+    save_figure(run_dir / "loss.png", fig, dpi=100, private=False)
     plt.close(fig)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch, Data
 
-from hmgdm_core.atomic import save_torch
+from hmgdm_core.atomic import load_torch, save_torch
 from hmgdm_core.config import HmgdmConfig
 from hmgdm_core.data import (
     FeatureStats,
@@ -450,24 +450,25 @@ def save_checkpoint(
     )
 
 
-def read_checkpoint(path: Path, fmt: str, what: str) -> dict:
-    """The saved dict of format `fmt`; a one-line CheckpointError naming the file otherwise."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
-    except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+def read_checkpoint(path: Path, fmt: str, what: str, *, trust: bool = False) -> dict:
+    """The saved dict of format `fmt`, read without running code from the file (`load_torch`);
+    a one-line CheckpointError naming the file otherwise. `trust` is `--trust-checkpoint`."""
+    blob = load_torch(path, trust=trust)
     if not isinstance(blob, dict) or blob.get("format") != fmt:
         raise CheckpointError(f"{path}: {what}")
     return blob
 
 
-def load_checkpoint(path: Path, *, cfg: HmgdmConfig | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: Path, *, cfg: HmgdmConfig | None = None, trust: bool = False
+) -> Checkpoint:
     """Rebuild the model from a checkpoint; with `cfg`, its model sections must match."""
     path = Path(path)
     blob = read_checkpoint(
-        path, CHECKPOINT_FORMAT, f"not an hmgdm checkpoint (format {CHECKPOINT_FORMAT})"
+        path,
+        CHECKPOINT_FORMAT,
+        f"not an hmgdm checkpoint (format {CHECKPOINT_FORMAT})",
+        trust=trust,
     )
     stored = HmgdmConfig.model_validate(blob["config"])
     if cfg is not None:

@@ -41,6 +41,21 @@ class TlsFiles:
         return self
 
 
+def serving_tls(tls_dir: Path | None, insecure: bool, host: str) -> TlsFiles | None:
+    """What `start` serves with: the TLS files of TLS_DIR, or None only for an explicit
+    `--insecure` (no TLS, no SuperNode authentication) on a loopback host."""
+    from hmgdm_core.cli import check_plaintext
+
+    if not insecure:
+        if tls_dir is None:
+            raise HmgdmError("--tls-dir is required (create it with `hmgdm-server certs`)")
+        return TlsFiles.in_dir(tls_dir).check()
+    if tls_dir is not None:
+        raise HmgdmError("--insecure and --tls-dir: choose one")
+    check_plaintext(host)
+    return None
+
+
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     # Exclusive create: a CA or key is never silently replaced, and secrets are born 0600.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

@@ -81,7 +81,9 @@ def start(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on for sites."),
     port: int = typer.Option(9092, "--port", help="Port sites connect to."),
     state: Path = typer.Option(DEFAULT_STATE, "--state", help="SuperLink state, logs, runs."),
-    insecure: bool = typer.Option(False, "--insecure", help="No TLS, no site auth (tests only)."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="No TLS, no site auth: only with a loopback --host (tests)."
+    ),
     finetune: Path | None = typer.Option(
         None,
         "--finetune",
@@ -107,20 +109,18 @@ def start(
     """
     from client.flower_env import interrupted_exit_code
     from hmgdm_core.config import load_config
-    from server.certs import TlsFiles
-    from server.flwr_cli import submit_run, wait_for_online
+    from server.certs import serving_tls
+    from server.flwr_cli import app_fab_hash, submit_run, wait_for_online
     from server.run_config import submission
     from server.summary import check_run, print_run_summary
     from server.superlink import start_superlink
 
-    if tls_dir is None and not insecure:
-        raise _fail(HmgdmError("--tls-dir is required (create it with `hmgdm-server certs`)"))
     stop_on_signals()  # a service manager's SIGTERM stops the SuperLink and the run too
     try:
+        tls = serving_tls(tls_dir, insecure, host)
         cfg = load_config(config)
         fed = cfg.federation
         downstream = _mode_run_config(finetune, task, classes, survival_clinical)
-        tls = None if insecure else TlsFiles.in_dir(tls_dir).check()
         home = state / "flwr_home"
         link = start_superlink(
             port=port,
@@ -141,6 +141,10 @@ def start(
     try:
         _register_keys(state, sites_dir)
         typer.echo(f"waiting up to {fed.wait_timeout_s:.0f} s for {fed.min_sites} sites ...")
+        # Sites run their own installed ClientApp of this version, never this bundle's code;
+        # each logs the hash of the runs it serves. (Building it takes seconds: sites join
+        # meanwhile.)
+        typer.echo(f"app bundle: FAB sha256 {app_fab_hash(state)}")
         wait_for_online(home, fed.min_sites, fed.wait_timeout_s)
         run_dir = fed.run_dir if fed.run_dir.is_absolute() else (state / fed.run_dir)
         run_config = submission(cfg, run_dir=run_dir.resolve(), resume=resume, **downstream)

@@ -148,7 +148,7 @@ def run_downstream(grid: Grid, run: DownstreamRun, events: EventLog) -> Path:
     }
     net.load_state_dict(state)
     save_slide_net(run.run_dir / MODEL_NAME, net, cfg, task, ev)
-    path = write_json(run.run_dir / RESULT_NAME, result)
+    path = write_json(run.run_dir / RESULT_NAME, result, private=False)
     log(INFO, "federated %s: pooled %s", task.kind, result["pooled"])
     return path
 

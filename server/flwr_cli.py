@@ -4,6 +4,7 @@ submission, and the register of SuperNode keys that may join.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -157,6 +158,14 @@ def app_dir(work_dir: Path) -> Path:
 
 def _flower_app(pyproject: Path) -> bool:
     return pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text(errors="ignore")
+
+
+def app_fab_hash(work_dir: Path) -> str:
+    """sha256 of the app bundle (FAB) `flwr run` builds from `app_dir`; each site logs the hash
+    of every run it serves (and refuses a bundle of another app or version by it)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(app_dir(work_dir))).hexdigest()
 
 
 def submit_run(flwr_home: Path, run_config: dict, work_dir: Path) -> subprocess.Popen:

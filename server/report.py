@@ -230,4 +230,6 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         why = summary.get("reason") or "see its log"
         raise HmgdmError(f"{run_dir}: the run stopped before its first round ({why})")
     text = render_report(summary)
-    return atomic_write(Path(out or Path(run_dir) / REPORT_NAME), lambda p: p.write_text(text))
+    return atomic_write(
+        Path(out or Path(run_dir) / REPORT_NAME), lambda p: p.write_text(text), private=False
+    )

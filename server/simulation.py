@@ -181,5 +181,5 @@ def simulate_clinical_survival(
     metrics = json.loads(path.read_text())
     params = np.array(list(metrics["coefficients"].values()))
     metrics |= lifelines_check(site_arrays(cases, groups), COVARIATES, params)
-    write_json(path, metrics)
+    write_json(path, metrics, private=False)
     return path, summary

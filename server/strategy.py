@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from hmgdm_core.atomic import save_torch
+from hmgdm_core.atomic import load_torch, save_torch
 from hmgdm_core.exceptions import CheckpointError
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.config import CENTRAL_MODES, UNIFORM_WEIGHT_KEY, PrivacyConfig
@@ -223,8 +223,6 @@ def save_round(run_dir: Path, server_round: int, payload: dict[str, Any]) -> Pat
 
 def load_last_round(run_dir: Path) -> dict[str, Any] | None:
     """The newest complete round checkpoint under `run_dir`, or None for a fresh run."""
-    import torch
-
     rounds = sorted(
         (int(m.group(1)), p)
         for p in Path(run_dir).glob("round_*.pt")
@@ -233,10 +231,7 @@ def load_last_round(run_dir: Path) -> dict[str, Any] | None:
     if not rounds:
         return None
     path = rounds[-1][1]
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated file is a user-facing problem, not a crash
-        raise CheckpointError(f"{path}: unreadable round checkpoint ({err})") from None
+    ckpt = load_torch(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an hmgdm federation checkpoint")
     return ckpt

@@ -170,7 +170,9 @@ def summary_path(run_dir: Path, mode: str = "pretrain") -> Path:
 
 
 def write_run_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    return write_json(summary_path(run_dir, summary.get("mode", "pretrain")), summary)
+    return write_json(
+        summary_path(run_dir, summary.get("mode", "pretrain")), summary, private=False
+    )
 
 
 def read_run_summary(run_dir: Path, mode: str = "pretrain") -> dict[str, Any] | None:

@@ -50,6 +50,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RunsCommand:
+    """What an attacker puts in a checkpoint: unpickling it calls os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def write_malicious(path: Path, marker: Path) -> None:
+    """A checkpoint-shaped pickle whose loading would create `marker`."""
+    import torch
+
+    blob = {"format": "hmgdm-checkpoint/1", "model": {}, "payload": RunsCommand(f"touch {marker}")}
+    torch.save(blob, path)
+
+
+def tiny_cache(root: Path, slides: int = 1) -> Path:
+    """A graph cache of small random region graphs (one per slide), as build-graphs lays it out."""
+    from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
+    from hmgdm_core.studies.synthetic import random_region_graph
+
+    for i in range(slides):
+        with SlideGraphWriter(graph_path(root, f"s{i}")) as writer:
+            writer.add(random_region_graph(12 + i, seed=i, slide_id=f"s{i}"))
+            writer.commit({"slide_id": f"s{i}", "config_hash": "x"})
+    return root
+
+
 def tiny_site_policy(directory: Path) -> str:
     """A site's own TOML for test cohorts of a few tiles: fewer patients than the default
     small-cell minimum of 10 (tests/client/test_disclosure.py tests the policy itself)."""

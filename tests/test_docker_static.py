@@ -306,6 +306,21 @@ def test_volumes_are_declared_and_keys_and_secrets_stay_where_they_belong():
     )
 
 
+def test_the_ca_key_is_never_mounted_into_the_superlink():
+    services = compose()["services"]
+    assert [n for n, svc in services.items() if "ca-key" in _named_volumes(svc)] == ["certs"]
+    (certs,) = [a for a in hmgdm_argvs(services["certs"]) if "certs" in a]
+    assert option(certs, "--out") == "/ca-key"
+    script = " ".join(command_tokens(services["certs"]))
+    to_tls = re.findall(r"cp -p ([^;]*) /tls/;", script)
+    assert [sorted(Path(p).name for p in to_tls[0].split())] == [
+        ["ca.crt", "server.key", "server.pem"]
+    ]
+    (start,) = hmgdm_argvs(services["superlink"])
+    assert _named_volumes(services["superlink"])["tls"] == option(start, "--tls-dir") == "/tls"
+    assert "tls:/tls:ro" in services["superlink"]["volumes"]
+
+
 def test_compose_build_contexts_and_configs_exist():
     for name, svc in compose()["services"].items():
         build = svc["build"]

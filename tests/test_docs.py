@@ -417,15 +417,15 @@ def test_operator_guide_runs(tmp_path, data_dir):
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(data_dir)
     work = tmp_path / "repo"
-    env = {k: str(tmp_path / k.lower()) for k in ("TLS", "SITES", "STATE")}
+    env = {k: str(tmp_path / k.lower()) for k in ("CA", "TLS", "SITES", "STATE")}
     ran = _run_guide("docs/operator.md", work, env)
 
     assert {path[1:] for path in ran} >= {
         ("info",), ("certs",), ("certs", "renew"), ("build-graphs",)
     }  # fmt: skip
-    assert (tmp_path / "tls" / "server.pem.old").is_file()  # renewed, same host (below)
+    assert (tmp_path / "ca" / "server.pem.old").is_file()  # renewed where ca.key is, same host
     assert "flwr 1.42" in ran[("hmgdm-server", "info")]
-    cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "ca" / "server.pem").read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "fl.consortium.example" in names.get_values_for_type(x509.DNSName)
     assert (work / "demo_out" / "graphs" / "manifest.csv").is_file()

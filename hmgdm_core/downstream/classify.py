@@ -91,7 +91,6 @@ class ProbeCV:
         x, y, groups = self._rows(x), np.asarray(y), np.asarray(groups)
         self.y_, self.groups_, self.baselines_ = y, groups, {}
         self.classes_ = np.unique(y)
-        self.y_, self.groups_ = y, groups
         self.oof_proba_ = np.full((len(y), len(self.classes_)), np.nan)
         self.oof_fold_ = np.full(len(y), -1)
         rows = []
@@ -167,9 +166,9 @@ class ProbeCV:
         if self.baselines_:
             summary["baselines"] = self.baselines_
         return {
-            "metrics": write_json(out_dir / "metrics.json", summary),
-            "folds": write_csv(out_dir / "folds.csv", self.folds_),
-            "confusion": save_figure(out_dir / "confusion.png", self.plot().figure),
+            "metrics": write_json(out_dir / "metrics.json", summary, private=False),
+            "folds": write_csv(out_dir / "folds.csv", self.folds_, private=False),
+            "confusion": save_figure(out_dir / "confusion.png", self.plot().figure, private=False),
             **write_predictions(out_dir, self.predictions(slide_ids), classes),
         }
 
@@ -198,7 +197,7 @@ def write_predictions(
     if classes is not None:
         proba = table[[f"p_{c}" for c in classes]].to_numpy()
         roc = plot_roc(table["truth"].to_numpy(), proba, list(classes))
-        files["roc"] = save_figure(out_dir / "roc.png", roc.figure)
+        files["roc"] = save_figure(out_dir / "roc.png", roc.figure, private=False)
     return files
 
 

@@ -129,10 +129,10 @@ def write_survival_report(
         "km_patients": int(sum(s.patients for s in with_tables.values())),
         "logrank_p": None,
     }
-    write_csv(out_dir / "sites.csv", pd.DataFrame(rows))
+    write_csv(out_dir / "sites.csv", pd.DataFrame(rows), private=False)
     if with_tables:
         metrics["logrank_p"] = _write_km(with_tables, out_dir, bin_width)
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics, private=False)
     return metrics
 
 
@@ -160,8 +160,8 @@ def _write_km(sites: Mapping[str, SiteEvaluation], out_dir: Path, bin_width: flo
     }
     ax = plot_kaplan_meier(fitters, p_value)
     ax.set_title(f"Federated Kaplan-Meier, {len(sites)} sites (log-rank p = {p_value:.2g})")
-    write_json(out_dir / "km.json", km_summary)
-    save_figure(out_dir / "km.png", ax.figure)
+    write_json(out_dir / "km.json", km_summary, private=False)
+    save_figure(out_dir / "km.png", ax.figure, private=False)
     return p_value
 
 
@@ -201,5 +201,5 @@ def federated_survival_report(
         fed, evaluations, out_dir, covariates=covariates, bin_width=bin_width
     )
     metrics |= lifelines_check(sites, covariates, fed.params_)
-    write_json(Path(out_dir) / "metrics.json", metrics)
+    write_json(Path(out_dir) / "metrics.json", metrics, private=False)
     return metrics

@@ -334,14 +334,14 @@ def save_slide_net(
     )
 
 
-def load_slide_net(path: Path | str) -> tuple[SlideNet, Task, HmgdmConfig]:
+def load_slide_net(path: Path | str, *, trust: bool = False) -> tuple[SlideNet, Task, HmgdmConfig]:
     """Rebuild a model written by `save_slide_net`; a clear error for any other file."""
     from hmgdm_core.train import build_model, read_checkpoint
 
     path = Path(path)
     blob = read_checkpoint(
         path, FORMAT, f"not a fine-tuned model ({FORMAT}); write one with "
-        "`hmgdm-client evaluate classify|survival --method finetune`",
+        "`hmgdm-client evaluate classify|survival --method finetune`", trust=trust,
     )  # fmt: skip
     backbone_cfg = HmgdmConfig.model_validate(blob["config"])
     cfg = EvalConfig.model_validate(blob["evaluation"])

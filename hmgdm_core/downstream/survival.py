@@ -224,9 +224,9 @@ class SurvivalCV:
             "metrics": self.metrics_,
         }
         return {
-            "metrics": write_json(out_dir / "metrics.json", summary),
-            "folds": write_csv(out_dir / "folds.csv", self.folds_),
+            "metrics": write_json(out_dir / "metrics.json", summary, private=False),
+            "folds": write_csv(out_dir / "folds.csv", self.folds_, private=False),
             **write_predictions(out_dir, self.predictions(slide_ids)),
-            "km_plot": save_figure(out_dir / "km.png", self.plot().figure),
-            "km": write_json(out_dir / "km.json", self.km_.summary()),
+            "km_plot": save_figure(out_dir / "km.png", self.plot().figure, private=False),
+            "km": write_json(out_dir / "km.json", self.km_.summary(), private=False),
         }

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Data, Dataset
 
+from hmgdm_core.atomic import fsync
 from hmgdm_core.exceptions import GraphDataError
 from hmgdm_core.slide_ids import match_slide_ids
 
@@ -45,6 +46,8 @@ class SlideGraphWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        # Graphs are derived from patients' slides: readable by this user only, from the start.
+        os.close(os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED)
         self.n_graphs = self.n_nodes = self.n_edges = 0
 
@@ -79,9 +82,9 @@ class SlideGraphWriter:
         }
         self._zip.writestr("meta.json", json.dumps(meta, indent=1, default=str))
         self._zip.close()
-        with open(self._tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync(self._tmp)
         os.replace(self._tmp, self.path)
+        fsync(self.path.parent)
         return self.path.stat().st_size
 
     def __enter__(self) -> SlideGraphWriter:

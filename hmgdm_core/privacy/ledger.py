@@ -1,13 +1,21 @@
 """A site's `privacy_ledger.json`: what it released under local DP, epsilon spent so far, budget.
 
-The ledger is rewritten atomically after every round, before the round's update leaves the site,
-so a crash can over-count spent epsilon but never under-count it.
+A round is written to the ledger (atomically, fsynced) before its training starts, under an
+exclusive lock that is held until the round ends, and taken back out only when training failed
+(then nothing of it left the site). Two processes sharing a ledger (two SuperNodes on one state
+directory) therefore take turns and can never both spend the same remaining budget; a crash can
+over-count spent epsilon but never under-count it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import logging
+import os
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,6 +24,8 @@ from hmgdm_core.atomic import write_json
 from hmgdm_core.privacy.accountant import Mechanism, PrivacyAccountant
 from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.errors import PrivacyError
+
+log = logging.getLogger(__name__)
 
 LEDGER_NAME = "privacy_ledger.json"
 FORMAT = "hmgdm-privacy-ledger/1"
@@ -156,3 +166,44 @@ class PrivacyLedger:
     def save(self, path: Path | str) -> Path:
         """Write the ledger atomically (readers see the old or the new file, never half)."""
         return write_json(path, self.to_dict())
+
+
+@contextlib.contextmanager
+def spend(
+    path: Path | str, cfg: LocalDP, *, num_patients: int, server_round: int, steps: int
+) -> Iterator[PrivacyLedger]:
+    """Reserve one round of `steps` DP-SGD steps: lock the ledger, refuse the round if it would
+    pass `max_epsilon` (PrivacyBudgetExhausted), record it and save, then yield the ledger for
+    the training. If the training raises, the round is removed again; the lock is released
+    when the block ends."""
+    path = Path(path)
+    with _locked(path):
+        before = PrivacyLedger.open(path, cfg, num_patients=num_patients)
+        before.check_budget(steps)
+        ledger = before.record(server_round, steps, patients=num_patients)
+        ledger.save(path)
+        try:
+            yield ledger
+        except BaseException:
+            before.save(path)  # the round never trained: nothing of it can have left the site
+            raise
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (its `.lock` file beside it) across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning(
+                "%s is in use by another process (two SuperNodes sharing a state directory?); "
+                "waiting for its round to end",
+                path,
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -24,7 +24,7 @@ from hmgdm_core.privacy.dpsgd import (
     private_generator,
 )
 from hmgdm_core.privacy.errors import PrivacyError
-from hmgdm_core.privacy.ledger import PrivacyLedger
+from hmgdm_core.privacy.ledger import PrivacyLedger, spend
 from hmgdm_core.train import Objective, train_steps
 
 
@@ -76,7 +76,7 @@ def private_round(
     patients: Mapping[str, str] | None = None,
     objective: Objective | None = None,
 ) -> tuple[dict[str, float], PrivacyLedger]:
-    """Check the budget, train one round with patient-level DP-SGD, record it in the ledger.
+    """Record one round in the site's ledger (locked), train it with patient-level DP-SGD.
 
     Raises PrivacyBudgetExhausted before touching the model when the round would exceed
     `max_epsilon`. `patients` maps slide_id -> patient_id (unmapped slides are their own patient).
@@ -85,22 +85,24 @@ def private_round(
     groups = group_by_patient(graphs, patients)
     if not groups:
         raise PrivacyError("DP-SGD needs at least one patient at this site; found none")
-    ledger = PrivacyLedger.open(ledger_path, privacy, num_patients=len(groups))
-    n_steps = steps_for(ledger.dp_sgd, steps=steps, epochs=epochs)
-    ledger.check_budget(n_steps)
+    # Read without the lock only for the mechanism (settings, checked against the stored ones).
+    mechanism = PrivacyLedger.open(ledger_path, privacy, num_patients=len(groups)).dp_sgd
+    n_steps = steps_for(mechanism, steps=steps, epochs=epochs)
     check_model(model)
     # A test seed still differs per round so rounds never repeat their noise.
     seed = None if privacy.noise_seed is None else privacy.noise_seed + server_round
-    step = PatientDPStep(
-        groups,
-        ledger.dp_sgd,
-        patient_batch(train_cfg, privacy, device=device, generator=generator),
-        generator=private_generator(seed, device),
-    )
-    metrics = train_steps(
-        model, optimizer, graphs, train_cfg, stage=stage, steps=n_steps, device=device,
-        generator=generator, step=step, objective=objective,
-    )  # fmt: skip
-    ledger = ledger.record(server_round, n_steps, patients=len(groups))
-    ledger.save(ledger_path)
+    # The round is in the ledger before the first noisy step; refused there if over budget.
+    with spend(
+        ledger_path, privacy, num_patients=len(groups), server_round=server_round, steps=n_steps
+    ) as ledger:
+        step = PatientDPStep(
+            groups,
+            ledger.dp_sgd,
+            patient_batch(train_cfg, privacy, device=device, generator=generator),
+            generator=private_generator(seed, device),
+        )
+        metrics = train_steps(
+            model, optimizer, graphs, train_cfg, stage=stage, steps=n_steps, device=device,
+            generator=generator, step=step, objective=objective,
+        )  # fmt: skip
     return metrics | {"epsilon": ledger.epsilon, "num_patients": float(len(groups))}, ledger

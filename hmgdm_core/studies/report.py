@@ -158,12 +158,12 @@ def write_report(out: Path, results: pd.DataFrame, title: str) -> pd.DataFrame:
     if metric == "accuracy":
         plots["site_spread.png"] = plot_site_spread(results)
     for name, ax in plots.items():
-        save_figure(out / name, ax.figure)
+        save_figure(out / name, ax.figure, private=False)
     text = "\n".join([
         f"# Study: {title}", "",
         f"{len(results)} runs (cell x seed); mean ± std over seeds. " + _PROTOCOL[metric],
         "", markdown_table(summary), "",
         *[f"![{name[:-4]}]({name})" for name in plots], "",
     ])  # fmt: skip
-    atomic_write(out / "report.md", lambda p: p.write_text(text))
+    atomic_write(out / "report.md", lambda p: p.write_text(text), private=False)
     return summary

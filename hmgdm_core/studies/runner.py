@@ -9,6 +9,7 @@ a function that runs the simulation and returns the final checkpoint (server.com
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -18,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch_geometric.data import Data
 
-from hmgdm_core.atomic import save_torch, write_csv, write_json
+from hmgdm_core.atomic import load_torch, save_torch, write_csv, write_json
 from hmgdm_core.config import HmgdmConfig, load_config
 from hmgdm_core.downstream.classify import ProbeCV
-from hmgdm_core.exceptions import ConfigError
+from hmgdm_core.exceptions import CheckpointError, ConfigError
 from hmgdm_core.studies import cohort as cohorts
 from hmgdm_core.studies import encoders
 from hmgdm_core.studies.config import DP_REGIMES, FEDERATED, PartitionSpec, Regime, StudyConfig
@@ -112,7 +112,7 @@ def run_study(
     out = Path(out)
     console = console or Console(stderr=True)
     _check_same_protocol(cfg, out / "study.json")
-    write_json(out / "study.json", cfg.model_dump(mode="json"))
+    write_json(out / "study.json", cfg.model_dump(mode="json"), private=False)
     grid, run = cells(cfg), StudyRun()
     prepared: dict[str, Split] = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
@@ -133,11 +133,11 @@ def run_study(
                     prepared = {cell.data_key: _prepare(cfg, cell, out, data)}
                 row = _image_cell(cfg, cell, prepared[cell.data_key], out, cell_dir, federate)
             row |= {"seconds": time.perf_counter() - start, "cell": cell.key}
-            write_json(cell_dir / RESULT, row)
+            write_json(cell_dir / RESULT, row, private=False)
             run.computed.append(cell.key)
             bar.advance(task)
     run.results = collect(out, grid)
-    write_csv(out / "results.csv", run.results)
+    write_csv(out / "results.csv", run.results, private=False)
     return run
 
 
@@ -182,7 +182,10 @@ def _prepare(cfg: StudyConfig, cell: Cell, out: Path, data: Path | None) -> Spli
     """Deal the cohort to sites, stain each site's images, build graphs (cached on disk)."""
     cache = out / "data" / cell.data_key / "split.pt"
     if cache.is_file():
-        return Split(**torch.load(cache, weights_only=False))
+        with contextlib.suppress(CheckpointError):  # an older cache format is rebuilt
+            blob = load_torch(cache)
+            arrays = (np.asarray(blob[k]) for k in ("labels", "groups", "site"))
+            return Split([Data(**g) for g in blob["graphs"]], *arrays)
     c = cfg.cohort
     cohort = (
         cohorts.synthetic(c.per_class) if c.kind == "synthetic" else cohorts.lc25000(c.images, data)
@@ -203,7 +206,7 @@ def _prepare(cfg: StudyConfig, cell: Cell, out: Path, data: Path | None) -> Spli
     )
     for g, group in zip(split.graphs, split.groups, strict=True):
         g.slide_id = str(group)
-    save_torch(vars(split), cache)
+    save_torch(vars(split) | {"graphs": [g.to_dict() for g in split.graphs]}, cache)
     return split
 
 

@@ -66,3 +66,33 @@ def test_supernode_command_points_node_config_at_the_graphs(tmp_path):
             root_cert=None,
             auth_key=None,
         )
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ([], "--root-cert is required"),
+        (["--insecure", "--root-cert", "ca.crt"], "--insecure and --root-cert: choose one"),
+        (["--insecure", "--superlink", "fl.example.org:9092"], "--insecure with fl.example.org"),
+        (["--insecure", "--superlink", "10.0.0.5:9092"], "--insecure with 10.0.0.5"),
+    ],
+)
+def test_join_needs_tls_unless_plaintext_is_asked_for_on_loopback(tmp_path, args, error):
+    (tmp_path / "g" / "graphs").mkdir(parents=True)
+    base = ["join", "--graphs", str(tmp_path / "g"), "--state-dir", str(tmp_path / "s")]
+    if "--superlink" not in args:
+        base += ["--superlink", "127.0.0.1:9092"]
+    res = CliRunner().invoke(app, [*base, *args])
+    assert res.exit_code == 2 and error in " ".join(res.output.split())
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_join_warns_when_local_dp_has_no_budget(tmp_path):
+    privacy = tmp_path / "site.toml"
+    privacy.write_text("[local_dp]\nnoise_multiplier = 1.0\n")
+    res = CliRunner().invoke(app, [
+        "join", "--superlink", "127.0.0.1:9", "--insecure", "--graphs", str(tmp_path / "none"),
+        "--privacy-config", str(privacy),
+    ])  # fmt: skip
+    assert "sets no [local_dp] max_epsilon" in res.output  # then: not a graph cache
+    assert res.exit_code == 2 and "build-graphs first" in res.output

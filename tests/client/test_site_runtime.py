@@ -1,47 +1,44 @@
-"""The warm ClientApp launcher runs the run's app code from its FAB, not the site's install, and
-stops with its site."""
+"""The warm ClientApp launcher serves the site's installed ClientApp, never the run's FAB code
+(tests/server/test_site_code.py attacks it on real processes), and stops with its site."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import inspect
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 from conftest import free_port
-from flwr.supercore.object_ref import load_app
+from flwr.clientapp.client_app import LoadClientAppError
 
 from client.commands_fed import supernode_command
 from client.flower_env import flower_env, stop_tree
-from client.site_runtime import APP_PACKAGES, PRELOAD, forget_app_packages
+from client.site_runtime import APP_PACKAGES, PRELOAD, site_clientapp_loader
 
 
-def _fake_fab(root):
-    pkg = root / "client"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "app.py").write_text("ORIGIN = 'fab'\n")
-    return root
+def test_the_site_serves_its_installed_clientapp_and_refuses_other_apps_by_hash():
+    import client.app
+
+    load = site_clientapp_loader(default_app_ref="", app_path=None, multi_app=True)
+    version = importlib.metadata.version("hmgdm")
+    assert load("hmgdm/hmgdm", version, "ab" * 32) is client.app.app
+    for app, ver in (("hmgdm/hmgdm", "9.9.9"), ("evil/app", version)):
+        with pytest.raises(
+            LoadClientAppError, match=rf"^refused run app {app} {ver} \(FAB sha256 (ab)+\)"
+        ):
+            load(app, ver, "ab" * 32)
 
 
-def test_a_forked_clientapp_loads_client_app_from_the_fab_dir(tmp_path, monkeypatch):
-    import client.records  # noqa: F401  (what unpickling the launcher's target imports)
+def test_flower_unpacks_and_loads_the_fab_through_the_names_the_launcher_replaces():
+    from flwr.supernode.runtime import run_clientapp as flower
 
-    fab = _fake_fab(tmp_path / "fab")
-    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in APP_PACKAGES}
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    try:
-        forget_app_packages()
-        assert not [m for m in sys.modules if m.split(".")[0] in APP_PACKAGES]
-        # Flower's own loader, as flwr-clientapp calls it with the installed FAB's directory.
-        assert load_app("client.app:ORIGIN", ValueError, project_dir=fab) == "fab"
-    finally:
-        for name in [m for m in sys.modules if m.split(".")[0] in APP_PACKAGES]:
-            del sys.modules[name]
-        sys.modules.update(saved)
+    body = inspect.getsource(flower.run_clientapp)
+    assert "install_from_fab(" in body and "get_load_client_app_fn(" in body
+    assert "load_app(" not in body and "import_module(" not in body
 
 
 def test_the_fork_server_preloads_no_hmgdm_code():

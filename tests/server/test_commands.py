@@ -39,3 +39,14 @@ def test_start_finetune_checks_its_inputs_before_starting_anything(tmp_path):
     res = runner.invoke(app, [*base, "--finetune", str(ckpt)])  # classification without classes
     assert res.exit_code == 2 and "--classes" in res.output
     assert not (tmp_path / "s" / "superlink.db").exists()
+
+
+def test_plaintext_start_is_refused_off_loopback_and_beside_tls(tmp_path):
+    runner = CliRunner()
+    base = ["start", "--insecure", "--state", str(tmp_path / "s")]
+    for host in ("0.0.0.0", "192.0.2.7", "fl.example.org", "::"):
+        res = runner.invoke(app, [*base, "--host", host])
+        assert res.exit_code == 2 and f"--insecure with {host}: plaintext" in res.output
+    res = runner.invoke(app, [*base, "--tls-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "--insecure and --tls-dir: choose one" in res.output
+    assert not (tmp_path / "s").exists()

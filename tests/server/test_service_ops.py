@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import tiny_site_policy
 
 from client.heartbeat import HEARTBEAT_FILE
 from hmgdm_core.events import EVENTS_FILE, read_events
@@ -91,7 +92,8 @@ def test_two_sites_on_one_host_removal_healthchecks_and_sigterm(
         return _cli("hmgdm-client", "join", "--superlink", f"127.0.0.1:{port}",
                     "--graphs", site_caches[name], "--root-cert", tls / "ca.crt",
                     "--auth-key", tmp_path / name / "site.key",
-                    "--state-dir", tmp_path / f"site{name}", *extra)  # fmt: skip
+                    "--state-dir", tmp_path / f"site{name}",
+                    "--privacy-config", tiny_site_policy(tmp_path), *extra)  # fmt: skip
 
     # Two sites on one host: A on a port of its choosing, B on one picked for it.
     local_port = cleanup.free_port()
