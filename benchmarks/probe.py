@@ -178,7 +178,11 @@ def lc25000_graphs(images: int, cache: Path):
     ).hexdigest()[:16]
     path = cache / f"lc25000-{key}.pt"
     if path.is_file():
-        graphs = torch.load(path, weights_only=False)  # our own cache file, built below
+        # A pickle of PyG graphs: load only a file this user wrote and nobody else can change.
+        st = path.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise SystemExit(f"error: {path}: not owned by you or writable by others; not loaded")
+        graphs = torch.load(path, weights_only=False)
     else:
         paths = [str(DATA / "lc25000_lung" / p) for p in [*keep.path, *held.path]]
         graphs = build_graphs(paths, mpp=1.0, cfg=REAL_GRAPHS)
@@ -398,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument(
         "--cache",
-        default=os.environ.get("HMGDM_PROBE_CACHE", "/tmp/hmgdm-probe-cache"),
+        default=os.environ.get("HMGDM_PROBE_CACHE", str(REPO / ".cache" / "probe")),
         help="LC25000 graphs, saved encoders and finished jobs (a rerun resumes)",
     )
     args = parser.parse_args(argv)

@@ -155,7 +155,10 @@ def _why_not_aggregated(h: dict[str, Any], min_replies: int) -> str:
     refused = {**h["failed"], **h.get("dropped", {})}
     asked = len(h["replied"]) + len(refused)
     if not h["replied"] and len(set(refused.values())) == 1:
-        return f"every site ({asked}) refused: {next(iter(refused.values()))}"
+        # A site's category carries "refused: " itself (client/report.py); say it once.
+        reason = next(iter(refused.values()))
+        why = reason.removeprefix("refused: ")
+        return f"every site ({asked}) {'failed' if why == reason else 'refused'}: {why}"
     sites = "; ".join(f"{site}: {reason}" for site, reason in sorted(refused.items()))
     return f"{len(h['replied'])} of {asked} sites replied (min_replies {min_replies}); {sites}"
 
