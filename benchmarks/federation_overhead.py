@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from client.commands_fed import supernode_command, write_keypair  # noqa: E402
 from client.flower_env import flower_env, stop_tree  # noqa: E402
+from hmgdm_core.atomic import load_torch  # noqa: E402
 from hmgdm_core.config import HmgdmConfig, load_config  # noqa: E402
 from hmgdm_core.federation_config import shared_names  # noqa: E402
 from server.certs import make_certificates  # noqa: E402
@@ -164,7 +165,7 @@ def deployment(
         for p in nodes:
             stop_tree(p)
         link.stop()
-    final = torch.load(work / "run" / "final.pt", weights_only=False)
+    final = load_torch(work / "run" / "final.pt")
     return wall, final["extra"]["federation"]
 
 
@@ -232,7 +233,7 @@ def main() -> None:
             sim_final = simulate(caches["B"], work / "sim", sites=2, config=cfg_path,
                                  overrides={"disclosure.min_patients": 1})  # fmt: skip
             sim_wall = time.perf_counter() - t0
-            sim_hist = torch.load(sim_final, weights_only=False)["extra"]["federation"]
+            sim_hist = load_torch(sim_final)["extra"]["federation"]
 
     dep_round, dep_train = per_round(dep_hist)
     dep_over = dep_round - dep_train

@@ -26,6 +26,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hmgdm_core.atomic import load_torch  # noqa: E402
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path  # noqa: E402
 from hmgdm_core.studies.synthetic import random_region_graph  # noqa: E402
 from server.simulation import simulate  # noqa: E402
@@ -95,9 +96,8 @@ def run(sites: int, work: Path) -> dict:
             "disclosure.min_patients": 1},
             backend=backend, summary=False,
         )  # fmt: skip
-    import torch
 
-    history = torch.load(final, map_location="cpu", weights_only=False)["extra"]["federation"]
+    history = load_torch(final)["extra"]["federation"]
     return {
         "sites": sites,
         "round_seconds": [round(h["seconds"], 2) for h in history],

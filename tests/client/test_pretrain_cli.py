@@ -6,10 +6,10 @@ import csv
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from client.cli import app
+from hmgdm_core.atomic import load_torch
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
 from hmgdm_core.studies.synthetic import random_region_graph
 
@@ -87,7 +87,7 @@ def test_pretrain_then_embed_writes_run_files_and_one_row_per_slide(tmp_path):
     assert [r["slide_id"] for r in table] == ["a", "b"]
     # slide_id + the "layers_std" readout: mean and std of the input block and 2 layers of 32
     assert len(table[0]) == 1 + 2 * 3 * 32
-    node_rows = torch.load(nodes, weights_only=False)
+    node_rows = load_torch(nodes)
     assert [r["emb"].shape[0] for r in node_rows] == [25, 30, 25, 30]
 
 

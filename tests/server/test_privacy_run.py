@@ -16,6 +16,7 @@ from opacus.accountants import RDPAccountant
 from rich.console import Console
 
 from client.records import SHARED, unpack_state
+from hmgdm_core.atomic import load_torch
 from hmgdm_core.config import load_config
 from hmgdm_core.events import EVENTS_FILE, read_events
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
@@ -48,7 +49,7 @@ def _run(grid: InProcessGrid, run_dir: Path, resume: bool = False, **overrides) 
     run_config = submission(cfg, run_dir=run_dir, resume=resume)
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                        run_config=run_config))  # fmt: skip
-    return torch.load(run_dir / "final.pt", weights_only=False)["extra"]["federation"]
+    return load_torch(run_dir / "final.pt")["extra"]["federation"]
 
 
 def _rdp(sigma: float, rate: float, steps: int, delta: float = 1e-5) -> float:

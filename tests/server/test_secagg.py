@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from opacus.accountants import RDPAccountant
 
+from hmgdm_core.atomic import load_torch
 from hmgdm_core.federation_config import FederationConfig
 from hmgdm_core.privacy.config import CentralDP, PrivacyConfig, SecAgg, UpdateValidation
 from hmgdm_core.privacy.errors import PrivacyError
@@ -56,7 +56,7 @@ def test_secagg_mean_equals_the_plain_mean_and_spent_sites_stop(site_caches, tmp
     assert all("privacy budget exhausted" in why for why in second["failed"].values())
 
     # What each site trained in round 1 and its weight: from its private checkpoint, never sent.
-    local = [torch.load(p, weights_only=False) for p in sorted(tmp_path.glob("sites/*/run-*.pt"))]
+    local = [load_torch(p) for p in sorted(tmp_path.glob("sites/*/run-*.pt"))]
     assert len(local) == sites and all(s["round"] == 1 for s in local)
     names, weights = local[0]["sent"], [s["num_examples"] for s in local]
     plain = {
@@ -64,7 +64,7 @@ def test_secagg_mean_equals_the_plain_mean_and_spent_sites_stop(site_caches, tmp
         / sum(weights)
         for k in names
     }
-    arrays = torch.load(tmp_path / "run" / "round_0001.pt", weights_only=False)["arrays"]
+    arrays = load_torch(tmp_path / "run" / "round_0001.pt")["arrays"]
     secure = {k: arrays[k].double() for k in names}
     # Each site's weighted update is stochastically rounded to a grid of step 2c/L: under one
     # step per site, so under n steps in the sum, divided by the sum of the quantised weights

@@ -17,6 +17,7 @@ import torch
 from conftest import tiny_site_policy
 
 from client.flower_env import stop_tree
+from hmgdm_core.atomic import load_torch
 from hmgdm_core.downstream.finetune import load_slide_net
 from hmgdm_core.train import load_checkpoint
 from server.downstream import MODEL_NAME, RESULT_NAME
@@ -97,7 +98,7 @@ def test_start_join_kill_resume(tmp_path, site_caches, federation_cleanup):
     assert [h["round"] for h in last["history"]] == [1, 2, 3]
     assert last["history"][0] == first["history"][0]  # round 1 was not run again
     assert all(sorted(h["replied"]) == ["A", "B"] for h in last["history"])
-    final = torch.load(run_dir / "final.pt", weights_only=False)
+    final = load_torch(run_dir / "final.pt")
     assert final["format"] == "hmgdm-checkpoint/1" and final["epoch"] == 3
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_aggregated"] == 3
