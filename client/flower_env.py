@@ -12,6 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The app's own packages: what the bundle ships and what a site must import anew per message.
+APP_PACKAGES = ("client", "server", "hmgdm_core")
+
 
 def flower_env() -> dict[str, str]:
     """os.environ plus the settings a hospital deployment needs; an operator's own values win

@@ -37,7 +37,6 @@ from client.flower_env import stop_tree
 
 # Third-party only: a fresh process per message imports this site's app code anew. Importing
 # torch starts neither CUDA nor its OpenMP threads, so a forked ClientApp may use both.
-APP_PACKAGES = ("client", "server", "hmgdm_core")
 APP_ID = "hmgdm/hmgdm"  # [tool.flwr.app] publisher / [project] name, as Flower names the FAB
 PRELOAD = (
     "numpy",

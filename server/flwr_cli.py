@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from client.flower_env import flower_env
+from client.flower_env import APP_PACKAGES, flower_env
 from hmgdm_core.atomic import atomic_write
 from hmgdm_core.exceptions import HmgdmError
 
@@ -118,9 +118,6 @@ def wait_for_online(flwr_home: Path, minimum: int, timeout: float, poll: float =
                 f"{timeout:.0f} s; are they registered (`hmgdm-server sites add`) and joined?"
             )
         time.sleep(poll)
-
-
-APP_PACKAGES = ("client", "server", "hmgdm_core")
 
 
 def app_dir(work_dir: Path) -> Path:
