@@ -16,8 +16,8 @@ from conftest import free_port
 from flwr.clientapp.client_app import LoadClientAppError
 
 from client.commands_fed import supernode_command
-from client.flower_env import flower_env, stop_tree
-from client.site_runtime import APP_PACKAGES, PRELOAD, site_clientapp_loader
+from client.flower_env import APP_PACKAGES, flower_env, stop_tree
+from client.site_runtime import PRELOAD, site_clientapp_loader
 
 
 def test_the_site_serves_its_installed_clientapp_and_refuses_other_apps_by_hash():
