@@ -205,9 +205,8 @@ def summary_table(summary: dict[str, Any]):
     from rich.table import Table
 
     title = f"federated pretraining: {summary['status']}"
-    caption = f"checkpoint: {summary['final_checkpoint'] or '-'}"
-    if summary.get("reason"):
-        caption += f"\n{escape(summary['reason'])}"  # reasons quote config sections: [privacy]
+    # Reasons quote config sections ([privacy]), which rich would read as markup.
+    caption = escape(summary["reason"]) if summary.get("reason") else None
     rounds = Table(title=title, caption=caption)
     columns = ("round", "stage", "sites", "train loss", "eval loss", "context", "aggregated", "s")
     for col in columns:
@@ -272,5 +271,9 @@ def print_run_summary(run_dir: Path) -> dict[str, Any] | None:
 
     summary = read_run_summary(run_dir)
     if summary is not None and "rounds" in summary:
-        Console().print(summary_table(summary))
+        console = Console()
+        console.print(summary_table(summary))
+        # On one line whatever the terminal's width, so the path can be copied from the log.
+        checkpoint = summary["final_checkpoint"] or "-"
+        console.print(f"checkpoint: {checkpoint}", soft_wrap=True, markup=False, highlight=False)
     return summary

@@ -26,6 +26,26 @@ TINY_MODEL = {
 }
 
 
+# Under pytest-xdist (`make test` runs two workers on two cores) each worker and every process it
+# starts gets one compute thread: two workers of two threads each would fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Real-process tests first: workers then share out the long ones before the many short
+    ones, so the run does not end waiting on one long test started last."""
+
+    def rank(item: pytest.Item) -> int:
+        marks = {m.name for m in item.iter_markers()}
+        return 0 if "integration" in marks else 1 if "slow" in marks else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():
