@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import TINY_MODEL
+from region_graphs import random_region_graph
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import graph_dims
@@ -16,7 +17,6 @@ from hmgdm_core.downstream.concordance import PairCounts, pair_counts
 from hmgdm_core.downstream.finetune import load_slide_net, predict
 from hmgdm_core.downstream.splits import patient_folds
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path, load_graph_dir
-from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model, save_checkpoint
 from server.simulation import simulate_downstream
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY_MODEL
+from region_graphs import random_region_graph
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import graph_dims
@@ -18,7 +19,6 @@ from hmgdm_core.downstream.explain import (
     plot_importance,
 )
 from hmgdm_core.downstream.finetune import Task, collate, make_net
-from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL
+from region_graphs import random_region_graph
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments
@@ -26,7 +27,6 @@ from hmgdm_core.downstream.finetune import (
 )
 from hmgdm_core.downstream.finetune_cv import DeepCoxCV, FinetuneCV
 from hmgdm_core.exceptions import CheckpointError
-from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model
 
 EVAL = EvalConfig(
