@@ -195,13 +195,11 @@ def lc25000_graphs(images: int, cache: Path):
 
 def finetune_accuracy(backbone, graphs, y, groups, splits, seed: int) -> float:
     """Out-of-fold accuracy of the gated-attention head + encoder fine-tuned per fold (LP-FT)."""
-    from hmgdm_core.downstream.config import EvalConfig
+    from hmgdm_core.downstream.config import EvalConfig, FinetuneConfig
     from hmgdm_core.downstream.finetune import Task, fit_early_stopping, predict
 
     # Short LP-FT (2 head-only epochs, then the encoder) so 30 fits fit the benchmark's budget.
-    cfg = EvalConfig(
-        finetune_epochs=6, finetune_patience=2, finetune_head_epochs=2, finetune_max_nodes=150
-    )
+    cfg = EvalConfig(finetune=FinetuneConfig(epochs=6, patience=2, head_epochs=2, max_nodes=150))
     task = Task("classification", tuple(str(c) for c in np.unique(y)))
     bags = [[g] for g in graphs]
     correct = 0

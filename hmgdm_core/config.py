@@ -5,6 +5,8 @@ Unknown keys are rejected with their name so a typo never silently falls back to
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -83,11 +85,26 @@ LOCAL_DP, DISCLOSURE = "local_dp", "disclosure"
 SITE_SECTIONS: dict[str, type[Section]] = {LOCAL_DP: LocalDP, DISCLOSURE: DisclosureConfig}
 
 
+# Keys renamed after release: old dotted key -> its new name. A file setting an old key is refused
+# with a pointer to the new one; a config stored in a checkpoint is read under the new names.
+RENAMED = {
+    **{
+        f"evaluation.finetune_{key}": f"evaluation.finetune.{key}"
+        for key in (
+            "epochs", "patience", "lr", "encoder_lr", "head_epochs", "batch_slides", "hidden",
+            "dropout", "max_tiles", "max_nodes",
+        )
+    },
+    "evaluation.finetune_encoder": "evaluation.finetune.train_encoder",
+}  # fmt: skip
+
+
 def _format_validation_error(path: Path | str, err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
-        return f"{path}: unknown key '{key}'"
+        renamed = f" (renamed to '{RENAMED[key]}')" if key in RENAMED else ""
+        return f"{path}: unknown key '{key}'{renamed}"
     return f"{path}: invalid value for '{key}': {first['msg']}"
 
 
@@ -117,6 +134,21 @@ def with_overrides(data: dict, overrides: dict | None) -> dict:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    return data
+
+
+def stored_config(data: dict, section: str = "") -> dict:
+    """A config (or its `section`) as a checkpoint stored it, with keys renamed since then moved
+    to their new names: what the software itself wrote stays readable after a rename."""
+    data = copy.deepcopy(data)
+    prefix = f"{section}." if section else ""
+    for old, new in RENAMED.items():
+        if not old.startswith(prefix):
+            continue
+        *parents, leaf = old.removeprefix(prefix).split(".")
+        node = functools.reduce(lambda n, k: n.get(k, {}), parents, data)
+        if leaf in node:
+            with_overrides(data, {new.removeprefix(prefix): node.pop(leaf)})
     return data
 
 

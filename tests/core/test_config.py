@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hmgdm_core.config import GraphConfig, HmgdmConfig, load_config
+from hmgdm_core.config import GraphConfig, HmgdmConfig, load_config, stored_config
 from hmgdm_core.exceptions import ConfigError
 
 
@@ -15,6 +15,33 @@ def test_unknown_key_is_named(tmp_path):
     path.write_text("[graph]\nmpp = 0.5\nentity_aera_um2 = 50\n")
     with pytest.raises(ConfigError, match=r"c.toml: unknown key 'graph.entity_aera_um2'"):
         load_config(path)
+
+
+def test_a_renamed_key_is_refused_with_its_new_name(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[evaluation]\nfolds = 3\nfinetune_hidden = 8\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"c.toml: unknown key 'evaluation.finetune_hidden' "
+        r"\(renamed to 'evaluation.finetune.hidden'\)",
+    ):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"'evaluation.finetune_encoder' \(renamed to"):
+        load_config(None, {"evaluation.finetune_encoder": False})
+
+
+def test_a_config_stored_before_a_rename_reads_under_the_new_names():
+    """Checkpoints keep the config they were written with; a rename must not orphan them."""
+    old = HmgdmConfig().model_dump(mode="json")
+    old["evaluation"] = {k: v for k, v in old["evaluation"].items() if k != "finetune"} | {
+        "finetune_hidden": 8,
+        "finetune_encoder": False,
+    }
+    cfg = HmgdmConfig.model_validate(stored_config(old))
+    assert cfg.evaluation.finetune.hidden == 8 and cfg.evaluation.finetune.train_encoder is False
+    assert "finetune_hidden" in old["evaluation"]  # the caller's dict is left as it was
+    section = stored_config(old["evaluation"], "evaluation")
+    assert section["finetune"] == {"hidden": 8, "train_encoder": False}
 
 
 def test_bad_value_is_named(tmp_path):

@@ -26,8 +26,8 @@ SITES = 2
 FAST = {
     "evaluation.folds": 3,
     "evaluation.fed_rounds": 2,
-    "evaluation.finetune_hidden": 8,
-    "evaluation.finetune_lr": 0.01,
+    "evaluation.finetune.hidden": 8,
+    "evaluation.finetune.lr": 0.01,
     "disclosure.min_patients": 1,  # 4 held-out patients a site (the policy: tests/client)
 }
 
