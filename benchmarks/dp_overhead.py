@@ -77,7 +77,7 @@ def utility_table(args: argparse.Namespace) -> list[dict]:
     images, y = synthetic_cohort(args.per_class, seed=1, disorder=BENCHMARK_DISORDER)
     graphs = []
     for i, image in enumerate(images):
-        g = region_graph(image, mpp=1.0, cfg=SYNTHETIC_GRAPHS)
+        g = region_graph(image, array_mpp=1.0, cfg=SYNTHETIC_GRAPHS)
         g.slide_id = f"patient-{i:03d}"
         graphs.append(g)
     labels = {str(g.slide_id): int(label) for g, label in zip(graphs, y, strict=True)}

@@ -30,7 +30,7 @@ BENCHMARK_DISORDER = 0.5
 # texture descriptors depend on the neighbours' types: mean-pooled descriptors then told the
 # arrangements apart (probe accuracy 0.56 against chance 0.33; 0.24 with this layout).
 GRAPHS = GraphConfig(
-    mpp=1.0,
+    target_mpp=1.0,
     entity_area_um2=float(CELL_PX**2),
     compactness=1000.0,
     window_size=CELL_PX,
