@@ -37,6 +37,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # random region graphs, shared with the tests
+
+from region_graphs import random_region_graph  # noqa: E402
 
 from hmgdm_core.config import load_config  # noqa: E402
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments  # noqa: E402
@@ -47,11 +50,7 @@ from hmgdm_core.privacy.accountant import Mechanism, epsilon  # noqa: E402
 from hmgdm_core.privacy.config import LocalDP  # noqa: E402
 from hmgdm_core.privacy.dpsgd import PatientDPStep, group_by_patient, private_generator  # noqa: E402
 from hmgdm_core.privacy.local import patient_batch  # noqa: E402
-from hmgdm_core.studies.synthetic import (  # noqa: E402
-    BENCHMARK_DISORDER,
-    random_region_graph,
-    synthetic_cohort,
-)
+from hmgdm_core.studies.synthetic import BENCHMARK_DISORDER, synthetic_cohort  # noqa: E402
 from hmgdm_core.studies.synthetic import GRAPHS as SYNTHETIC_GRAPHS  # noqa: E402
 from hmgdm_core.train import build_model, make_optimizer, train_steps  # noqa: E402
 
@@ -78,7 +77,7 @@ def utility_table(args: argparse.Namespace) -> list[dict]:
     images, y = synthetic_cohort(args.per_class, seed=1, disorder=BENCHMARK_DISORDER)
     graphs = []
     for i, image in enumerate(images):
-        g = region_graph(image, mpp=1.0, cfg=SYNTHETIC_GRAPHS)
+        g = region_graph(image, array_mpp=1.0, cfg=SYNTHETIC_GRAPHS)
         g.slide_id = f"patient-{i:03d}"
         graphs.append(g)
     labels = {str(g.slide_id): int(label) for g, label in zip(graphs, y, strict=True)}

@@ -87,7 +87,7 @@ def tiled_graphs(rgb: np.ndarray, cfg: GraphConfig) -> int:
             y1, x1 = min(y + t + m, h), min(x + t + m, w)
             core = (y - y0, x - x0, min(y + t, h) - y0, min(x + t, w) - x0)
             graph = region_graph(
-                rgb[y0:y1, x0:x1], mpp=MPP, cfg=cfg, core=core, origin_um=(x0 * MPP, y0 * MPP)
+                rgb[y0:y1, x0:x1], array_mpp=MPP, cfg=cfg, core=core, origin_um=(x0 * MPP, y0 * MPP)
             )
             nodes += 0 if graph is None else graph.num_nodes
     return nodes
@@ -182,7 +182,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # No caps on the one-region graph: the naive pipeline keeps every segment too.
-    cfg = GraphConfig(mpp=MPP, max_entities=10**7, max_edges=10**8)
+    cfg = GraphConfig(target_mpp=MPP, max_entities=10**7, max_edges=10**8)
     step = grid_step(MPP, cfg.entity_area_um2)
 
     rgb = read_crop(args.size)
@@ -192,14 +192,16 @@ def main() -> None:
         f"entity {cfg.entity_area_um2} µm² at {MPP} µm/px = {step} px grid, "
         f"{args.threads} torch thread(s); times in CPU seconds"
     )
-    region_graph(rgb[:256, :256], mpp=MPP, cfg=cfg)  # warm-up: torch kernels, imports
+    region_graph(rgb[:256, :256], array_mpp=MPP, cfg=cfg)  # warm-up: torch kernels, imports
     t_ours = min(_timed(tiled_graphs, rgb, cfg)[1] for _ in range(args.repeats))
     print(
         f"ours, {cfg.tile_size} px tiles + {cfg.tile_margin} px margin: {t_ours:7.2f} s "
         f"{mp / t_ours:6.2f} MP/s  {tiled_graphs(rgb, cfg)} nodes"
     )
-    t_region = min(_timed(region_graph, rgb, mpp=MPP, cfg=cfg)[1] for _ in range(args.repeats))
-    graph = region_graph(rgb, mpp=MPP, cfg=cfg)
+    t_region = min(
+        _timed(region_graph, rgb, array_mpp=MPP, cfg=cfg)[1] for _ in range(args.repeats)
+    )
+    graph = region_graph(rgb, array_mpp=MPP, cfg=cfg)
     print(
         f"ours, whole crop as one region:   {t_region:7.2f} s {mp / t_region:6.2f} MP/s  "
         f"{graph.num_nodes} nodes, {graph.edge_index.shape[1] // 2} edges"
@@ -239,7 +241,7 @@ def main() -> None:
     name = "283_dcis_4"
     ref_nodes = dgl_node_count(DATA / "bracs_rois" / "tissue_graphs" / f"{name}.bin")
     roi = np.asarray(Image.open(DATA / "bracs_rois" / "images" / f"{name}.png").convert("RGB"))
-    ours_nodes = region_graph(roi, mpp=0.25, cfg=cfg).num_nodes
+    ours_nodes = region_graph(roi, array_mpp=0.25, cfg=cfg).num_nodes
     print(
         f"BRACS {name}: histocartography tissue graph {ref_nodes} nodes; ours at 0.25 µm/px, "
         f"{cfg.entity_area_um2} µm² entities: {ours_nodes} nodes"

@@ -60,7 +60,7 @@ from hmgdm_core.train import build_model, eval_loss  # noqa: E402
 DATA = Path(os.environ.get("HMGDM_DATA", REPO.parent / "shared" / "data"))
 PAPER = REPO / "configs" / "paper.toml"
 # The synthetic cohort's entities are its cells (synthetic.GRAPHS); tissue gets plain SLIC.
-REAL_GRAPHS = GraphConfig(mpp=1.0, entity_area_um2=100.0, window_size=16, edge_windows=False)
+REAL_GRAPHS = GraphConfig(target_mpp=1.0, entity_area_um2=100.0, window_size=16, edge_windows=False)
 # Widths for a CPU benchmark; the design switches come from the default config or paper.toml.
 WIDTHS = {
     "model.hidden": 64,
@@ -157,7 +157,7 @@ def synthetic(seed: int, per_class: int, ae_epochs: int, epochs: int) -> dict:
     from sklearn.model_selection import StratifiedKFold
 
     images, y = synthetic_cohort(per_class, seed=1, disorder=BENCHMARK_DISORDER)
-    graphs = build_graphs(images, mpp=1.0, cfg=SYNTHETIC_GRAPHS)
+    graphs = build_graphs(images, scan_mpp=1.0, cfg=SYNTHETIC_GRAPHS)
     models = pretrain_all(graphs, ae_epochs=ae_epochs, epochs=epochs, seed=seed)
     models["paper"] = pretrain_paper(graphs, ae_epochs=ae_epochs, epochs=epochs, seed=seed)
     splits = list(StratifiedKFold(5, shuffle=True, random_state=0).split(y, y))
@@ -185,7 +185,7 @@ def lc25000_graphs(images: int, cache: Path):
         graphs = torch.load(path, weights_only=False)
     else:
         paths = [str(DATA / "lc25000_lung" / p) for p in [*keep.path, *held.path]]
-        graphs = build_graphs(paths, mpp=1.0, cfg=REAL_GRAPHS)
+        graphs = build_graphs(paths, scan_mpp=1.0, cfg=REAL_GRAPHS)
         cache.mkdir(parents=True, exist_ok=True)
         torch.save(graphs, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").rename(path)
@@ -195,13 +195,11 @@ def lc25000_graphs(images: int, cache: Path):
 
 def finetune_accuracy(backbone, graphs, y, groups, splits, seed: int) -> float:
     """Out-of-fold accuracy of the gated-attention head + encoder fine-tuned per fold (LP-FT)."""
-    from hmgdm_core.downstream.config import EvalConfig
+    from hmgdm_core.downstream.config import EvalConfig, FinetuneConfig
     from hmgdm_core.downstream.finetune import Task, fit_early_stopping, predict
 
     # Short LP-FT (2 head-only epochs, then the encoder) so 30 fits fit the benchmark's budget.
-    cfg = EvalConfig(
-        finetune_epochs=6, finetune_patience=2, finetune_head_epochs=2, finetune_max_nodes=150
-    )
+    cfg = EvalConfig(finetune=FinetuneConfig(epochs=6, patience=2, head_epochs=2, max_nodes=150))
     task = Task("classification", tuple(str(c) for c in np.unique(y)))
     bags = [[g] for g in graphs]
     correct = 0

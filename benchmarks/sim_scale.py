@@ -25,10 +25,12 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # random region graphs, shared with the tests
+
+from region_graphs import random_region_graph  # noqa: E402
 
 from hmgdm_core.atomic import load_torch  # noqa: E402
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path  # noqa: E402
-from hmgdm_core.studies.synthetic import random_region_graph  # noqa: E402
 from server.simulation import simulate  # noqa: E402
 
 GRAPHS_PER_SITE = 4

@@ -40,7 +40,7 @@ def raw(cohort, site: np.ndarray | None, stain: float, norm: str) -> tuple[np.nd
     """Mean-pooled raw descriptors of the images kept, and which were kept (images Macenko
     cannot estimate stains for are dropped, as a study drops them)."""
     cfg = cohort.graph.model_copy(update={"stain_norm": norm})
-    graphs = cohorts.build_graphs(cohort.images, cohort.mpp, cfg, sites=site, stain=stain)
+    graphs = cohorts.build_graphs(cohort.images, cohort.scan_mpp, cfg, sites=site, stain=stain)
     ok = np.array([g is not None for g in graphs])
     return raw_features([g for g in graphs if g is not None]), ok
 

@@ -25,10 +25,12 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # random region graphs
+
+from region_graphs import random_region_graph
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import feature_moments, graph_dims, make_batch, stats_from_moments
-from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model, make_optimizer, train_steps
 
 NODES, BATCH = 2000, 4

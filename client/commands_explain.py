@@ -85,12 +85,13 @@ def _thumbnail(meta: dict, image: Path | None, max_side: int):
     """(thumbnail, its µm/px) of the slide the graphs were built from."""
     from hmgdm_core.downstream.explain import thumbnail_mpp
     from hmgdm_core.exceptions import GraphDataError, SlideReadError
+    from hmgdm_core.graph.cache import built_mpp
     from hmgdm_core.io.slides import Slide
 
     source = Path(image or meta["source"])
     try:
-        with Slide.open(source, mpp=meta["slide"]["mpp"]) as s:
-            mpp = thumbnail_mpp(s.size_um, max_side, meta["graph_config"]["mpp"])
+        with Slide.open(source, scan_mpp=meta["slide"]["mpp"]) as s:
+            mpp = thumbnail_mpp(s.size_um, max_side, built_mpp(meta))
             return s.thumbnail(mpp), mpp
     except (SlideReadError, OSError) as err:
         raise GraphDataError(

@@ -27,7 +27,7 @@ def build_graphs(
         dir_okay=False,
         help="TOML config; its \\[graph] section sets resolution, tile and entity sizes.",
     ),
-    mpp: float | None = typer.Option(
+    scan_mpp: float | None = typer.Option(
         None,
         "--mpp",
         min=0.01,
@@ -60,7 +60,9 @@ def build_graphs(
         console.print(f"[red]error[/red] {err}")
         raise typer.Exit(2) from None
     try:
-        results = run(inputs, out, cfg, mpp=mpp, workers=workers, show_progress=progress, qc=qc)
+        results = run(
+            inputs, out, cfg, scan_mpp=scan_mpp, workers=workers, show_progress=progress, qc=qc
+        )
     except HmgdmError as err:
         console.print(f"[red]error[/red] {err}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None

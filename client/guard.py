@@ -79,10 +79,10 @@ LIMITS = {
     "model.self_attn_layers": 64,
     "model.heads": 64,
     "evaluation.fed_local_epochs": 1000,
-    "evaluation.finetune_batch_slides": 4096,
-    "evaluation.finetune_max_tiles": 4096,
-    "evaluation.finetune_max_nodes": 100_000,
-    "evaluation.finetune_hidden": 4096,
+    "evaluation.finetune.batch_slides": 4096,
+    "evaluation.finetune.max_tiles": 4096,
+    "evaluation.finetune.max_nodes": 100_000,
+    "evaluation.finetune.hidden": 4096,
 }
 
 

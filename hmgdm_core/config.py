@@ -5,6 +5,8 @@ Unknown keys are rejected with their name so a typo never silently falls back to
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -35,11 +37,15 @@ class TissueConfig(Section):
 class GraphConfig(Section):
     """How a slide or image becomes entity graphs (one graph per tissue tile or region)."""
 
-    mpp: float = Field(0.5, gt=0, description="target resolution in microns per pixel")
-    tile_size: int = Field(512, ge=32, description="tile side in pixels at the target mpp")
+    target_mpp: float = Field(
+        0.5, gt=0, description="resolution the graphs are built at, in microns per pixel"
+    )
+    tile_size: int = Field(512, ge=32, description="tile side in pixels at target_mpp")
     tile_margin: int = Field(32, ge=0, description="context pixels around a tile for SLIC")
     max_region_size: int = Field(
-        1024, ge=32, description="plain images larger than this (px at mpp) are split into tiles"
+        1024,
+        ge=32,
+        description="plain images larger than this (px at target_mpp) are split into tiles",
     )
     entity_area_um2: float = Field(100.0, gt=0, description="target superpixel area in µm²")
     compactness: float = Field(10.0, gt=0, description="SLIC compactness")
@@ -59,10 +65,12 @@ class GraphConfig(Section):
     tissue: TissueConfig = Field(TissueConfig(), description="tissue detection ([graph.tissue])")
 
     def stable_hash(self) -> str:
-        # Without normalisation the hash is the one from before the option existed, so caches
-        # built then are not rebuilt.
+        # Hashed under the name target_mpp had when caches were first built and, without
+        # normalisation, as before the option existed: caches built then are not rebuilt.
         exclude = {"stain_norm"} if self.stain_norm == "none" else set()
-        return hash_values(self.model_dump(mode="json", exclude=exclude))
+        values = self.model_dump(mode="json", exclude=exclude)
+        values["mpp"] = values.pop("target_mpp")
+        return hash_values(values)
 
 
 class HmgdmConfig(Section):
@@ -83,11 +91,32 @@ LOCAL_DP, DISCLOSURE = "local_dp", "disclosure"
 SITE_SECTIONS: dict[str, type[Section]] = {LOCAL_DP: LocalDP, DISCLOSURE: DisclosureConfig}
 
 
+# Keys renamed after release: old dotted key -> its new name. A file setting an old key is refused
+# with a pointer to the new one; a config stored in a checkpoint is read under the new names.
+RENAMED = {
+    **{
+        f"evaluation.finetune_{key}": f"evaluation.finetune.{key}"
+        for key in (
+            "epochs", "patience", "lr", "encoder_lr", "head_epochs", "batch_slides", "hidden",
+            "dropout", "max_tiles", "max_nodes",
+        )
+    },
+    "evaluation.finetune_encoder": "evaluation.finetune.train_encoder",
+    "graph.mpp": "graph.target_mpp",
+}  # fmt: skip
+
+
+def _under(key: str, old: str) -> bool:
+    """`key` is `old`, or `old` in a config nesting it (a study's cohort.graph)."""
+    return key == old or key.endswith(f".{old}")
+
+
 def _format_validation_error(path: Path | str, err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
-        return f"{path}: unknown key '{key}'"
+        renamed = [key.removesuffix(old) + new for old, new in RENAMED.items() if _under(key, old)]
+        return f"{path}: unknown key '{key}'" + "".join(f" (renamed to '{n}')" for n in renamed)
     return f"{path}: invalid value for '{key}': {first['msg']}"
 
 
@@ -117,6 +146,21 @@ def with_overrides(data: dict, overrides: dict | None) -> dict:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    return data
+
+
+def stored_config(data: dict, section: str = "") -> dict:
+    """A config (or its `section`) as a checkpoint stored it, with keys renamed since then moved
+    to their new names: what the software itself wrote stays readable after a rename."""
+    data = copy.deepcopy(data)
+    prefix = f"{section}." if section else ""
+    for old, new in RENAMED.items():
+        if not old.startswith(prefix):
+            continue
+        *parents, leaf = old.removeprefix(prefix).split(".")
+        node = functools.reduce(lambda n, k: n.get(k, {}), parents, data)
+        if leaf in node:
+            with_overrides(data, {new.removeprefix(prefix): node.pop(leaf)})
     return data
 
 

@@ -108,6 +108,14 @@ def stats_from_moments(moments: dict[str, Tensor]) -> FeatureStats:
     return FeatureStats(x_mean=x_mean, x_std=x_std, e_mean=e_mean, e_std=e_std)
 
 
+def batch_vector(data: Data) -> tuple[Tensor, int]:
+    """Graph index of every node and the number of graphs; one graph when `data` is no Batch."""
+    batch = getattr(data, "batch", None)
+    if batch is None:
+        return torch.zeros(data.num_nodes, dtype=torch.long, device=data.x.device), 1
+    return batch, int(data.num_graphs)
+
+
 def sample_region(g: Data, max_nodes: int, generator: torch.Generator) -> Data:
     """The `max_nodes` entities nearest (by centroid) to a random seed entity: a compact,
     spatially contiguous patch of tissue, found with one sort instead of a BFS."""

@@ -20,7 +20,7 @@ from torch import nn
 from torch_geometric.data import Batch, Data
 
 from hmgdm_core.atomic import load_torch, save_torch
-from hmgdm_core.config import HmgdmConfig
+from hmgdm_core.config import HmgdmConfig, stored_config
 from hmgdm_core.data import (
     FeatureStats,
     GraphDims,
@@ -470,7 +470,7 @@ def load_checkpoint(
         f"not an hmgdm checkpoint (format {CHECKPOINT_FORMAT})",
         trust=trust,
     )
-    stored = HmgdmConfig.model_validate(blob["config"])
+    stored = HmgdmConfig.model_validate(stored_config(blob["config"]))
     if cfg is not None:
         for section in ("model", "diffusion"):
             if getattr(cfg, section) != getattr(stored, section):

@@ -141,7 +141,7 @@ def run_downstream(grid: Grid, run: DownstreamRun, events: EventLog) -> Path:
         "task": task.kind,
         "classes": list(task.classes),
         "rounds": ev.fed_rounds,
-        "encoder_trained": ev.finetune_encoder,
+        "encoder_trained": ev.finetune.train_encoder,
         "sites": {name: site_figures(task, m) for name, m in sorted(per_site.items())},
         "pooled": pooled_figures(task, per_site),
         "history": history,

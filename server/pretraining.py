@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from client.records import QUERY_STATS, pack_config
-from hmgdm_core.config import HmgdmConfig
+from hmgdm_core.config import HmgdmConfig, stored_config
 from hmgdm_core.events import EventLog
 from hmgdm_core.privacy.config import CENTRAL_MODES
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
@@ -98,7 +98,7 @@ def save_final(path: Path, cfg: HmgdmConfig, dims: dict, state: dict, history: l
 
 def resume_config(submitted: HmgdmConfig, stored: dict, run_dir: Path) -> HmgdmConfig:
     """Resuming may change [federation] (more rounds, timeouts), never what shapes the model."""
-    old = HmgdmConfig.model_validate(stored)
+    old = HmgdmConfig.model_validate(stored_config(stored))
     for section in type(submitted).model_fields:
         if section != "federation" and getattr(old, section) != getattr(submitted, section):
             raise FederationError(

@@ -90,8 +90,9 @@ def write_malicious(path: Path, marker: Path) -> None:
 
 def tiny_cache(root: Path, slides: int = 1) -> Path:
     """A graph cache of small random region graphs (one per slide), as build-graphs lays it out."""
+    from region_graphs import random_region_graph
+
     from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
-    from hmgdm_core.studies.synthetic import random_region_graph
 
     for i in range(slides):
         with SlideGraphWriter(graph_path(root, f"s{i}")) as writer:

@@ -270,9 +270,11 @@ def test_presets_are_combinations_the_code_accepts():
     assert site is not None and site.max_epsilon is not None  # the hospital runs local DP
     assert disclosure.min_patients >= 10  # and the small-cell rule
     # Sites build graphs with hospital.toml; the consortium's model expects the same graphs.
-    assert cfg["hospital"].graph == cfg["consortium"].graph and cfg["hospital"].graph.mpp == 0.5
+    assert (
+        cfg["hospital"].graph == cfg["consortium"].graph and cfg["hospital"].graph.target_mpp == 0.5
+    )
     demo = cfg["demo"]
-    assert (demo.graph.mpp, demo.graph.window_size) == (1.0, 16)
+    assert (demo.graph.target_mpp, demo.graph.window_size) == (1.0, 16)
     (sim,) = [i for i in guide_invocations("docs/operator.md") if i.path[1:] == ("simulate",)]
     assert int(sim.argv[sim.argv.index("--sites") + 1]) == demo.federation.min_sites
 
@@ -281,7 +283,7 @@ def test_presets_are_combinations_the_code_accepts():
 
 TINY_CONFIG = """
 [graph]
-mpp = 1.0
+target_mpp = 1.0
 tile_size = 256
 entity_area_um2 = 200.0
 window_size = 16

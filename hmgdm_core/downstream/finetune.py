@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 
 from hmgdm_core.atomic import save_torch
-from hmgdm_core.config import HmgdmConfig
+from hmgdm_core.config import HmgdmConfig, stored_config
 from hmgdm_core.data import GraphDims, sample_region
 from hmgdm_core.downstream.config import EvalConfig
 from hmgdm_core.downstream.deepcox import cox_partial_nll
@@ -185,19 +185,19 @@ def train_epochs(
     """`epochs` passes over the bags in shuffled slide batches; mean training loss of the last.
 
     The Cox loss compares each event with the risk set inside its batch only, so survival
-    wants `finetune_batch_slides` as large as memory allows.
+    wants `finetune.batch_slides` as large as memory allows.
     """
     total = 0.0
     for _ in range(epochs):
         net.train()
         order = torch.randperm(len(bags), generator=generator).tolist()
         total, seen = 0.0, 0
-        for start in range(0, len(order), cfg.finetune_batch_slides):
-            rows = order[start : start + cfg.finetune_batch_slides]
+        for start in range(0, len(order), cfg.finetune.batch_slides):
+            rows = order[start : start + cfg.finetune.batch_slides]
             batch, owner = collate(
                 [bags[i] for i in rows],
-                max_tiles=cfg.finetune_max_tiles,
-                max_nodes=cfg.finetune_max_nodes,
+                max_tiles=cfg.finetune.max_tiles,
+                max_nodes=cfg.finetune.max_nodes,
                 generator=generator,
             )
             outputs, _, _ = net(batch, owner)
@@ -228,9 +228,9 @@ def make_net(backbone: HMGDM, task: Task, cfg: EvalConfig, seed: int) -> SlideNe
         copy.deepcopy(backbone),
         backbone.encoder.hidden,
         task.out_channels,
-        hidden=cfg.finetune_hidden,
-        dropout=cfg.finetune_dropout,
-        train_encoder=cfg.finetune_encoder,
+        hidden=cfg.finetune.hidden,
+        dropout=cfg.finetune.dropout,
+        train_encoder=cfg.finetune.train_encoder,
     )
 
 
@@ -242,13 +242,13 @@ def slide_net_for(cfg: HmgdmConfig, dims: GraphDims, task: Task) -> SlideNet:
 
 
 def make_optimizer(net: SlideNet, cfg: EvalConfig) -> torch.optim.Optimizer:
-    """AdamW over the head (`finetune_lr`) and, when it trains, the encoder at its own lower
-    `finetune_encoder_lr`; a frozen encoder has no gradients and is left untouched."""
+    """AdamW over the head (`finetune.lr`) and, when it trains, the encoder at its own lower
+    `finetune.encoder_lr`; a frozen encoder has no gradients and is left untouched."""
     encoder = [p for n, p in net.backbone.named_parameters() if n.startswith(TRAINED_PREFIX)]
     head = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
-    groups = [{"params": head, "lr": cfg.finetune_lr}]
+    groups = [{"params": head, "lr": cfg.finetune.lr}]
     if net.train_encoder:
-        groups.append({"params": encoder, "lr": cfg.finetune_encoder_lr})
+        groups.append({"params": encoder, "lr": cfg.finetune.encoder_lr})
     return torch.optim.AdamW(groups)
 
 
@@ -261,7 +261,7 @@ def inner_split(
         return patient_folds(strata, groups, n_splits, seed)[0]
     except (LabelError, ValueError) as err:  # ValueError: every class smaller than n_splits
         log.warning(
-            "no early-stopping split (%s): training all %d epochs", err, cfg.finetune_epochs
+            "no early-stopping split (%s): training all %d epochs", err, cfg.finetune.epochs
         )
         return None
 
@@ -278,11 +278,11 @@ def fit_early_stopping(
     """Train a SlideNet on `bags`, keeping the epoch with the lowest validation loss.
 
     Entity embeddings are standardised with the training rows' statistics; with
-    `finetune_encoder`, the first `finetune_head_epochs` epochs train the head only (LP-FT).
+    `finetune.train_encoder`, the first `finetune.head_epochs` epochs train the head only (LP-FT).
 
     The validation patients come out of `bags` (grouped by `groups`, stratified on the class or
-    event); training stops after `finetune_patience` epochs without improvement. With too few
-    patients for a validation split, it trains `finetune_epochs` epochs and says so in the log.
+    event); training stops after `finetune.patience` epochs without improvement. With too few
+    patients for a validation split, it trains `finetune.epochs` epochs and says so in the log.
     """
     generator = torch.Generator().manual_seed(seed)
     strata = y if task.kind == "classification" else np.asarray(y)[:, 1]
@@ -297,10 +297,10 @@ def fit_early_stopping(
     net.set_input_stats(*net.entity_moments(train_bags))
     optimizer = make_optimizer(net, cfg)
     best, best_loss, best_epoch, history = None, float("inf"), 0, []
-    for epoch in range(cfg.finetune_epochs):
+    for epoch in range(cfg.finetune.epochs):
         # LP-FT: the head first learns on the frozen encoder, so the encoder's first gradients
         # come from a useful head rather than a random one (which can collapse it).
-        net.freeze_encoder(not net.train_encoder or epoch < cfg.finetune_head_epochs)
+        net.freeze_encoder(not net.train_encoder or epoch < cfg.finetune.head_epochs)
         loss = train_epochs(
             net, optimizer, train_bags, target[train], task, cfg,
             epochs=1, generator=generator, weight=weight,
@@ -311,7 +311,7 @@ def fit_early_stopping(
         history.append({"epoch": epoch, "train_loss": loss, "val_loss": val_loss})
         if not len(val) or val_loss < best_loss:
             best, best_loss, best_epoch = copy.deepcopy(net.state_dict()), val_loss, epoch
-        elif epoch - best_epoch >= cfg.finetune_patience:
+        elif epoch - best_epoch >= cfg.finetune.patience:
             break
     net.load_state_dict(best)
     return net, {"best_epoch": best_epoch, "epochs_run": len(history), "history": history}
@@ -343,8 +343,8 @@ def load_slide_net(path: Path | str, *, trust: bool = False) -> tuple[SlideNet, 
         path, FORMAT, f"not a fine-tuned model ({FORMAT}); write one with "
         "`hmgdm-client evaluate classify|survival --method finetune`", trust=trust,
     )  # fmt: skip
-    backbone_cfg = HmgdmConfig.model_validate(blob["config"])
-    cfg = EvalConfig.model_validate(blob["evaluation"])
+    backbone_cfg = HmgdmConfig.model_validate(stored_config(blob["config"]))
+    cfg = EvalConfig.model_validate(stored_config(blob["evaluation"], "evaluation"))
     task = Task(blob["task"]["kind"], tuple(blob["task"]["classes"]))
     net = make_net(build_model(backbone_cfg, GraphDims(**blob["dims"])), task, cfg, 0)
     net.load_state_dict(blob["model"])

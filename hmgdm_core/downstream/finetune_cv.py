@@ -50,7 +50,7 @@ class _FineTuned:
 
     @property
     def description(self) -> str:
-        trained = "encoder + head" if self.config.finetune_encoder else "head only"
+        trained = "encoder + head" if self.config.finetune.train_encoder else "head only"
         return (
             f"gated-attention pooling over entities + MLP head, fine-tuned ({trained}), "
             f"early stopping on {self.config.val_fraction:.0%} of training patients"

@@ -58,7 +58,7 @@ class SlideResult:
     bytes: int = 0
     seconds: float = 0.0
     error: str = ""
-    mpp: float = 0.0  # µm/px of the slide's full-resolution image, as used
+    mpp: float = 0.0  # scan_mpp as used: µm/px of the slide's full-resolution image
     mpp_source: str = ""  # override | file | objective_power
     build_key: str = ""  # see build_key()
     warning: str = ""
@@ -67,13 +67,13 @@ class SlideResult:
         return asdict(self)
 
 
-def build_key(config_hash: str, mpp: float | None, version: int | None = None) -> str:
+def build_key(config_hash: str, scan_mpp: float | None, version: int | None = None) -> str:
     """Everything besides the slide's bytes that decides its graphs, as one short hash: the
     graph config, the µm/px given for the input (None: the file's own) and the builder version
     (default: this code's).
     """
     version = BUILDER_VERSION if version is None else version
-    blob = json.dumps([config_hash, mpp, version], separators=(",", ":"))
+    blob = json.dumps([config_hash, scan_mpp, version], separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -126,15 +126,19 @@ def _region_tissue_cfg(cfg: GraphConfig, area_um2: float):
 def _write_single_region(
     slide: Slide, cfg: GraphConfig, writer: SlideGraphWriter, qc: SlideQC
 ) -> StainBasis | None:
-    w, h = slide.size_at(cfg.mpp)
-    rgb = slide.read_region(0.0, 0.0, w, h, mpp=cfg.mpp)
-    mask = tissue_mask(rgb, mpp=cfg.mpp, cfg=_region_tissue_cfg(cfg, w * h * cfg.mpp**2))
-    qc.thumbnail, qc.thumb_mpp, qc.mask, qc.mask_mpp = rgb, cfg.mpp, mask, cfg.mpp
-    qc.tile_um = (w * cfg.mpp, h * cfg.mpp)
+    w, h = slide.size_at(cfg.target_mpp)
+    rgb = slide.read_region(0.0, 0.0, w, h, mpp=cfg.target_mpp)
+    mask = tissue_mask(
+        rgb, array_mpp=cfg.target_mpp, cfg=_region_tissue_cfg(cfg, w * h * cfg.target_mpp**2)
+    )
+    qc.thumbnail, qc.thumb_mpp, qc.mask, qc.mask_mpp = rgb, cfg.target_mpp, mask, cfg.target_mpp
+    qc.tile_um = (w * cfg.target_mpp, h * cfg.target_mpp)
     if not mask.any():
         raise NoTissueError(slide.path, "no tissue found at the configured thresholds")
     stain = _slide_stains(slide, cfg, [rgb[mask]])
-    graph = region_graph(rgb, mpp=cfg.mpp, cfg=cfg, mask=mask, keep_labels=True, stain=stain)
+    graph = region_graph(
+        rgb, array_mpp=cfg.target_mpp, cfg=cfg, mask=mask, keep_labels=True, stain=stain
+    )
     if graph is None:
         qc.add_tile(0.0, 0.0, FEW_ENTITIES)
         return stain
@@ -167,7 +171,7 @@ def _slide_stains(slide: Slide, cfg: GraphConfig, pixels: list[np.ndarray]) -> S
 def _qc_thumbnail(slide: Slide, cfg: GraphConfig, thumb: np.ndarray, thumb_mpp: float):
     """(image, mpp) for the QC picture: about PANEL_PX on its longer side, reusing the
     tissue thumbnail when that is already as fine."""
-    qc_mpp = max(cfg.mpp, max(slide.size_um) / PANEL_PX)
+    qc_mpp = max(cfg.target_mpp, max(slide.size_um) / PANEL_PX)
     return (thumb, thumb_mpp) if qc_mpp >= thumb_mpp else (slide.thumbnail(qc_mpp), qc_mpp)
 
 
@@ -180,15 +184,15 @@ def _write_tiles(
 ) -> StainBasis | None:
     # Tissue is found once on a thumbnail; tiles are then read one at a time at full
     # resolution, so memory stays flat however large the slide is.
-    thumb_mpp = max(cfg.tissue.thumbnail_mpp, cfg.mpp)
+    thumb_mpp = max(cfg.tissue.thumbnail_mpp, cfg.target_mpp)
     thumb = slide.thumbnail(thumb_mpp)
-    mask = tissue_mask(thumb, mpp=thumb_mpp, cfg=cfg.tissue)
+    mask = tissue_mask(thumb, array_mpp=thumb_mpp, cfg=cfg.tissue)
     if qc.enabled:
         qc.thumbnail, qc.thumb_mpp = _qc_thumbnail(slide, cfg, thumb, thumb_mpp)
     qc.mask, qc.mask_mpp = mask, thumb_mpp
     if not mask.any():
         raise NoTissueError(slide.path, "no tissue found at the configured thresholds")
-    tile_um = cfg.tile_size * cfg.mpp
+    tile_um = cfg.tile_size * cfg.target_mpp
     qc.tile_um = (tile_um, tile_um)
     fractions = tile_fractions(
         mask, mask_mpp=thumb_mpp, tile_um=tile_um, slide_size_um=slide.size_um
@@ -206,7 +210,7 @@ def _write_tiles(
     if len(origins) == 0:
         raise NoTissueError(slide.path, "no tile has enough tissue (see tissue.min_tile_fraction)")
     side = cfg.tile_size + 2 * cfg.tile_margin
-    margin_um = cfg.tile_margin * cfg.mpp
+    margin_um = cfg.tile_margin * cfg.target_mpp
     core = (
         cfg.tile_margin,
         cfg.tile_margin,
@@ -217,17 +221,17 @@ def _write_tiles(
     if cfg.stain_norm != "none":  # from up to 8 tiles spread over the slide, at full resolution
         sample = []
         for x_um, y_um in origins[np.unique(np.linspace(0, len(origins) - 1, 8).astype(int))]:
-            rgb = slide.read_region(x_um, y_um, cfg.tile_size, cfg.tile_size, mpp=cfg.mpp)
-            tmask = _mask_for_region(mask, thumb_mpp, (x_um, y_um), rgb.shape[:2], cfg.mpp)
+            rgb = slide.read_region(x_um, y_um, cfg.tile_size, cfg.tile_size, mpp=cfg.target_mpp)
+            tmask = _mask_for_region(mask, thumb_mpp, (x_um, y_um), rgb.shape[:2], cfg.target_mpp)
             sample.append(rgb[tmask])
         stain = _slide_stains(slide, cfg, sample)
     for i, (x_um, y_um) in enumerate(origins):
         origin = (float(x_um) - margin_um, float(y_um) - margin_um)
-        rgb = slide.read_region(origin[0], origin[1], side, side, mpp=cfg.mpp)
-        tmask = _mask_for_region(mask, thumb_mpp, origin, (side, side), cfg.mpp)
+        rgb = slide.read_region(origin[0], origin[1], side, side, mpp=cfg.target_mpp)
+        tmask = _mask_for_region(mask, thumb_mpp, origin, (side, side), cfg.target_mpp)
         graph = region_graph(
             rgb,
-            mpp=cfg.mpp,
+            array_mpp=cfg.target_mpp,
             cfg=cfg,
             mask=tmask,
             core=core,
@@ -250,7 +254,7 @@ def build_slide(
     out_dir: Path,
     cfg: GraphConfig,
     *,
-    mpp: float | None = None,
+    scan_mpp: float | None = None,
     slide_id: str | None = None,
     sha256: str | None = None,
     on_tile: TileProgress | None = None,
@@ -267,23 +271,23 @@ def build_slide(
         slide_id=slide_id or path.stem,
         path=str(path),
         config_hash=config_hash,
-        build_key=build_key(config_hash, mpp),
+        build_key=build_key(config_hash, scan_mpp),
     )
     qc = SlideQC(res.slide_id, enabled=qc_dir is not None)
     start = time.perf_counter()
     try:
         res.sha256 = sha256 or slide_fingerprint(path)
-        with Slide.open(path, mpp=mpp) as slide:
+        with Slide.open(path, scan_mpp=scan_mpp) as slide:
             res.slide_id = slide_id or slide.slide_id
             res.mpp, res.mpp_source, res.warning = (
-                slide.base_mpp,
+                slide.scan_mpp,
                 slide.mpp_source,
                 slide.mpp_warning,
             )
-            qc.slide_mpp = slide.base_mpp
+            qc.scan_mpp = slide.scan_mpp
             out = graph_path(out_dir, res.slide_id)
             with SlideGraphWriter(out) as writer:
-                w, h = slide.size_at(cfg.mpp)
+                w, h = slide.size_at(cfg.target_mpp)
                 if max(w, h) <= cfg.max_region_size:
                     stain = _write_single_region(slide, cfg, writer, qc)
                 else:
@@ -309,7 +313,7 @@ def build_slide(
                         if stain is None
                         else {"he": stain.he.tolist(), "max_c": stain.max_c.tolist()},
                         "slide": {
-                            "mpp": slide.base_mpp,
+                            "mpp": slide.scan_mpp,
                             "size": list(slide.size),
                             "backend": slide.backend,
                             **slide.metadata,

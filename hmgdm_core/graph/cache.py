@@ -23,6 +23,7 @@ import torch
 from torch_geometric.data import Data, Dataset
 
 from hmgdm_core.atomic import fsync
+from hmgdm_core.config import stored_config
 from hmgdm_core.exceptions import GraphDataError
 from hmgdm_core.slide_ids import match_slide_ids
 
@@ -159,6 +160,12 @@ def load_entity_labels(path: Path) -> list[np.ndarray] | None:
 def read_slide_meta(path: Path) -> dict:
     with _open(Path(path)) as zf:
         return _read_meta(zf, Path(path))
+
+
+def built_mpp(meta: dict) -> float:
+    """The µm/px an archive's graphs were built at (graph.target_mpp, also in archives written
+    while it was named graph.mpp)."""
+    return float(stored_config(meta["graph_config"], "graph")["target_mpp"])
 
 
 def load_slide_graphs(path: Path) -> tuple[list[Data], dict]:

@@ -52,16 +52,20 @@ def knn_pairs(centroids: np.ndarray, k: int) -> np.ndarray:
 
 
 def edge_descriptors(
-    pairs: np.ndarray, border_px: np.ndarray, desc: np.ndarray, centroids: np.ndarray, mpp: float
+    pairs: np.ndarray,
+    border_px: np.ndarray,
+    desc: np.ndarray,
+    centroids: np.ndarray,
+    array_mpp: float,
 ) -> np.ndarray:
     """(E, len(EDGE_NAMES)) float32 for undirected `pairs` (E, 2); symmetric in u and v."""
     du, dv = desc[pairs[:, 0]], desc[pairs[:, 1]]
-    dist = np.linalg.norm(centroids[pairs[:, 0]] - centroids[pairs[:, 1]], axis=1) * mpp
+    dist = np.linalg.norm(centroids[pairs[:, 0]] - centroids[pairs[:, 1]], axis=1) * array_mpp
     colour = np.linalg.norm(du[:, _RGB] - dv[:, _RGB], axis=1) / 255
     od = np.abs(du[:, _OD] - dv[:, _OD])
     texture = 0.5 * np.abs(du[:, _LBP] - dv[:, _LBP]).sum(1)
     area_ratio = np.abs(np.log(np.maximum(du[:, _AREA], 1e-6) / np.maximum(dv[:, _AREA], 1e-6)))
-    cols = [border_px * mpp, dist, colour, *od.T, texture, area_ratio]
+    cols = [border_px * array_mpp, dist, colour, *od.T, texture, area_ratio]
     return np.stack(cols, 1).astype(np.float32)
 
 

@@ -181,7 +181,12 @@ def _eccentricity(yy, xx, idx, count, cy, cx) -> np.ndarray:
 
 
 def node_descriptors(
-    rgb: np.ndarray, labels: np.ndarray, n: int, *, mpp: float, reference_yx: tuple[float, float]
+    rgb: np.ndarray,
+    labels: np.ndarray,
+    n: int,
+    *,
+    array_mpp: float,
+    reference_yx: tuple[float, float],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Descriptors (n, len(NODE_NAMES)) float32 and centroids (n, 2) (y, x) px of labels 0..n-1.
 
@@ -208,11 +213,11 @@ def node_descriptors(
     edge = pick(_boundary_mask(labels))
     solidity = np.clip(count / _hull_pixels(yy[edge], xx[edge], idx[edge], n), 0, 1)
     # Crack length overestimates a curved border; π/4 is exact on average over orientations.
-    perimeter = _crack_length(labels, n) * (np.pi / 4) * mpp
+    perimeter = _crack_length(labels, n) * (np.pi / 4) * array_mpp
     eccentricity = _eccentricity(yy, xx, idx, count, cy, cx)
 
-    shape = np.stack([count * mpp**2, perimeter, eccentricity, solidity], 1)
-    position = np.stack([(cx - reference_yx[1]) * mpp, (cy - reference_yx[0]) * mpp], 1)
+    shape = np.stack([count * array_mpp**2, perimeter, eccentricity, solidity], 1)
+    position = np.stack([(cx - reference_yx[1]) * array_mpp, (cy - reference_yx[0]) * array_mpp], 1)
     desc = np.concatenate(
         [_colour(rgb, pick, idx, count), _texture(rgb, pick, idx, count), shape, position], 1
     )

@@ -22,6 +22,7 @@ from torch_geometric.data import Data
 
 from hmgdm_core.atomic import atomic_write
 from hmgdm_core.exceptions import GraphDataError
+from hmgdm_core.graph.cache import built_mpp
 from hmgdm_core.graph.qc import label_font
 
 # Descriptors a pathologist can read, exported as QuPath measurements when the cache has them.
@@ -103,8 +104,7 @@ def slide_geojson(
     measurement whose quintiles become the entities' classes (QuPath colours by class).
     Coordinates are level-0 pixels of the slide: QuPath's image coordinates.
     """
-    base_mpp = float(meta["slide"]["mpp"])
-    mpp = float(meta["graph_config"]["mpp"])
+    scan_mpp, target_mpp = float(meta["slide"]["mpp"]), built_mpp(meta)
     names = list(meta["x_names"])
     columns = {label: names.index(key) for key, label in MEASUREMENTS.items() if key in names}
     total = sum(g.num_nodes for g in graphs)
@@ -115,14 +115,14 @@ def slide_geojson(
     features = []
     for tile, g in enumerate(graphs):
         x = g.x.double().numpy()
-        pos_px = g.pos.double().numpy() / base_mpp  # (N, 2) x, y level-0 px
+        pos_px = g.pos.double().numpy() / scan_mpp  # (N, 2) x, y level-0 px
         origin = g.tile_origin.double().numpy()[0]  # µm of the label image's pixel (0, 0)
         outlines = entity_outlines(seg[tile], g.num_nodes) if seg is not None else None
         for node in range(g.num_nodes):
             outline = outlines[node] if outlines is not None else None
             if outline is not None and len(outline) >= 3:
-                # (row, col) label px -> µm (as the centroids: origin + index * mpp) -> level-0 px
-                xy_px = (origin + outline[:, ::-1] * mpp) / base_mpp
+                # label (row, col) px -> µm (origin + index * target_mpp) -> level-0 px
+                xy_px = (origin + outline[:, ::-1] * target_mpp) / scan_mpp
                 geometry = {"type": "Polygon", "coordinates": [_ring(xy_px)]}
             else:
                 geometry = {"type": "Point", "coordinates": np.round(pos_px[node], 2).tolist()}
@@ -165,7 +165,7 @@ def slide_geojson(
         "properties": {
             "slide_id": meta["slide_id"],
             "coordinates": "level-0 pixels",
-            "mpp": base_mpp,
+            "mpp": scan_mpp,
             "outlines": "superpixels" if seg is not None else "centroids",
         },
     }

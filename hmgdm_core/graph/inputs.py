@@ -36,7 +36,7 @@ class SlideInput:
 
     path: Path  # absolute, so the manifest and graph archives work from any directory
     slide_id: str
-    mpp: float | None = None
+    scan_mpp: float | None = None
     # Named by its place in a directory: a cache built before ids were relative paths may
     # know this slide by its file stem (see runner.legacy_id).
     from_directory: bool = False
@@ -105,13 +105,13 @@ def read_slides_csv(path: Path) -> tuple[list[SlideInput], list[SlideResult]]:
             errors.append(_error(sid, where, f"slide id '{sid}' is not a relative name like a/b"))
             continue
         target = Path(given) if Path(given).is_absolute() else path.parent / given
-        mpp = None
+        scan_mpp = None
         if row.get("mpp"):
             try:
-                mpp = float(row["mpp"])
+                scan_mpp = float(row["mpp"])
             except ValueError:
-                mpp = math.nan
-            if not (math.isfinite(mpp) and mpp > 0):
+                scan_mpp = math.nan
+            if not (math.isfinite(scan_mpp) and scan_mpp > 0):
                 errors.append(_error(sid, where, f"mpp '{row['mpp']}' is not a positive number"))
                 continue
         if target.is_dir():
@@ -123,7 +123,7 @@ def read_slides_csv(path: Path) -> tuple[list[SlideInput], list[SlideResult]]:
         elif not target.exists():
             errors.append(_error(sid, where, f"{target}: no such file or directory"))
             continue
-        inputs.append(SlideInput(absolute(target), sid, mpp))
+        inputs.append(SlideInput(absolute(target), sid, scan_mpp))
     return inputs, errors
 
 

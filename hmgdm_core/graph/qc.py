@@ -45,7 +45,7 @@ class SlideQC:
     mask_mpp: float = 1.0
     tile_um: tuple[float, float] = (0.0, 0.0)  # (width, height) of a tile (the whole region)
     tiles: list[tuple[float, float, str, int]] = field(default_factory=list)  # x, y µm, status, n
-    slide_mpp: float = 0.0
+    scan_mpp: float = 0.0
     error: str = ""
     enabled: bool = True  # False: callers skip the QC-only work (the extra thumbnail read)
     # A single-region image: its superpixel labels (entity index, -1 none) at thumb_mpp, drawn
@@ -194,8 +194,8 @@ def render_slide_qc(qc: SlideQC) -> Image.Image:
     width = left.width + 2 * gap + (right.width + gap if right else 0) + (bar.width if bar else 0)
     h, w = qc.thumbnail.shape[:2]
     full = f"{w * qc.thumb_mpp / 1000:.2f} x {h * qc.thumb_mpp / 1000:.2f} mm"
-    mpp = f", scanned at {qc.slide_mpp:g} µm/px" if qc.slide_mpp else ""
-    title = f"{qc.slide_id}  ({full}{mpp})"
+    scan = f", scanned at {qc.scan_mpp:g} µm/px" if qc.scan_mpp else ""
+    title = f"{qc.slide_id}  ({full}{scan})"
     width = max(width, 480, round(bold.getlength(title)) + 2 * gap)
     status = textwrap.wrap(qc.error or _summary(qc), max(40, width // 8))
     head = 34 + 18 * len(status) + 6

@@ -67,7 +67,7 @@ def _select_entities(
 def region_graph(
     rgb: np.ndarray,
     *,
-    mpp: float,
+    array_mpp: float,
     cfg: GraphConfig,
     mask: np.ndarray | None = None,
     core: tuple[int, int, int, int] | None = None,
@@ -96,13 +96,13 @@ def region_graph(
             raise ValueError("too little stained tissue to estimate H&E stains for macenko")
         rgb = normalize_stains(rgb, stain)
     labels = slic(
-        rgb, step=grid_step(mpp, cfg.entity_area_um2), compactness=cfg.compactness, mask=mask
+        rgb, step=grid_step(array_mpp, cfg.entity_area_um2), compactness=cfg.compactness, mask=mask
     )
     n = int(labels.max()) + 1
     if n < 2:
         return None
     centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-    desc, centroids = node_descriptors(rgb, labels, n, mpp=mpp, reference_yx=centre)
+    desc, centroids = node_descriptors(rgb, labels, n, array_mpp=array_mpp, reference_yx=centre)
     kept = _select_entities(centroids, box, cfg.max_entities)
     if len(kept) < 2:
         return None
@@ -119,14 +119,14 @@ def region_graph(
         pairs = np.concatenate([pairs, extra])
         border = np.concatenate([border, np.zeros(len(extra), border.dtype)])
         mid = np.concatenate([mid, (centroids[extra[:, 0]] + centroids[extra[:, 1]]) / 2])
-    attr = edge_descriptors(pairs, border, desc, centroids, mpp)
+    attr = edge_descriptors(pairs, border, desc, centroids, array_mpp)
     # Touching pairs rank by shared border; kNN-only pairs after them, nearest first.
     priority = np.where(border > 0, border, -attr[:, EDGE_NAMES.index("distance_um")])
     chosen = cap_edges(pairs, priority, k, cfg.max_edges)
     pairs, mid = pairs[chosen], mid[chosen]
     edge_index, edge_attr, which = to_directed(pairs, attr[chosen])
 
-    pos = centroids[:, ::-1] * mpp + np.asarray(origin_um)  # (N, 2) x, y in slide µm
+    pos = centroids[:, ::-1] * array_mpp + np.asarray(origin_um)  # (N, 2) x, y in slide µm
     data = Data(
         x=torch.from_numpy(desc),
         win=torch.from_numpy(windows(rgb, centroids, cfg.window_size)),

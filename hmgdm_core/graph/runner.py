@@ -91,7 +91,7 @@ def build_graphs(
     out_dir: Path,
     cfg: GraphConfig,
     *,
-    mpp: float | None = None,
+    scan_mpp: float | None = None,
     workers: int = 1,
     show_progress: bool = True,
     qc: bool = False,
@@ -99,8 +99,8 @@ def build_graphs(
     """Build every input slide not already built from the same bytes with the same build key
     (graph config, µm/px given for it, builder version).
 
-    `inputs` are files, directories and slides CSVs (see `inputs.py`); `mpp` is the µm/px of
-    every input without its own in a slides CSV (None: each file's own). Returns one result
+    `inputs` are files, directories and slides CSVs (see `inputs.py`); `scan_mpp` is the µm/px
+    of every input without its own in a slides CSV (None: each file's own). Returns one result
     per input (status done / skipped / error); `out_dir/manifest.csv` is rewritten after every
     slide so an interrupted run resumes where it stopped. With `qc`, every slide built gets a
     QC image in `out_dir/qc/` and the run a contact sheet (`qc/contact_sheet.png`). Raises
@@ -117,7 +117,7 @@ def build_graphs(
     todo: list[tuple[Path, str, str, float | None]] = []
     seen: dict[str, Path] = {}
     for slide in slides:
-        given = slide.mpp if slide.mpp is not None else mpp
+        given = slide.scan_mpp if slide.scan_mpp is not None else scan_mpp
         try:
             sha = slide_fingerprint(slide.path)
         except OSError as err:
@@ -203,7 +203,7 @@ def build_graphs(
                                 f,
                                 out_dir,
                                 cfg,
-                                mpp=given,
+                                scan_mpp=given,
                                 slide_id=sid,
                                 sha256=sha,
                                 on_tile=tile_cb,
@@ -248,7 +248,7 @@ def _run_pool(todo, out_dir, cfg, qc_dir, workers, on_tile, finish) -> None:
                 f,
                 out_dir,
                 cfg,
-                mpp=given,
+                scan_mpp=given,
                 slide_id=sid,
                 sha256=sha,
                 qc_dir=qc_dir,

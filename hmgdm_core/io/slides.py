@@ -248,28 +248,30 @@ def _snap(v: float) -> float:
 class Slide:
     """A slide or image opened for reading regions in µm coordinates at any resolution.
 
-    Open one per worker process; pickling re-opens the file by path instead of sending handles.
+    `scan_mpp` is the µm/px of its full-resolution image: given, the file's own, or assumed from
+    the objective power (`mpp_source`). Open one per worker process; pickling re-opens the file
+    by path instead of sending handles.
     """
 
     def __init__(
         self,
         path: Path,
         levels: _OpenSlideLevels | _ArrayLevels,
-        base_mpp: float,
+        scan_mpp: float,
         mpp_source: MppSource,
     ) -> None:
         self.path = path
         self.slide_id = path.stem
         self._levels = levels
-        self._mpp_override = base_mpp if mpp_source == "override" else None
-        self.base_mpp = base_mpp
+        self._mpp_override = scan_mpp if mpp_source == "override" else None
+        self.scan_mpp = scan_mpp
         self.mpp_source: MppSource = mpp_source
         self.size: tuple[int, int] = levels.dims[0]
         self.backend: str = levels.backend
         self.metadata: dict[str, Any] = {
             **levels.metadata(),
             "backend": levels.backend,
-            "base_mpp": base_mpp,
+            "base_mpp": scan_mpp,  # the archive key of caches already built
             "mpp_source": mpp_source,
             "level_count": len(levels.dims),
             "level_dimensions": [list(d) for d in levels.dims],
@@ -283,20 +285,20 @@ class Slide:
             return ""
         power = self.metadata["objective_power"]
         return (
-            f"{self.path}: no microns-per-pixel in the file; assuming {self.base_mpp:g} µm/px "
+            f"{self.path}: no microns-per-pixel in the file; assuming {self.scan_mpp:g} µm/px "
             f"from its {power:g}x objective ({OBJECTIVE_UM:g} µm / objective power); if that is "
             "wrong pass --mpp or give the slide an mpp in a slides.csv"
         )
 
     @classmethod
-    def open(cls, path: str | Path, *, mpp: float | None = None) -> Slide:
-        """Open `path`; `mpp` (µm/px of the full-resolution image) overrides the file's value."""
+    def open(cls, path: str | Path, *, scan_mpp: float | None = None) -> Slide:
+        """Open `path`; `scan_mpp` (µm/px of the full-resolution image) overrides the file's."""
         path = Path(path)
-        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-            raise SlideReadError(path, f"invalid mpp {mpp}: must be a positive number")
+        if scan_mpp is not None and not (math.isfinite(scan_mpp) and scan_mpp > 0):
+            raise SlideReadError(path, f"invalid mpp {scan_mpp}: must be a positive number")
         levels = _open_levels(path)
-        if mpp is not None:
-            return cls(path, levels, float(mpp), "override")
+        if scan_mpp is not None:
+            return cls(path, levels, float(scan_mpp), "override")
         if (file_mpp := _plausible(levels.file_mpp())) is not None:
             return cls(path, levels, file_mpp, "file")
         power = levels.metadata().get("objective_power")
@@ -318,21 +320,21 @@ class Slide:
 
     def __repr__(self) -> str:
         w, h = self.size
-        return f"Slide({self.slide_id!r}, {w}x{h} px, {self.base_mpp:g} µm/px, {self.backend})"
+        return f"Slide({self.slide_id!r}, {w}x{h} px, {self.scan_mpp:g} µm/px, {self.backend})"
 
     @property
     def size_um(self) -> tuple[float, float]:
         """(width, height) of the slide in µm."""
-        return (self.size[0] * self.base_mpp, self.size[1] * self.base_mpp)
+        return (self.size[0] * self.scan_mpp, self.size[1] * self.scan_mpp)
 
     def size_at(self, mpp: float) -> tuple[int, int]:
         """(width, height) in pixels of the whole slide at `mpp`."""
-        scale = self.base_mpp / mpp
+        scale = self.scan_mpp / mpp
         return (max(1, round(self.size[0] * scale)), max(1, round(self.size[1] * scale)))
 
     def level_for(self, mpp: float) -> int:
         """The finest pyramid level that is no finer than needed for `mpp` (never upsample)."""
-        want = mpp / self.base_mpp
+        want = mpp / self.scan_mpp
         ok = [i for i, d in enumerate(self._levels.downsamples) if d <= want * _LEVEL_SLACK]
         return max(ok, key=lambda i: self._levels.downsamples[i], default=0)
 
@@ -342,8 +344,8 @@ class Slide:
             raise ValueError(f"read_region needs w, h >= 1 and mpp > 0, got {w}, {h}, {mpp}")
         level = self.level_for(mpp)
         level_ds = self._levels.downsamples[level]
-        scale = mpp / self.base_mpp / level_ds  # level pixels per output pixel
-        fx, fy = x_um / self.base_mpp / level_ds, y_um / self.base_mpp / level_ds
+        scale = mpp / self.scan_mpp / level_ds  # level pixels per output pixel
+        fx, fy = x_um / self.scan_mpp / level_ds, y_um / self.scan_mpp / level_ds
         step = max(1, int(_CHUNK_PX / max(scale, 1.0)))  # output pixels per chunk side
         if w <= step and h <= step:
             return self._read_resampled(level, fx, fy, w, h, scale)
@@ -367,9 +369,8 @@ class Slide:
         if abs(scale - 1.0) < 1e-9 and fx == int(fx) and fy == int(fy):
             return self._levels.read(level, int(fx), int(fy), w, h)
         patch = self._levels.read(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
-        resample = Image.Resampling.BOX if scale > 1 else Image.Resampling.BILINEAR
         box = (fx - ix0, fy - iy0, fx1 - ix0, fy1 - iy0)
-        return np.asarray(Image.fromarray(patch).resize((w, h), resample=resample, box=box))
+        return np.asarray(Image.fromarray(patch).resize((w, h), resample=_filter(scale), box=box))
 
     def thumbnail(self, mpp: float) -> np.ndarray:
         """The whole slide at `mpp` (a low resolution), read from the best pyramid level."""
@@ -380,5 +381,22 @@ class Slide:
         self._levels.close()
 
 
-def _reopen(path: str, mpp: float | None) -> Slide:
-    return Slide.open(path, mpp=mpp)
+def _filter(scale: float) -> Image.Resampling:
+    """Area-average (BOX) when shrinking (`scale` source pixels per output pixel > 1), bilinear
+    when enlarging."""
+    return Image.Resampling.BOX if scale > 1 else Image.Resampling.BILINEAR
+
+
+def rescale(rgb: np.ndarray, array_mpp: float, target_mpp: float) -> np.ndarray:
+    """An (h, w, 3) uint8 image sampled at `array_mpp` resampled to `target_mpp` as
+    `Slide.read_region` resamples (the same array when they are equal)."""
+    if math.isclose(array_mpp, target_mpp):
+        return rgb
+    scale = target_mpp / array_mpp
+    h, w = rgb.shape[:2]
+    size = (max(1, round(w / scale)), max(1, round(h / scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, resample=_filter(scale)))
+
+
+def _reopen(path: str, scan_mpp: float | None) -> Slide:
+    return Slide.open(path, scan_mpp=scan_mpp)

@@ -42,8 +42,8 @@ def ink_mask(hsv: np.ndarray) -> np.ndarray:
     return ink
 
 
-def tissue_mask(thumb: np.ndarray, *, mpp: float, cfg: TissueConfig) -> np.ndarray:
-    """(h, w) bool tissue mask of an (h, w, 3) uint8 RGB thumbnail sampled at `mpp` µm/px."""
+def tissue_mask(thumb: np.ndarray, *, array_mpp: float, cfg: TissueConfig) -> np.ndarray:
+    """(h, w) bool tissue mask of an (h, w, 3) uint8 RGB thumbnail sampled at `array_mpp` µm/px."""
     hsv = rgb2hsv(thumb)  # (h, w, 3) floats in [0, 1]
     signal = hsv[..., 1] if cfg.method == "otsu_saturation" else _optical_density(thumb)
     signal = median_filter(signal, size=3)  # isolated noisy pixels on glass are not tissue
@@ -51,7 +51,7 @@ def tissue_mask(thumb: np.ndarray, *, mpp: float, cfg: TissueConfig) -> np.ndarr
     # Otsu needs two distinct values; a flat image is all background or all tissue by the floor.
     otsu = threshold_otsu(signal) if np.ptp(signal) > 0 else lo
     mask = (signal > min(max(otsu, lo), hi)) & ~ink_mask(hsv)
-    px_area = mpp * mpp
+    px_area = array_mpp * array_mpp
     mask = remove_small_objects(mask, max_size=int(cfg.min_object_um2 / px_area))
     return remove_small_holes(mask, max_size=int(cfg.min_hole_um2 / px_area))
 

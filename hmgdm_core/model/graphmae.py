@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 
+from hmgdm_core.data import batch_vector
 from hmgdm_core.model.encoder import call_conv, graph_conv
 from hmgdm_core.model.hmgdm import HMGDM, Stage
 from hmgdm_core.model.masking import mask_counts, random_mask
@@ -48,7 +49,7 @@ class GraphMAE(nn.Module):
         if stage != "diffusion":
             raise ValueError("GraphMAE trains the encoder only (stage 'diffusion')")
         backbone = self._backbone[0]
-        batch, num_graphs = backbone._batch_vec(data)
+        batch, num_graphs = batch_vector(data)
         with torch.no_grad():
             z, ze = backbone.latents(data)
         sizes = torch.bincount(batch, minlength=num_graphs)

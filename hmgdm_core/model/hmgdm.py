@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 from torch_geometric.utils import scatter, subgraph
 
-from hmgdm_core.data import FeatureStats
+from hmgdm_core.data import FeatureStats, batch_vector
 from hmgdm_core.model.autoencoder import EntityVAE, dihedral_views, vicreg
 from hmgdm_core.model.decoder import MaskedGraphDecoder
 from hmgdm_core.model.diffusion import NoiseSchedule
@@ -167,14 +167,8 @@ class HMGDM(nn.Module):
         )
         return z, ze
 
-    def _batch_vec(self, data: Data) -> tuple[Tensor, int]:
-        batch = getattr(data, "batch", None)
-        if batch is None:
-            return torch.zeros(data.num_nodes, dtype=torch.long, device=data.x.device), 1
-        return batch, int(data.num_graphs)
-
     def _encoder_states(self, data: Data, *, with_input: bool = False) -> list[Tensor]:
-        batch, _ = self._batch_vec(data)
+        batch, _ = batch_vector(data)
         z, ze = self.latents(data)
         h_in = torch.cat([z, self.pos_encoding(data.pos, batch)], dim=-1)
         return self.encoder(h_in, data.edge_index, edge_attr=ze, batch=batch, with_input=with_input)
@@ -191,7 +185,7 @@ class HMGDM(nn.Module):
         the means of the input projection and of every layer, (B, (layers + 1) * hidden);
         "layers_std" also their standard deviations over the graph's entities (B, 2 * that).
         """
-        batch, num_graphs = self._batch_vec(data)
+        batch, num_graphs = batch_vector(data)
         every = self.readout != "mean"
         states = self._encoder_states(data, with_input=every)
         read = states if every else states[-1:]
@@ -243,7 +237,7 @@ class HMGDM(nn.Module):
     def _diffusion_loss(
         self, data: Batch, generator: torch.Generator, diagnose: bool
     ) -> dict[str, Tensor]:
-        batch, num_graphs = self._batch_vec(data)
+        batch, num_graphs = batch_vector(data)
         device = batch.device
         with torch.no_grad():
             z, ze = self.latents(data)  # stage 1 is frozen here
@@ -333,7 +327,7 @@ class HMGDM(nn.Module):
         """One random view of every graph: its windows and centroids turned by one random
         symmetry of the square per graph, and 30% of its entities hidden (mask token, or left
         out of the encoder's graph). Returns the last-layer states and which entities they are."""
-        batch, num_graphs = self._batch_vec(data)
+        batch, num_graphs = batch_vector(data)
         code = torch.randint(0, 8, (num_graphs,), generator=generator).to(batch.device)
         view = data.clone()
         if getattr(data, "win", None) is not None:
@@ -383,7 +377,7 @@ class HMGDM(nn.Module):
     ) -> tuple[list[Tensor], Tensor | None]:
         """Encoder states of the visible entities (per layer) and, with mask tokens, the last
         layer's state of each masked entity. Masked latents never reach the encoder."""
-        batch, _ = self._batch_vec(data)
+        batch, _ = batch_vector(data)
         if self.encoder_input == "visible":
             # The paper: only visible rows and visible-visible edges.
             states = self.encoder(

@@ -34,12 +34,14 @@ class Cohort:
     labels: np.ndarray
     groups: np.ndarray
     classes: tuple[str, ...]
-    mpp: float
+    scan_mpp: float  # µm/px of the images
     graph: GraphConfig  # how its images become entity graphs unless a study says otherwise
 
 
 # Tissue images: plain SLIC entities of 64 µm².
-TISSUE_GRAPHS = GraphConfig(mpp=1.0, entity_area_um2=64.0, window_size=16, edge_windows=False)
+TISSUE_GRAPHS = GraphConfig(
+    target_mpp=1.0, entity_area_um2=64.0, window_size=16, edge_windows=False
+)
 
 
 def synthetic(per_class: int, seed: int = 1) -> Cohort:
@@ -82,20 +84,21 @@ def lc25000(images: int, data: Path | None = None) -> Cohort:
 
 def _graph(args: tuple) -> Data | None:
     from hmgdm_core.graph.region import region_graph
+    from hmgdm_core.io.slides import rescale
     from hmgdm_core.stain import estimate_stains
 
-    image, mpp, cfg, site, stain = args
+    image, scan_mpp, cfg, site, stain = args
     if isinstance(image, str):
         from PIL import Image
 
         image = np.asarray(Image.open(image).convert("RGB"))
-    image = stain_shift(image, site, stain)
+    image = rescale(stain_shift(image, site, stain), scan_mpp, cfg.target_mpp)
     basis = estimate_stains(image) if cfg.stain_norm == "macenko" else None
     if cfg.stain_norm == "macenko" and basis is None:
         # build-graphs refuses such a slide; the study drops the image like a too-small one
         # (e.g. an LC25000 image whose blue channel is saturated: no pixel absorbs in all three).
         return None
-    return region_graph(image, mpp=mpp, cfg=cfg, stain=basis)
+    return region_graph(image, array_mpp=cfg.target_mpp, cfg=cfg, stain=basis)
 
 
 def _init_worker() -> None:
@@ -104,16 +107,17 @@ def _init_worker() -> None:
 
 def build_graphs(
     images: list,
-    mpp: float,
+    scan_mpp: float,
     cfg: GraphConfig,
     *,
     sites: np.ndarray | None = None,
     stain: float = 0.0,
     workers: int = 2,
 ) -> list[Data | None]:
-    """One region graph per image, image i stained as site `sites[i]`; None when too small, or
-    when `cfg.stain_norm` cannot estimate its stains."""
+    """One region graph per image (sampled at `scan_mpp`, built at `cfg.target_mpp` as
+    build-graphs builds a plain image), image i stained as site `sites[i]`; None when too small,
+    or when `cfg.stain_norm` cannot estimate its stains."""
     sites = np.zeros(len(images), dtype=np.int64) if sites is None else sites
-    jobs = [(im, mpp, cfg, int(s), stain) for im, s in zip(images, sites, strict=True)]
+    jobs = [(im, scan_mpp, cfg, int(s), stain) for im, s in zip(images, sites, strict=True)]
     with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
         return list(pool.map(_graph, jobs, chunksize=8))

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch_geometric.data import Data
 
 from hmgdm_core.atomic import load_torch, save_torch, write_csv, write_json
-from hmgdm_core.config import HmgdmConfig, load_config
+from hmgdm_core.config import HmgdmConfig, load_config, stored_config
 from hmgdm_core.downstream.classify import ProbeCV
 from hmgdm_core.exceptions import CheckpointError, ConfigError
 from hmgdm_core.studies import cohort as cohorts
@@ -150,6 +150,10 @@ def _check_same_protocol(cfg: StudyConfig, previous: Path) -> None:
     if not previous.is_file():
         return
     old, new = json.loads(previous.read_text()), cfg.model_dump(mode="json")
+    # Keys renamed since (hmgdm_core.config.RENAMED) compare under their new names.
+    old["probe"] = stored_config(old.get("probe", {}), "evaluation")
+    if graph := old.get("cohort", {}).get("graph"):
+        old["cohort"]["graph"] = stored_config(graph, "graph")
     changed = [k for k in _PROTOCOL if old.get(k) != new[k]]
     if changed:
         raise ConfigError(
@@ -198,7 +202,7 @@ def _prepare(cfg: StudyConfig, cell: Cell, out: Path, data: Path | None) -> Spli
         update={"stain_norm": cell.partition.stain_norm}
     )
     graphs = cohorts.build_graphs(
-        cohort.images, cohort.mpp, graph_cfg, sites=site, stain=cell.partition.stain
+        cohort.images, cohort.scan_mpp, graph_cfg, sites=site, stain=cell.partition.stain
     )
     ok = np.array([g is not None for g in graphs])
     split = Split(

@@ -147,7 +147,7 @@ def test_downstream_replies_hold_only_head_weights_and_scalars(cache, tmp_path):
     rows = ["slide_id,label"] + [f"{s},{'tumour' if i % 2 else 'complex'}" for i, s in
                                  enumerate(slides)]  # fmt: skip
     labels.write_text("\n".join(rows) + "\n")
-    cfg = load_config(DEBUG, overrides={"evaluation.folds": 2, "evaluation.finetune_hidden": 8})
+    cfg = load_config(DEBUG, overrides={"evaluation.folds": 2, "evaluation.finetune.hidden": 8})
     # The operator's class order, not sorted: it is the order of the head's outputs.
     task = Task("classification", ("tumour", "complex"))
     net = slide_net_for(cfg, graph_dims(graphs), task)

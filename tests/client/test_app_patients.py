@@ -12,6 +12,7 @@ import tomli_w
 from conftest import TINY_MODEL
 from flwr.app import Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
+from region_graphs import random_region_graph
 
 import hmgdm_core.privacy.local as local
 from client.app import app
@@ -22,7 +23,6 @@ from hmgdm_core.federation_config import shared_names
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
 from hmgdm_core.privacy.errors import PrivacyError
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
-from hmgdm_core.studies.synthetic import random_region_graph
 from server.pretraining import initial_state
 from server.rounds import frozen_names
 

@@ -21,7 +21,7 @@ CLI = [sys.executable, "-c", "from client.cli import app; app()"]
 
 def _config(tmp_path: Path, mpp: float = 0.5) -> Path:
     cfg = tmp_path / "graphs.toml"
-    cfg.write_text(f"[graph]\nmpp = {mpp}\nentity_area_um2 = 400.0\ntile_size = 384\n")
+    cfg.write_text(f"[graph]\ntarget_mpp = {mpp}\nentity_area_um2 = 400.0\ntile_size = 384\n")
     return cfg
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import TINY_MODEL, tiny_site_policy
 from flwr.app import Context, Message, RecordDict
+from region_graphs import random_region_graph
 
 from client.app import app
 from client.records import QUERY_STATS, pack_config, unpack_state
 from hmgdm_core.config import load_config
 from hmgdm_core.federation_config import shared_names
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
-from hmgdm_core.studies.synthetic import random_region_graph
 from server.pretraining import initial_state
 from server.rounds import frozen_names
 

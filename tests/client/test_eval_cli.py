@@ -41,7 +41,8 @@ def site(tmp_path_factory) -> dict[str, Path]:
     ]
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     (root / "eval.toml").write_text(
-        "[evaluation]\nfolds = 2\nfinetune_epochs = 3\nfinetune_hidden = 8\nval_fraction = 0.25\n"
+        "[evaluation]\nfolds = 2\nval_fraction = 0.25\n"
+        "[evaluation.finetune]\nepochs = 3\nhidden = 8\n"
     )
     return {"root": root, "graphs": root / "graphs", "ckpt": root / "ckpt.pt"}
 

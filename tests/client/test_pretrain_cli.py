@@ -6,12 +6,12 @@ import csv
 from pathlib import Path
 
 import pytest
+from region_graphs import random_region_graph
 from typer.testing import CliRunner
 
 from client.cli import app
 from hmgdm_core.atomic import load_torch
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
-from hmgdm_core.studies.synthetic import random_region_graph
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG = REPO / "configs" / "debug.toml"

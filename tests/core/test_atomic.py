@@ -87,9 +87,10 @@ def test_trust_loads_a_legacy_file_and_junk_is_a_one_line_error(tmp_path):
 
 
 def test_patient_derived_files_are_owner_only_and_reports_follow_the_umask(tmp_path):
+    from region_graphs import random_region_graph
+
     from hmgdm_core.atomic import write_json
     from hmgdm_core.graph.cache import SlideGraphWriter, graph_path
-    from hmgdm_core.studies.synthetic import random_region_graph
 
     old = os.umask(0o027)  # a site that lets its group read reports
     try:

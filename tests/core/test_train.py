@@ -7,13 +7,13 @@ import csv
 import pytest
 import torch
 from conftest import TINY_MODEL
+from region_graphs import random_region_graph
 
 from hmgdm_core import pretrain as pretrain_mod
 from hmgdm_core.config import load_config
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments, validate_graphs
 from hmgdm_core.exceptions import CheckpointError, GraphDataError
 from hmgdm_core.pretrain import pretrain
-from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import (
     build_model,
     eval_loss,

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import TINY_MODEL
+from region_graphs import random_region_graph
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import graph_dims
@@ -16,7 +17,6 @@ from hmgdm_core.downstream.concordance import PairCounts, pair_counts
 from hmgdm_core.downstream.finetune import load_slide_net, predict
 from hmgdm_core.downstream.splits import patient_folds
 from hmgdm_core.graph.cache import SlideGraphWriter, graph_path, load_graph_dir
-from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model, save_checkpoint
 from server.simulation import simulate_downstream
 
@@ -26,8 +26,8 @@ SITES = 2
 FAST = {
     "evaluation.folds": 3,
     "evaluation.fed_rounds": 2,
-    "evaluation.finetune_hidden": 8,
-    "evaluation.finetune_lr": 0.01,
+    "evaluation.finetune.hidden": 8,
+    "evaluation.finetune.lr": 0.01,
     "disclosure.min_patients": 1,  # 4 held-out patients a site (the policy: tests/client)
 }
 

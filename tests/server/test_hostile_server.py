@@ -67,7 +67,7 @@ def test_a_local_dp_site_sends_the_operator_no_fine_tuned_weights(federation, si
     from hmgdm_core.train import build_model, save_checkpoint
 
     fed, cache = federation, site_caches["A"]
-    fine = {"evaluation.folds": 3, "evaluation.fed_rounds": 1, "evaluation.finetune_hidden": 8}
+    fine = {"evaluation.folds": 3, "evaluation.fed_rounds": 1, "evaluation.finetune.hidden": 8}
     cfg = load_config(DEBUG, {**TINY_MODEL, **RUN, **fine})
     checkpoint = fed.root / "pretrained.pt"  # what a consortium's pretraining run would give
     model = build_model(cfg, graph_dims(load_graph_dir(cache)))

@@ -51,7 +51,7 @@ def test_start_join_kill_resume(tmp_path, site_caches, federation_cleanup):
     config.write_text(DEBUG_TOML.read_text() + (
         "\n[federation]\nstage1_rounds = 1\nstage2_rounds = 2\nlocal_steps = 2\n"
         "evaluate_every = 0\nwait_timeout_s = 120\nround_timeout_s = 180\nrun_dir = 'run'\n"
-        "[evaluation]\nfolds = 3\nfed_rounds = 1\nfinetune_hidden = 8\n"
+        "[evaluation]\nfolds = 3\nfed_rounds = 1\n[evaluation.finetune]\nhidden = 8\n"
     ))  # fmt: skip
     # Each site's labels name only its own tiles (3 per Kather class: 3 folds by class).
     labels = {}

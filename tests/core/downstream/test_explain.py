@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY_MODEL
+from region_graphs import random_region_graph
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import graph_dims
-from hmgdm_core.downstream.config import EvalConfig
+from hmgdm_core.downstream.config import EvalConfig, FinetuneConfig
 from hmgdm_core.downstream.explain import (
     Explanation,
     entity_importance,
@@ -18,7 +19,6 @@ from hmgdm_core.downstream.explain import (
     plot_importance,
 )
 from hmgdm_core.downstream.finetune import Task, collate, make_net
-from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model
 
 
@@ -44,7 +44,8 @@ def test_attention_sums_to_one_and_gradient_importance_explains_the_output():
     graphs = [random_region_graph(15, seed=s, slide_id="a") for s in (1, 2)]
     cfg = load_config(None, TINY_MODEL)
     backbone = build_model(cfg, graph_dims(graphs))
-    net = make_net(backbone, Task("survival"), EvalConfig(finetune_hidden=8), seed=0)
+    small = EvalConfig(finetune=FinetuneConfig(hidden=8))
+    net = make_net(backbone, Task("survival"), small, seed=0)
     att = entity_importance(net, Task("survival"), graphs, "attention").table
     assert len(att) == 30 and np.isclose(att["importance"].sum(), 1.0)
     grad = entity_importance(net, Task("survival"), graphs, "gradient").table["importance"]

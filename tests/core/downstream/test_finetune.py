@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL
+from region_graphs import random_region_graph
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments
-from hmgdm_core.downstream.config import EvalConfig
+from hmgdm_core.downstream.config import EvalConfig, FinetuneConfig
 from hmgdm_core.downstream.finetune import (
     Task,
     class_weights,
@@ -26,19 +27,19 @@ from hmgdm_core.downstream.finetune import (
 )
 from hmgdm_core.downstream.finetune_cv import DeepCoxCV, FinetuneCV
 from hmgdm_core.exceptions import CheckpointError
-from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model
 
 EVAL = EvalConfig(
     folds=3,
-    finetune_epochs=20,
-    finetune_patience=4,
-    finetune_hidden=16,
-    finetune_lr=1e-2,
-    finetune_encoder_lr=1e-2,
-    finetune_head_epochs=0,
-    finetune_batch_slides=8,
+    finetune=FinetuneConfig(
+        epochs=20, patience=4, hidden=16, lr=1e-2, encoder_lr=1e-2, head_epochs=0, batch_slides=8
+    ),
 )
+
+
+def tuned(**finetune) -> EvalConfig:
+    """EVAL with some of its fine-tuning settings changed."""
+    return EVAL.model_copy(update={"finetune": EVAL.finetune.model_copy(update=finetune)})
 
 
 def spread_cohort(spread: np.ndarray, seed: int = 0) -> list[list]:
@@ -96,7 +97,7 @@ def test_early_stopping_returns_the_epoch_with_the_lowest_validation_loss(classe
     backbone, _ = backbone_for(bags)
     task = Task("classification", ("dense", "spread"))
     index = np.searchsorted(task.classes, y)
-    cfg = EVAL.model_copy(update={"finetune_epochs": 8, "finetune_patience": 8})
+    cfg = tuned(epochs=8, patience=8)
     net, info = fit_early_stopping(backbone, bags, index, np.arange(len(y)), task, cfg, seed=3)
     val_losses = [h["val_loss"] for h in info["history"]]
     assert info["best_epoch"] == int(np.argmin(val_losses))
@@ -117,7 +118,7 @@ def test_deep_cox_head_ranks_a_known_hazard_and_not_shuffled_times(tmp_path):
     bags = spread_cohort(spread, seed=1)
     backbone, cfg = backbone_for(bags)
     patients = np.arange(36)
-    cox = EVAL.model_copy(update={"finetune_batch_slides": 16})
+    cox = tuned(batch_slides=16)
     cv = DeepCoxCV(backbone, cfg, cox).fit(bags, time, event, patients)
     assert cv.metrics_["cindex_pooled"] > 0.75
     shuffled = DeepCoxCV(backbone, cfg, cox).fit(bags, rng.permutation(time), event, patients)
@@ -144,10 +145,7 @@ def test_head_sees_standardised_entities_and_the_encoder_waits_for_the_head(clas
     start = {k: v.clone() for k, v in backbone.state_dict().items() if k.startswith("encoder.")}
 
     def fit(epochs: int, head_epochs: int):
-        cfg = EVAL.model_copy(update={
-            "finetune_epochs": epochs, "finetune_patience": epochs,
-            "finetune_head_epochs": head_epochs, "finetune_encoder_lr": 1e-3,
-        })  # fmt: skip
+        cfg = tuned(epochs=epochs, patience=epochs, head_epochs=head_epochs, encoder_lr=1e-3)
         return fit_early_stopping(backbone, bags, index, np.arange(len(y)), task, cfg)[0], cfg
 
     lp, cfg = fit(epochs=2, head_epochs=2)  # both epochs on the frozen encoder

@@ -33,7 +33,7 @@ def test_real_slide_graphs_are_sane(svs_build):
     assert res.status == "done", res.error
     graphs, meta = load_slide_graphs(graph_path(out, res.slide_id))
     assert len(graphs) == res.n_graphs > 5
-    tile_area = (CFG.tile_size * CFG.mpp) ** 2
+    tile_area = (CFG.tile_size * CFG.target_mpp) ** 2
     for g in graphs:
         ei = g.edge_index
         assert g.num_nodes <= CFG.max_entities
@@ -46,8 +46,10 @@ def test_real_slide_graphs_are_sane(svs_build):
         assert g.x.shape[1] == len(meta["x_names"])
         assert g.win.dtype == torch.uint8 and g.win.shape[1:] == (3, 32, 32)
         # Entities lie inside their tile (positions are in slide µm).
-        lo = g.tile_origin[0] + CFG.tile_margin * CFG.mpp
-        assert (g.pos >= lo - 1e-3).all() and (g.pos <= lo + CFG.tile_size * CFG.mpp + 1e-3).all()
+        lo = g.tile_origin[0] + CFG.tile_margin * CFG.target_mpp
+        assert (g.pos >= lo - 1e-3).all() and (
+            g.pos <= lo + CFG.tile_size * CFG.target_mpp + 1e-3
+        ).all()
     isolated = sum(
         int((torch.bincount(g.edge_index[0], minlength=g.num_nodes) == 0).sum()) for g in graphs
     )
@@ -63,7 +65,7 @@ def test_svs_and_png_of_the_same_pixels_give_matching_graphs(svs_build, data_dir
         rgb = np.asarray(osr.read_region((0, 0), 0, osr.dimensions).convert("RGB"))
     png = tmp_path / "cmu-1-small-region.png"
     Image.fromarray(rgb).save(png)
-    (res_png,) = build_graphs([png], tmp_path / "png", CFG, mpp=mpp, show_progress=False)
+    (res_png,) = build_graphs([png], tmp_path / "png", CFG, scan_mpp=mpp, show_progress=False)
     assert res_png.status == "done", res_png.error
     assert res_png.n_graphs == res.n_graphs
     assert abs(res_png.n_nodes - res.n_nodes) <= 0.03 * res.n_nodes
@@ -101,7 +103,7 @@ def test_bad_inputs_fail_alone_with_a_reason(tmp_path, data_dir):
         [good, truncated, text, white, tiny, missing],
         tmp_path / "out",
         CFG,
-        mpp=0.495,
+        scan_mpp=0.495,
         show_progress=False,
     )
     by_id = {r.slide_id: r for r in results}
@@ -124,8 +126,10 @@ def test_bad_inputs_fail_alone_with_a_reason(tmp_path, data_dir):
 
 def test_parallel_workers_build_the_same_graphs(tmp_path, data_dir):
     tiles = data_dir / "kather2016_tiles" / "02_STROMA"
-    one = build_graphs([tiles], tmp_path / "w1", CFG, mpp=0.495, show_progress=False)
-    two = build_graphs([tiles], tmp_path / "w2", CFG, mpp=0.495, workers=2, show_progress=False)
+    one = build_graphs([tiles], tmp_path / "w1", CFG, scan_mpp=0.495, show_progress=False)
+    two = build_graphs(
+        [tiles], tmp_path / "w2", CFG, scan_mpp=0.495, workers=2, show_progress=False
+    )
 
     def key(results):
         return sorted((r.slide_id, r.status, r.n_graphs, r.n_nodes, r.n_edges) for r in results)
@@ -165,7 +169,7 @@ def test_every_input_that_changes_a_graph_rebuilds_it(tmp_path, data_dir, monkey
     cache = tmp_path / "cache"
 
     def run(out, inputs=(tile,), cfg=CFG, mpp=0.5):
-        (res,) = build_graphs(list(inputs), out, cfg, mpp=mpp, show_progress=False)
+        (res,) = build_graphs(list(inputs), out, cfg, scan_mpp=mpp, show_progress=False)
         assert res.status in ("done", "skipped"), res.error
         return res, [g.x for g in load_slide_graphs(graph_path(out, "t"))[0]]
 
@@ -205,20 +209,22 @@ def test_caches_from_before_build_keys_and_relative_ids_are_reused(tmp_path, dat
     tile.parent.mkdir(parents=True)
     tile.write_bytes(src.read_bytes())
     cache = tmp_path / "cache"
-    (old,) = build_graphs([tile], cache, CFG, mpp=0.5, show_progress=False)  # id: the stem
+    (old,) = build_graphs([tile], cache, CFG, scan_mpp=0.5, show_progress=False)  # id: the stem
     assert old.slide_id == "t"
     _drop_build_key(graph_path(cache, "t"))
-    (again,) = build_graphs([tile.parents[1]], cache, CFG, mpp=0.5, show_progress=False)
+    (again,) = build_graphs([tile.parents[1]], cache, CFG, scan_mpp=0.5, show_progress=False)
     assert (again.slide_id, again.status) == ("t", "skipped")
-    (other,) = build_graphs([tile.parents[1]], cache, CFG, mpp=0.25, show_progress=False)
+    (other,) = build_graphs([tile.parents[1]], cache, CFG, scan_mpp=0.25, show_progress=False)
     assert (other.slide_id, other.status) == ("t", "done")
     # A rescanned slide (new bytes, same place) is rebuilt in place, not beside its old graphs.
     Image.fromarray(np.asarray(Image.open(src).convert("RGB"))[::-1].copy()).save(tile)
-    (rescanned,) = build_graphs([tile.parents[1]], cache, CFG, mpp=0.25, show_progress=False)
+    (rescanned,) = build_graphs([tile.parents[1]], cache, CFG, scan_mpp=0.25, show_progress=False)
     assert (rescanned.slide_id, rescanned.status) == ("t", "done")
     assert [p.name for p in (cache / "graphs").rglob("*.pt")] == ["t.pt"]
     # A fresh cache names the same slide by its path below the folder.
-    (fresh,) = build_graphs([tile.parents[1]], tmp_path / "new", CFG, mpp=0.5, show_progress=False)
+    (fresh,) = build_graphs(
+        [tile.parents[1]], tmp_path / "new", CFG, scan_mpp=0.5, show_progress=False
+    )
     assert fresh.slide_id == "2024/t" and graph_path(tmp_path / "new", "2024/t").is_file()
 
 
@@ -236,7 +242,7 @@ def test_stain_normalisation_makes_two_labs_stainings_of_a_slide_agree(tmp_path,
     def mean_colour(cfg: GraphConfig, lab: int) -> np.ndarray:
         out = tmp_path / f"{cfg.stain_norm}{lab}"
         (res,) = build_graphs(
-            [tmp_path / f"lab{lab}.png"], out, cfg, mpp=0.495, show_progress=False
+            [tmp_path / f"lab{lab}.png"], out, cfg, scan_mpp=0.495, show_progress=False
         )
         assert res.status == "done", res.error
         (g,), meta = load_slide_graphs(graph_path(out, res.slide_id))
@@ -247,7 +253,9 @@ def test_stain_normalisation_makes_two_labs_stainings_of_a_slide_agree(tmp_path,
     raw_gap = np.abs(mean_colour(CFG, 0) - mean_colour(CFG, 1)).mean()
     norm_gap = np.abs(mean_colour(norm, 0) - mean_colour(norm, 1)).mean()
     assert norm_gap < 0.3 * raw_gap, (raw_gap, norm_gap)
-    # Without normalisation the config hash is the one from before the option existed.
+    # Without normalisation the config hash is the one from before the option existed (and
+    # before graph.mpp was named target_mpp).
     old = CFG.model_dump(mode="json")
     del old["stain_norm"]
+    old["mpp"] = old.pop("target_mpp")
     assert CFG.stable_hash() == hash_values(old) != norm.stable_hash()

@@ -45,8 +45,8 @@ def test_edge_descriptors_are_symmetric_and_finite():
     desc[2, NODE_NAMES.index("area_um2")] = 0  # a degenerate area must not give inf
     cents = rng.uniform(0, 10, (3, 2))
     pairs = np.array([[0, 1], [1, 2]])
-    fwd = edge_descriptors(pairs, np.array([3, 0]), desc, cents, mpp=0.5)
-    back = edge_descriptors(pairs[:, ::-1], np.array([3, 0]), desc, cents, mpp=0.5)
+    fwd = edge_descriptors(pairs, np.array([3, 0]), desc, cents, array_mpp=0.5)
+    back = edge_descriptors(pairs[:, ::-1], np.array([3, 0]), desc, cents, array_mpp=0.5)
     assert fwd.shape == (2, len(EDGE_NAMES)) and np.isfinite(fwd).all()
     np.testing.assert_allclose(fwd, back, rtol=1e-6)
     assert fwd[0, EDGE_NAMES.index("boundary_um")] == 1.5

@@ -24,7 +24,7 @@ def test_descriptors_match_regionprops_on_a_real_tile(kather_tile):
     rgb = kather_tile[:96, :96]
     labels = slic(rgb, step=12)
     n = labels.max() + 1
-    desc, centroids = node_descriptors(rgb, labels, n, mpp=MPP, reference_yx=(10.0, 20.0))
+    desc, centroids = node_descriptors(rgb, labels, n, array_mpp=MPP, reference_yx=(10.0, 20.0))
     assert desc.shape == (n, len(NODE_NAMES)) and desc.dtype == np.float32
     assert np.isfinite(desc).all()
 
@@ -62,7 +62,7 @@ def test_tiny_and_background_regions_give_finite_descriptors():
     labels = np.full((6, 6), -1)
     labels[0, 0] = 0  # one pixel
     labels[2:5, 2] = 1  # a line: eccentricity 1
-    desc, _ = node_descriptors(rgb, labels, 2, mpp=1.0, reference_yx=(0.0, 0.0))
+    desc, _ = node_descriptors(rgb, labels, 2, array_mpp=1.0, reference_yx=(0.0, 0.0))
     assert np.isfinite(desc).all()
     ecc = _column(desc, "eccentricity")
     assert ecc[0] == 0 and abs(ecc[1] - 1) < 1e-6

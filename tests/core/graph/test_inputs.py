@@ -66,7 +66,7 @@ def test_slides_csv_gives_ids_and_per_slide_mpp_and_reports_bad_rows(tree):
         "../escape,slides/2023/a/x.tif,\n"
     )
     found, errors = slide_inputs([csv])
-    assert [(s.slide_id, s.mpp) for s in found] == [
+    assert [(s.slide_id, s.scan_mpp) for s in found] == [
         ("case-1", 0.25),
         ("case-2", None),
         ("case-3", None),
@@ -108,7 +108,7 @@ def test_a_dicom_slide_is_found_read_through_openslide_and_built(tmp_path):
     assert found.slide_id == "case7/HE" and found.path.suffix == ".dcm"
     with Slide.open(found.path) as s:
         assert s.backend == "openslide" and s.metadata["vendor"] == "dicom"
-        assert (s.size, s.base_mpp, s.metadata["level_count"]) == ((1024, 768), 0.5, 3)
+        assert (s.size, s.scan_mpp, s.metadata["level_count"]) == ((1024, 768), 0.5, 3)
     cfg = GraphConfig(
         max_region_size=256,
         tile_size=256,

@@ -41,7 +41,7 @@ def _degree(g) -> torch.Tensor:
 
 
 def test_real_tile_graph_follows_the_contract(kather_tile):
-    g = region_graph(kather_tile, mpp=MPP, cfg=CFG, origin_um=(1000.0, 2000.0))
+    g = region_graph(kather_tile, array_mpp=MPP, cfg=CFG, origin_um=(1000.0, 2000.0))
     _check_contract(g, CFG)
     expected = (150 * MPP) ** 2 / CFG.entity_area_um2
     assert 0.6 * expected <= g.num_nodes <= 1.4 * expected
@@ -55,7 +55,7 @@ def test_real_tile_graph_follows_the_contract(kather_tile):
 def test_node_count_follows_entity_area_at_1_mpp(data_dir):
     path = sorted((data_dir / "lc25000_lung" / "lung_aca").glob("*.jpeg"))[0]
     rgb = np.asarray(Image.open(path).convert("RGB"))
-    g = region_graph(rgb, mpp=1.0, cfg=CFG)
+    g = region_graph(rgb, array_mpp=1.0, cfg=CFG)
     expected = rgb.shape[0] * rgb.shape[1] / CFG.entity_area_um2
     assert 0.6 * expected <= g.num_nodes <= 1.4 * expected
     _check_contract(g, CFG)
@@ -67,7 +67,7 @@ def test_node_count_on_textured_tissue_tracks_skimage(data_dir):
     path = data_dir / "bracs_rois" / "images" / "283_dcis_4.png"
     rgb = np.asarray(Image.open(path).convert("RGB"))[:400, :400]
     mpp, area = 0.25, 25.0  # a 20 px seeding grid, 400 seeds
-    g = region_graph(rgb, mpp=mpp, cfg=CFG.model_copy(update={"entity_area_um2": area}))
+    g = region_graph(rgb, array_mpp=mpp, cfg=CFG.model_copy(update={"entity_area_um2": area}))
     theirs = skimage_slic(rgb, n_segments=400, compactness=CFG.compactness).max()
     assert 0.75 * theirs <= g.num_nodes <= 1.25 * theirs
     assert g.num_nodes >= 0.4 * 400
@@ -75,9 +75,9 @@ def test_node_count_on_textured_tissue_tracks_skimage(data_dir):
 
 
 def test_entities_outside_the_core_are_dropped(kather_tile):
-    full = region_graph(kather_tile, mpp=MPP, cfg=CFG)
+    full = region_graph(kather_tile, array_mpp=MPP, cfg=CFG)
     core = (30, 40, 120, 130)
-    g = region_graph(kather_tile, mpp=MPP, cfg=CFG, core=core)
+    g = region_graph(kather_tile, array_mpp=MPP, cfg=CFG, core=core)
     y = full.pos[:, 1] / MPP
     x = full.pos[:, 0] / MPP
     inside = (y >= 30) & (y < 120) & (x >= 40) & (x < 130)
@@ -90,38 +90,38 @@ def test_entities_outside_the_core_are_dropped(kather_tile):
 def test_background_never_becomes_an_entity(kather_tile):
     mask = np.zeros((150, 150), bool)
     mask[:, :60] = True
-    g = region_graph(kather_tile, mpp=MPP, cfg=CFG, mask=mask)
+    g = region_graph(kather_tile, array_mpp=MPP, cfg=CFG, mask=mask)
     assert (g.pos[:, 0] < 60 * MPP).all()
     expected = 150 * 60 * MPP**2 / CFG.entity_area_um2
     assert 0.6 * expected <= g.num_nodes <= 1.4 * expected
     # Entity windows sample the image, so a masked entity's area stays within the mask.
     assert (g.x[:, x_names(CFG).index("area_um2")].sum() / MPP**2).round() == mask.sum()
-    assert region_graph(kather_tile, mpp=MPP, cfg=CFG, mask=~np.ones_like(mask)) is None
+    assert region_graph(kather_tile, array_mpp=MPP, cfg=CFG, mask=~np.ones_like(mask)) is None
 
 
 def test_entity_cap_keeps_those_nearest_the_core_centre(kather_tile):
-    full = region_graph(kather_tile, mpp=MPP, cfg=CFG)
-    g = region_graph(kather_tile, mpp=MPP, cfg=CFG.model_copy(update={"max_entities": 10}))
+    full = region_graph(kather_tile, array_mpp=MPP, cfg=CFG)
+    g = region_graph(kather_tile, array_mpp=MPP, cfg=CFG.model_copy(update={"max_entities": 10}))
     d = ((full.pos / MPP - 75) ** 2).sum(1)
     nearest = torch.sort(torch.argsort(d)[:10]).values
     torch.testing.assert_close(g.pos, full.pos[nearest])
 
 
 def test_knn_edges_and_the_edge_cap(kather_tile):
-    g = region_graph(kather_tile, mpp=MPP, cfg=CFG.model_copy(update={"knn": 4}))
+    g = region_graph(kather_tile, array_mpp=MPP, cfg=CFG.model_copy(update={"knn": 4}))
     _check_contract(g, CFG)
     assert (_degree(g) >= 4).all()
-    base = region_graph(kather_tile, mpp=MPP, cfg=CFG)
+    base = region_graph(kather_tile, array_mpp=MPP, cfg=CFG)
     assert g.edge_index.shape[1] > base.edge_index.shape[1]
     cap = g.num_nodes + 5
-    capped = region_graph(kather_tile, mpp=MPP, cfg=CFG.model_copy(update={"max_edges": cap}))
+    capped = region_graph(kather_tile, array_mpp=MPP, cfg=CFG.model_copy(update={"max_edges": cap}))
     assert capped.edge_index.shape[1] == 2 * cap
     assert (_degree(capped) >= 1).all()
 
 
 def test_edge_windows_sit_on_the_shared_boundary(kather_tile):
     cfg = CFG.model_copy(update={"edge_windows": True, "window_size": 16})
-    g = region_graph(kather_tile, mpp=MPP, cfg=cfg)
+    g = region_graph(kather_tile, array_mpp=MPP, cfg=cfg)
     assert g.edge_win.dtype == torch.uint8
     assert g.edge_win.shape == (g.edge_index.shape[1], 3, 16, 16)
     # Both directions of an edge share a window.
@@ -132,8 +132,8 @@ def test_edge_windows_sit_on_the_shared_boundary(kather_tile):
 
 
 def test_origin_only_shifts_positions(kather_tile):
-    a = region_graph(kather_tile, mpp=MPP, cfg=CFG)
-    b = region_graph(kather_tile, mpp=MPP, cfg=CFG, origin_um=(500.0, -20.0))
+    a = region_graph(kather_tile, array_mpp=MPP, cfg=CFG)
+    b = region_graph(kather_tile, array_mpp=MPP, cfg=CFG, origin_um=(500.0, -20.0))
     torch.testing.assert_close(b.pos - a.pos, torch.tensor([500.0, -20.0]).expand_as(a.pos))
     assert torch.equal(a.x, b.x) and torch.equal(a.edge_index, b.edge_index)
 
@@ -141,4 +141,4 @@ def test_origin_only_shifts_positions(kather_tile):
 def test_cnn_features_say_which_package_is_missing(kather_tile, tmp_path):
     cfg = CFG.model_copy(update={"cnn_weights": tmp_path / "resnet.pt"})
     with pytest.raises(MissingDependencyError, match="torchvision"):
-        region_graph(kather_tile, mpp=MPP, cfg=cfg)
+        region_graph(kather_tile, array_mpp=MPP, cfg=cfg)

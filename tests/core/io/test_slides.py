@@ -38,7 +38,7 @@ def _box_down(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def test_svs_properties(cmu):
     with Slide.open(cmu) as s:
         assert (s.backend, s.slide_id, s.size) == ("openslide", "cmu-1-small-region", (2220, 2967))
-        assert s.base_mpp == pytest.approx(CMU_MPP)
+        assert s.scan_mpp == pytest.approx(CMU_MPP)
         assert s.size_um == pytest.approx((2220 * CMU_MPP, 2967 * CMU_MPP))
         assert s.size_at(2 * CMU_MPP) == (1110, 1484)
         assert s.metadata["vendor"] == "aperio" and s.metadata["level_count"] == 1
@@ -59,7 +59,7 @@ def test_svs_and_exported_images_agree(cmu, tmp_path):
         exact = svs.read_region(x0 * CMU_MPP, y0 * CMU_MPP, w, h, mpp=CMU_MPP)
     assert np.array_equal(exact, crop)
     for name, backend in (("crop.png", "pillow"), ("crop.tif", "tifffile")):
-        with Slide.open(tmp_path / name, mpp=CMU_MPP) as plain:
+        with Slide.open(tmp_path / name, scan_mpp=CMU_MPP) as plain:
             assert plain.backend == backend
             got = plain.read_region(dx, dy, 200, 150, mpp=out_mpp)
         assert np.abs(got.astype(int) - ref).max() <= 1
@@ -68,7 +68,7 @@ def test_svs_and_exported_images_agree(cmu, tmp_path):
 def test_region_outside_slide_is_white(cmu, tmp_path):
     rgb = np.random.default_rng(0).integers(0, 200, (40, 60, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "small.png")
-    with Slide.open(tmp_path / "small.png", mpp=1.0) as s:
+    with Slide.open(tmp_path / "small.png", scan_mpp=1.0) as s:
         out = s.read_region(-5.0, -10.0, 70, 60, mpp=1.0)
     assert np.array_equal(out[10:50, 5:65], rgb)
     assert (out[:10] == 255).all() and (out[:, :5] == 255).all() and (out[50:] == 255).all()
@@ -121,17 +121,17 @@ def test_thumbnail_covers_whole_slide(pyramid):
 
 
 def test_mpp_from_file_override_and_missing(data_dir, cmu, tmp_path):
-    with Slide.open(cmu, mpp=0.25) as s:
-        assert s.base_mpp == 0.25 and s.metadata["mpp_source"] == "override"
+    with Slide.open(cmu, scan_mpp=0.25) as s:
+        assert s.scan_mpp == 0.25 and s.metadata["mpp_source"] == "override"
     rgb = np.full((32, 32, 3), 200, np.uint8)
     tifffile.imwrite(
         tmp_path / "res.tif", rgb, resolution=(1e4 / 0.8, 1e4 / 0.8), resolutionunit="CENTIMETER"
     )
     Image.fromarray(rgb).save(tmp_path / "dpi.png", dpi=(25_400 / 0.4, 25_400 / 0.4))
     with Slide.open(tmp_path / "res.tif") as s:
-        assert s.base_mpp == pytest.approx(0.8)
+        assert s.scan_mpp == pytest.approx(0.8)
     with Slide.open(tmp_path / "dpi.png") as s:
-        assert s.base_mpp == pytest.approx(0.4, rel=1e-3)
+        assert s.scan_mpp == pytest.approx(0.4, rel=1e-3)
     # No resolution, or a 72/96-dpi default that is not a microscope's, must not be trusted.
     Image.fromarray(rgb).save(tmp_path / "screen.png", dpi=(96, 96))
     for path in (
@@ -152,26 +152,26 @@ def test_objective_power_gives_the_resolution_with_a_warning(tmp_path):
     )
     with Slide.open(path) as s:
         assert s.metadata["vendor"] == "aperio" and s.metadata["mpp_x"] is None
-        assert (s.base_mpp, s.mpp_source) == (0.5, "objective_power")
+        assert (s.scan_mpp, s.mpp_source) == (0.5, "objective_power")
         assert "mag.svs" in s.mpp_warning and "20x objective" in s.mpp_warning
         assert "0.5 µm/px" in s.mpp_warning and "\n" not in s.mpp_warning
-    with Slide.open(path, mpp=0.3) as s:
-        assert (s.base_mpp, s.mpp_source, s.mpp_warning) == (0.3, "override", "")
+    with Slide.open(path, scan_mpp=0.3) as s:
+        assert (s.scan_mpp, s.mpp_source, s.mpp_warning) == (0.3, "override", "")
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_invalid_mpp_rejected(cmu, bad):
     with pytest.raises(SlideReadError, match="invalid mpp"):
-        Slide.open(cmu, mpp=bad)
+        Slide.open(cmu, scan_mpp=bad)
 
 
 def test_other_real_files(data_dir):
-    with Slide.open(data_dir / "slides" / "tcga-cr-7395-01a-01-ts1.svs", mpp=0.25) as s:
+    with Slide.open(data_dir / "slides" / "tcga-cr-7395-01a-01-ts1.svs", scan_mpp=0.25) as s:
         # The stored downsample 2.0005 counts as 2x: no needless read of level 0.
         assert s.metadata["level_count"] == 2 and s.level_for(0.5) == 1
-    with Slide.open(data_dir / "slides" / "kidney-48-5.tif", mpp=0.5) as s:
+    with Slide.open(data_dir / "slides" / "kidney-48-5.tif", scan_mpp=0.5) as s:
         assert (s.backend, s.size) == ("tifffile", (1493, 901))
-    with Slide.open(data_dir / "slides" / "pathml_smalltif.tif", mpp=1.0) as s:
+    with Slide.open(data_dir / "slides" / "pathml_smalltif.tif", scan_mpp=1.0) as s:
         grey = s.read_region(0, 0, 64, 64, mpp=1.0)  # 16-bit greyscale first page
     assert grey.dtype == np.uint8 and np.array_equal(grey[..., 0], grey[..., 2])
 
@@ -209,7 +209,7 @@ def test_pixel_format_conversions(tmp_path):
     )
     read = {}
     for name in names:
-        with Slide.open(tmp_path / name, mpp=1.0) as s:
+        with Slide.open(tmp_path / name, scan_mpp=1.0) as s:
             read[name] = s.read_region(0, 0, *s.size, mpp=1.0).astype(int)
     assert read["g16.tif"][0, :, 0].tolist() == [0, 128, 255, 4]
     assert np.array_equal(read["g16.png"], read["g16.tif"])
@@ -280,7 +280,7 @@ def _write_bad(tmp_path, data_dir, kind):
 )
 def test_bad_input_raises_one_line_error(tmp_path, data_dir, kind, reason):
     path = _write_bad(tmp_path, data_dir, kind)
-    with pytest.raises(SlideReadError, match=reason) as info, Slide.open(path, mpp=0.5) as s:
+    with pytest.raises(SlideReadError, match=reason) as info, Slide.open(path, scan_mpp=0.5) as s:
         s.thumbnail(8.0)
     message = str(info.value)
     assert message.startswith(str(path)) and "\n" not in message
@@ -289,11 +289,11 @@ def test_bad_input_raises_one_line_error(tmp_path, data_dir, kind, reason):
 def test_pickle_reopens_instead_of_sending_handles(cmu, tmp_path):
     Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(tmp_path / "p.png")
     for path, mpp in ((cmu, None), (tmp_path / "p.png", 2.0)):
-        with Slide.open(path, mpp=mpp) as s:
+        with Slide.open(path, scan_mpp=mpp) as s:
             blob = pickle.dumps(s)
             assert len(blob) < 1000  # no pixels or handles inside
             with pickle.loads(blob) as copy:
-                assert copy.base_mpp == s.base_mpp and copy.size == s.size
+                assert copy.scan_mpp == s.scan_mpp and copy.size == s.size
                 assert np.array_equal(
                     copy.read_region(5, 5, 8, 8, mpp=mpp or 1.0),
                     s.read_region(5, 5, 8, 8, mpp=mpp or 1.0),

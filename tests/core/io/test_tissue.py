@@ -19,7 +19,7 @@ PINK = (225, 150, 190)
 
 
 def _tile(data_dir, name: str) -> np.ndarray:
-    with Slide.open(data_dir / "tissue_tiles" / "tiles" / name, mpp=0.5) as s:
+    with Slide.open(data_dir / "tissue_tiles" / "tiles" / name, scan_mpp=0.5) as s:
         return s.thumbnail(0.5)
 
 
@@ -31,15 +31,17 @@ def test_real_tiles_by_weak_label(data_dir, method):
     empty = [n for n in names if n.startswith(("no-tissue", "almost-white")) and "red-pen" not in n]
     assert len(tissue) == 6 and len(empty) == 7
     for name in tissue:
-        assert tissue_mask(_tile(data_dir, name), mpp=0.5, cfg=cfg).mean() > 0.3, name
+        assert tissue_mask(_tile(data_dir, name), array_mpp=0.5, cfg=cfg).mean() > 0.3, name
     for name in empty:
-        assert tissue_mask(_tile(data_dir, name), mpp=0.5, cfg=cfg).mean() < 0.05, name
+        assert tissue_mask(_tile(data_dir, name), array_mpp=0.5, cfg=cfg).mean() < 0.05, name
 
 
 def test_green_ink_is_excluded(data_dir):
     rgb = _tile(data_dir, "no-tissue-green-pen.png")
     assert ink_mask(rgb2hsv(rgb)).mean() > 0.5  # the tile is mostly ink ...
-    assert tissue_mask(rgb, mpp=0.5, cfg=TissueConfig(**TILE_CFG)).mean() < 0.05  # ... not tissue
+    assert (
+        tissue_mask(rgb, array_mpp=0.5, cfg=TissueConfig(**TILE_CFG)).mean() < 0.05
+    )  # ... not tissue
 
 
 def _scene(rng: np.random.Generator) -> np.ndarray:
@@ -57,13 +59,13 @@ def test_specks_holes_and_dark_areas(method):
     rgb = _scene(np.random.default_rng(0))
     # At 1 µm/px the speck and the hole (29 px = 29 µm² each) fall under the 100 µm² limits ...
     mask = tissue_mask(
-        rgb, mpp=1.0, cfg=TissueConfig(method=method, min_object_um2=100, min_hole_um2=100)
+        rgb, array_mpp=1.0, cfg=TissueConfig(method=method, min_object_um2=100, min_hole_um2=100)
     )
     assert mask[50, 50] and mask[50, 25] and not mask[8, 90]
     assert not mask[85:95, 5:40].any() and not mask[:5].any()
     # ... at 4 µm/px the same pixels are 16x larger in µm² and stay as they are.
     mask = tissue_mask(
-        rgb, mpp=4.0, cfg=TissueConfig(method=method, min_object_um2=100, min_hole_um2=100)
+        rgb, array_mpp=4.0, cfg=TissueConfig(method=method, min_object_um2=100, min_hole_um2=100)
     )
     assert not mask[50, 50] and mask[50, 25] and mask[8, 90]
 
@@ -73,15 +75,15 @@ def test_background_only_gives_empty_mask(method):
     cfg = TissueConfig(method=method, min_object_um2=0, min_hole_um2=0)
     rng = np.random.default_rng(1)
     noisy_glass = np.clip(rng.normal(240, 4, (64, 64, 3)), 0, 255).astype(np.uint8)
-    assert not tissue_mask(noisy_glass, mpp=8.0, cfg=cfg).any()
-    assert not tissue_mask(np.full((16, 16, 3), 255, np.uint8), mpp=8.0, cfg=cfg).any()
+    assert not tissue_mask(noisy_glass, array_mpp=8.0, cfg=cfg).any()
+    assert not tissue_mask(np.full((16, 16, 3), 255, np.uint8), array_mpp=8.0, cfg=cfg).any()
     # A flat all-tissue image is all tissue: no Otsu split needed.
-    assert tissue_mask(np.full((16, 16, 3), PINK, np.uint8), mpp=8.0, cfg=cfg).all()
+    assert tissue_mask(np.full((16, 16, 3), PINK, np.uint8), array_mpp=8.0, cfg=cfg).all()
 
 
 def test_all_tissue_image_is_not_split_in_two(data_dir):
     rgb = _tile(data_dir, "very-low-nuclei-score-level0.png")  # fully covered by tissue
-    assert tissue_mask(rgb, mpp=0.5, cfg=TissueConfig(**TILE_CFG)).mean() > 0.9
+    assert tissue_mask(rgb, array_mpp=0.5, cfg=TissueConfig(**TILE_CFG)).mean() > 0.9
 
 
 def test_tile_grid_fractions_and_order():
@@ -142,7 +144,7 @@ def test_real_slide_thumbnail_to_tiles(data_dir):
     with Slide.open(data_dir / "slides" / "cmu-1-small-region.svs") as s:
         thumb = s.thumbnail(cfg.thumbnail_mpp)
         size_um = s.size_um
-    mask = tissue_mask(thumb, mpp=cfg.thumbnail_mpp, cfg=cfg)
+    mask = tissue_mask(thumb, array_mpp=cfg.thumbnail_mpp, cfg=cfg)
     assert 0.15 < mask.mean() < 0.6  # a strip of skin on a mostly empty slide
     tiles = tile_grid(
         mask,

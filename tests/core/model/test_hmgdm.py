@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from region_graphs import random_region_graph
 from torch_geometric.data import Batch
 from torch_geometric.utils import to_dense_batch
 
@@ -11,7 +12,6 @@ from hmgdm_core.config import load_config
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments
 from hmgdm_core.model.decoder import DecodeBlock
 from hmgdm_core.model.masking import draw_mask
-from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model, make_optimizer
 
 SMALL = {

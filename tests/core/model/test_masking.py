@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from region_graphs import random_region_graph
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch_geometric.data import Batch
 from torch_geometric.utils import grid, subgraph
 
 from hmgdm_core.model.masking import bfs_mask, draw_mask, mask_counts, rank_within_graph
-from hmgdm_core.studies.synthetic import random_region_graph
 
 
 def _batch(sizes=(30, 7, 52)):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 from opacus.accountants import RDPAccountant
+from region_graphs import random_region_graph
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments
@@ -14,7 +15,6 @@ from hmgdm_core.privacy.config import LocalDP
 from hmgdm_core.privacy.errors import PrivacyBudgetExhausted
 from hmgdm_core.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from hmgdm_core.privacy.local import private_round, steps_for
-from hmgdm_core.studies.synthetic import random_region_graph
 from hmgdm_core.train import build_model, make_optimizer
 
 TINY = TINY_MODEL

@@ -44,7 +44,7 @@ def test_each_entity_is_exactly_one_cell_whatever_the_arrangement():
     centres = set((np.arange(CELLS) * CELL_PX + CELL_PX // 2).astype(np.float32))
     shapes = []
     for kind in CLASSES:
-        g = region_graph(synthetic_image(kind, seed=11), mpp=GRAPHS.mpp, cfg=GRAPHS)
+        g = region_graph(synthetic_image(kind, seed=11), array_mpp=GRAPHS.target_mpp, cfg=GRAPHS)
         assert g.num_nodes == CELLS**2
         assert g.num_edges == 2 * 2 * CELLS * (CELLS - 1)  # 4-neighbour grid, both directions
         assert set(np.unique(g.pos.numpy())) == centres
