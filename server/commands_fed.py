@@ -142,8 +142,7 @@ def start(
         _register_keys(state, sites_dir)
         typer.echo(f"waiting up to {fed.wait_timeout_s:.0f} s for {fed.min_sites} sites ...")
         # Sites run their own installed ClientApp of this version, never this bundle's code;
-        # each logs the hash of the runs it serves. (Building it takes seconds: sites join
-        # meanwhile.)
+        # each logs the hash of the runs it serves.
         typer.echo(f"app bundle: FAB sha256 {app_fab_hash(state)}")
         wait_for_online(home, fed.min_sites, fed.wait_timeout_s)
         run_dir = fed.run_dir if fed.run_dir.is_absolute() else (state / fed.run_dir)
