@@ -28,21 +28,13 @@ STUDY = {
 }
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("study")
-    config, out = tmp / "sim.toml", tmp / "out"
+# One test, not two sharing a module fixture: pytest-xdist may run two tests of a module on
+# different workers, and each would then pay for the whole study (~50 s).
+def test_federated_cell_reports_privacy_and_traffic_and_a_rerun_does_no_work(tmp_path):
+    config, out = tmp_path / "sim.toml", tmp_path / "out"
     config.write_text(tomli_w.dumps(STUDY))
     runner = CliRunner()
     first = runner.invoke(app, ["study", "run", str(config), "--out", str(out)])
-    result = out / "cells" / "s3-iid-central_dp-z1-seed0" / "result.json"
-    stamp = result.stat().st_mtime_ns if result.exists() else None
-    second = runner.invoke(app, ["study", "run", str(config), "--out", str(out)])
-    return out, first, second, stamp, result
-
-
-def test_federated_cell_reports_privacy_and_traffic(study):
-    out, first, _, _, _ = study
     assert first.exit_code == 0, first.output
     table = pd.read_csv(out / "results.csv")
     assert list(table.regime) == ["centralized", "central_dp"]
@@ -54,9 +46,9 @@ def test_federated_cell_reports_privacy_and_traffic(study):
     assert "| 3 | iid | central_dp | 1 |" in (out / "report.md").read_text()
     assert "2 cells run now, 0 already done" in first.output
 
-
-def test_rerun_does_no_work(study):
-    _, _, second, stamp, result = study
+    result = out / "cells" / "s3-iid-central_dp-z1-seed0" / "result.json"
+    stamp = result.stat().st_mtime_ns
+    second = runner.invoke(app, ["study", "run", str(config), "--out", str(out)])
     assert second.exit_code == 0, second.output
     assert "0 cells run now, 2 already done" in second.output
     assert result.stat().st_mtime_ns == stamp
