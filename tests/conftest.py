@@ -63,6 +63,17 @@ def task_identity():
     TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
 
 
+def cmdline(proc) -> str:
+    """A psutil.Process's command line, or "" for one that just exited (a zombie until its
+    parent reaps it: seen under load while a SuperNode starts its helpers)."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.NoSuchProcess:  # psutil.ZombieProcess is one
+        return ""
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (the only address tests ever use)."""
     with socket.socket() as s:

@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from conftest import free_port
+from conftest import cmdline, free_port
 from flwr.clientapp.client_app import LoadClientAppError
 
 from client.commands_fed import supernode_command
@@ -57,15 +57,15 @@ def test_stopping_a_site_stops_its_supernode_launcher_and_fork_server(tmp_path):
     site = subprocess.Popen(cmd, env=flower_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while not any("forkserver" in _cmdline(p) for p in _tree(site)):
+        while not any("forkserver" in cmdline(p) for p in _tree(site)):
             assert site.poll() is None and time.monotonic() < deadline, "launcher never came up"
             time.sleep(0.5)
         tree = _tree(site)
-        assert any("flower-supernode" in _cmdline(p) for p in tree)
+        assert any("flower-supernode" in cmdline(p) for p in tree)
         site.send_signal(signal.SIGTERM)  # what Ctrl-C on `join` or `docker stop` sends
         assert site.wait(timeout=60) is not None
         _, alive = psutil.wait_procs(tree, timeout=30)
-        assert not alive, [_cmdline(p) for p in alive]
+        assert not alive, [cmdline(p) for p in alive]
     finally:
         stop_tree(site)
 
@@ -74,12 +74,3 @@ def _tree(proc: subprocess.Popen) -> list[psutil.Process]:
     with contextlib.suppress(psutil.NoSuchProcess):
         return psutil.Process(proc.pid).children(recursive=True)
     return []
-
-
-def _cmdline(proc: psutil.Process) -> str:
-    """The command line, or "" for a child that just exited (a zombie until its parent reaps
-    it: seen under load while the SuperNode starts its helpers)."""
-    try:
-        return " ".join(proc.cmdline())
-    except psutil.NoSuchProcess:  # psutil.ZombieProcess is one
-        return ""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import free_port
+from conftest import cmdline, free_port
 
 from client.flower_env import stop_tree
 from server.certs import make_certificates
@@ -145,7 +145,7 @@ def test_fleet_routes_reach_the_superlink(server):
 
 def _proxy(server) -> psutil.Process:
     procs = psutil.Process(server["proc"].pid).children(recursive=True)
-    return next(p for p in procs if "server.fleet_proxy" in " ".join(p.cmdline()))
+    return next(p for p in procs if "server.fleet_proxy" in cmdline(p))
 
 
 def _stream(server, head: str, chunks: int, chunk: bytes, chunked: bool) -> int:

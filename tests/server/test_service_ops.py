@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import tiny_site_policy
+from conftest import cmdline, tiny_site_policy
 
 from client.heartbeat import HEARTBEAT_FILE
 from hmgdm_core.events import EVENTS_FILE, read_events
@@ -130,15 +130,15 @@ def test_two_sites_on_one_host_removal_healthchecks_and_sigterm(
 
     # SIGTERM, as systemctl stop / docker stop send it: every process either started goes.
     started = [*_tree(server), *_tree(site_a), *_with_flwr_home(state / "flwr_home")]
-    assert any("flower-superlink" in " ".join(p.cmdline()) for p in started)
-    assert any("flower-supernode" in " ".join(p.cmdline()) for p in started)
+    assert any("flower-superlink" in cmdline(p) for p in started)
+    assert any("flower-supernode" in cmdline(p) for p in started)
     t0 = time.monotonic()
     for proc in (server, site_a):
         proc.send_signal(signal.SIGTERM)
     codes = [proc.wait(timeout=60) for proc in (server, site_a)]
     _, alive = psutil.wait_procs(started, timeout=30)
     stopped_in = time.monotonic() - t0
-    assert not [p for p in alive if p.status() != "zombie"], [p.cmdline() for p in alive]
+    assert not [p for p in alive if p.status() != "zombie"], [cmdline(p) for p in alive]
     assert codes == [128 + signal.SIGTERM] * 2, codes
     print(f"SIGTERM to start and join: {len(started)} processes gone in {stopped_in:.1f} s")
     assert subprocess.run(fleet, cwd=REPO, timeout=300).returncode == 1
