@@ -6,7 +6,7 @@ TORCH_PIN := torch==2.13.0
 DEMO_OUT ?= demo_out
 DATA ?= ../shared/data
 BIN := $(VENV)/bin
-# pytest-xdist workers; work-stealing evens out the long real-process tests.
+# pytest-xdist workers; tests/conftest.py orders the longest first so they run side by side.
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo readme-images test lint clean
@@ -73,7 +73,7 @@ readme-images: demo
 	cp $(DEMO_OUT)/wsi/cmu-1-small-region_geojson.png docs/img/cmu_geojson.png
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist load
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -36,12 +36,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Real-process tests first: workers then share out the long ones before the many short
-    ones, so the run does not end waiting on one long test started last."""
+    """The longest tests first, then real-process and slow ones: pytest-xdist deals the first
+    tests out in turn, so the long ones run side by side and the run does not end waiting on
+    one started last."""
 
     def rank(item: pytest.Item) -> int:
         marks = {m.name for m in item.iter_markers()}
-        return 0 if "integration" in marks else 1 if "slow" in marks else 2
+        return next((i for i, m in enumerate(("long", "integration", "slow")) if m in marks), 3)
 
     items.sort(key=rank)
 
