@@ -3,9 +3,18 @@ attention pooling + head) on a site's own labels."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:  # imported lazily at run time: `--help` stays fast
+    import numpy as np
+
+    from hmgdm_core.downstream.config import EvalConfig
+    from hmgdm_core.downstream.labels import Labels
+    from hmgdm_core.train import Checkpoint
 
 evaluate = typer.Typer(
     help="Evaluate a pretrained encoder on this site's labels (patient-grouped k-fold).",
@@ -112,94 +121,102 @@ def run_reporting_errors(fn) -> None:
         raise typer.Exit(1) from None
 
 
-@evaluate.command("classify")
-def classify(
-    graphs: Path = GRAPHS,
-    checkpoint: Path = CHECKPOINT,
-    labels: Path = LABELS,
-    out: Path = OUT,
-    config: Path | None = CONFIG,
-    id_column: str = ID_COLUMN,
-    patient_column: str = PATIENT_COLUMN,
-    device: str = DEVICE,
-    method: str = METHOD,
-    trust_checkpoint: bool = TRUST_CHECKPOINT,
-) -> None:
+def _evaluation(name: str, task: str):
+    """Register `report` as `evaluate NAME`: every evaluation takes the same options and loads
+    its inputs the same way; `report(inputs, out)` fits, writes and prints (its docstring is
+    the command's help)."""
+
+    def register(report):
+        @evaluate.command(name, help=" ".join(report.__doc__.split()))
+        def command(
+            graphs: Path = GRAPHS,
+            checkpoint: Path = CHECKPOINT,
+            labels: Path = LABELS,
+            out: Path = OUT,
+            config: Path | None = CONFIG,
+            id_column: str = ID_COLUMN,
+            patient_column: str = PATIENT_COLUMN,
+            device: str = DEVICE,
+            method: str = METHOD,
+            trust_checkpoint: bool = TRUST_CHECKPOINT,
+        ) -> None:
+            def go() -> None:
+                from hmgdm_core.train import load_checkpoint
+
+                ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint)
+                cfg, lab, x, raw = _inputs(
+                    method, graphs, ckpt, labels, config, id_column, patient_column, device, task
+                )  # fmt: skip
+                report(Inputs(method, ckpt, cfg, lab, x, raw), out)
+
+            run_reporting_errors(go)
+
+        return report
+
+    return register
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What an evaluation reads: the method, the checkpoint, [evaluation], the labels, rows (an
+    embedding or a slide's graphs each, in the labels' order) and raw-descriptor baselines."""
+
+    method: str
+    ckpt: Checkpoint
+    cfg: EvalConfig
+    lab: Labels
+    x: np.ndarray | list
+    raw: dict[str, np.ndarray] | None
+
+
+@_evaluation("classify", "classification")
+def classify(inputs: Inputs, out: Path) -> None:
     """Linear probe (logistic regression) on frozen slide embeddings, or fine-tuning: accuracy,
     macro-F1, balanced accuracy and macro AUC per fold, out-of-fold predictions per slide, a
     confusion matrix and ROC curves."""
+    from hmgdm_core.downstream.classify import ProbeCV
+    from hmgdm_core.downstream.finetune_cv import FinetuneCV
+    from hmgdm_core.log import console
 
-    def go() -> None:
-        from hmgdm_core.downstream.classify import ProbeCV
-        from hmgdm_core.downstream.finetune_cv import FinetuneCV
-        from hmgdm_core.log import console
-        from hmgdm_core.train import load_checkpoint
-
-        ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint)
-        cfg, lab, x, raw = _inputs(
-            method, graphs, ckpt, labels, config, id_column, patient_column, device,
-            "classification",
-        )  # fmt: skip
-        probe = ProbeCV(cfg) if method == "probe" else FinetuneCV(ckpt.model, ckpt.cfg, cfg)
-        probe.fit(x, lab.table["label"].to_numpy(), lab.groups)
-        for name, rows in (raw or {}).items():  # better than its own inputs? same probe, folds
-            probe.add_baseline(name, rows)
-        files = probe.write(out, lab.table["slide_id"])
-        m = probe.metrics_
+    i = inputs
+    probe = ProbeCV(i.cfg) if i.method == "probe" else FinetuneCV(i.ckpt.model, i.ckpt.cfg, i.cfg)
+    probe.fit(i.x, i.lab.table["label"].to_numpy(), i.lab.groups)
+    for name, rows in (i.raw or {}).items():  # better than its own inputs? same probe, folds
+        probe.add_baseline(name, rows)
+    files = probe.write(out, i.lab.table["slide_id"])
+    m = probe.metrics_
+    console.print(
+        f"{len(i.x)} slides, {i.cfg.folds} folds: accuracy {_pm(m['accuracy'])}, "
+        f"macro-F1 {_pm(m['macro_f1'])}, balanced acc {_pm(m['balanced_accuracy'])}"
+    )
+    for name, base in probe.baselines_.items():
+        pooling = name.removeprefix("raw_descriptors_").replace("_", "+")
         console.print(
-            f"{len(x)} slides, {cfg.folds} folds: accuracy {_pm(m['accuracy'])}, "
-            f"macro-F1 {_pm(m['macro_f1'])}, balanced acc {_pm(m['balanced_accuracy'])}"
+            f"raw entity descriptors ({pooling}-pooled), same probe and folds: "
+            f"accuracy {_pm(base['accuracy'])}"
         )
-        for name, base in probe.baselines_.items():
-            pooling = name.removeprefix("raw_descriptors_").replace("_", "+")
-            console.print(
-                f"raw entity descriptors ({pooling}-pooled), same probe and folds: "
-                f"accuracy {_pm(base['accuracy'])}"
-            )
-        console.print("wrote " + ", ".join(str(p) for p in files.values()))
-
-    run_reporting_errors(go)
+    console.print("wrote " + ", ".join(str(p) for p in files.values()))
 
 
-@evaluate.command("survival")
-def survival(
-    graphs: Path = GRAPHS,
-    checkpoint: Path = CHECKPOINT,
-    labels: Path = LABELS,
-    out: Path = OUT,
-    config: Path | None = CONFIG,
-    id_column: str = ID_COLUMN,
-    patient_column: str = PATIENT_COLUMN,
-    device: str = DEVICE,
-    method: str = METHOD,
-    trust_checkpoint: bool = TRUST_CHECKPOINT,
-) -> None:
+@_evaluation("survival", "survival")
+def survival(inputs: Inputs, out: Path) -> None:
     """Cox probe (lifelines, PCA-reduced frozen embeddings) or deep Cox head fine-tuned on the
     encoder: C-index per fold and pooled, and a Kaplan-Meier plot of low vs high predicted risk
     with the log-rank p-value."""
+    from hmgdm_core.downstream.finetune_cv import DeepCoxCV
+    from hmgdm_core.downstream.survival import SurvivalCV
+    from hmgdm_core.log import console
 
-    def go() -> None:
-        from hmgdm_core.downstream.finetune_cv import DeepCoxCV
-        from hmgdm_core.downstream.survival import SurvivalCV
-        from hmgdm_core.log import console
-        from hmgdm_core.train import load_checkpoint
-
-        ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint)
-        cfg, lab, x, _ = _inputs(
-            method, graphs, ckpt, labels, config, id_column, patient_column, device, "survival"
-        )
-        t = lab.table
-        cv = SurvivalCV(cfg) if method == "probe" else DeepCoxCV(ckpt.model, ckpt.cfg, cfg)
-        cv.fit(x, t["time"].to_numpy(), t["event"].to_numpy(), lab.groups)
-        files = cv.write(out, t["slide_id"])
-        m = cv.metrics_
-        console.print(
-            f"{len(x)} slides: C-index {_pm(m['cindex'])} (pooled pairs {m['cindex_pooled']:.3f}), "
-            f"log-rank p {cv.km_.p_value_:.3g}"
-        )
-        console.print("wrote " + ", ".join(str(p) for p in files.values()))
-
-    run_reporting_errors(go)
+    i, t = inputs, inputs.lab.table
+    cv = SurvivalCV(i.cfg) if i.method == "probe" else DeepCoxCV(i.ckpt.model, i.ckpt.cfg, i.cfg)
+    cv.fit(i.x, t["time"].to_numpy(), t["event"].to_numpy(), i.lab.groups)
+    files = cv.write(out, t["slide_id"])
+    m = cv.metrics_
+    console.print(
+        f"{len(i.x)} slides: C-index {_pm(m['cindex'])} (pooled pairs {m['cindex_pooled']:.3f}), "
+        f"log-rank p {cv.km_.p_value_:.3g}"
+    )
+    console.print("wrote " + ", ".join(str(p) for p in files.values()))
 
 
 def _pm(stat: dict) -> str:
