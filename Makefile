@@ -6,7 +6,8 @@ TORCH_PIN := torch==2.13.0
 DEMO_OUT ?= demo_out
 DATA ?= ../shared/data
 BIN := $(VENV)/bin
-# pytest-xdist workers; tests/conftest.py orders the longest first so they run side by side.
+# pytest-xdist workers, handed two tests at a time, longest first (tests/conftest.py), so the
+# long real-process tests run side by side.
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo readme-images test lint clean
@@ -73,7 +74,7 @@ readme-images: demo
 	cp $(DEMO_OUT)/wsi/cmu-1-small-region_geojson.png docs/img/cmu_geojson.png
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist load
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 2
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

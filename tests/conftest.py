@@ -36,13 +36,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest tests first, then real-process and slow ones: pytest-xdist deals the first
-    tests out in turn, so the long ones run side by side and the run does not end waiting on
-    one started last."""
+    """The longest tests first (by their `long` marker's seconds), then real-process and slow
+    ones: `make test` hands tests to the two xdist workers two at a time in this order, so the
+    long ones run side by side and the run does not end waiting on one started last."""
 
-    def rank(item: pytest.Item) -> int:
+    def rank(item: pytest.Item) -> tuple[int, float]:
+        if long := item.get_closest_marker("long"):
+            return 0, -long.args[0]
         marks = {m.name for m in item.iter_markers()}
-        return next((i for i, m in enumerate(("long", "integration", "slow")) if m in marks), 3)
+        return (1 if "integration" in marks else 2 if "slow" in marks else 3), 0.0
 
     items.sort(key=rank)
 

@@ -34,7 +34,6 @@ class CohortConfig(Section):
     images: int = Field(300, ge=6, description="lc25000: about this many images, whole groups")
     tcga_cohort: str = Field("lusc", description="tcga: tcga_<name>_survival.csv")
     min_events: int = Field(10, ge=1, description="tcga: merge tissue source sites below this")
-    mpp: float = Field(1.0, gt=0, description="microns per pixel of the images")
     graph: GraphConfig | None = Field(
         None, description="entity graphs; default: the cohort's (synthetic: one per cell)"
     )

@@ -154,6 +154,8 @@ def _check_same_protocol(cfg: StudyConfig, previous: Path) -> None:
     old["probe"] = stored_config(old.get("probe", {}), "evaluation")
     if graph := old.get("cohort", {}).get("graph"):
         old["cohort"]["graph"] = stored_config(graph, "graph")
+    # [cohort] mpp was never read (each cohort knows its images' resolution) and is gone.
+    old.get("cohort", {}).pop("mpp", None)
     changed = [k for k in _PROTOCOL if old.get(k) != new[k]]
     if changed:
         raise ConfigError(

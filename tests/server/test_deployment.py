@@ -62,7 +62,7 @@ def _run(fed, run_dir, timeout=420) -> str:
     return fed.submit(_run_config(RUN_TOML, run_dir=str(run_dir)), timeout)
 
 
-@pytest.mark.long
+@pytest.mark.long(150)
 def test_two_sites_average_weighted_by_graphs_and_outsiders_are_refused(federation, site_caches):
     fed = federation
     clinical = clinical_tables(fed.root)
@@ -150,7 +150,7 @@ def test_two_sites_average_weighted_by_graphs_and_outsiders_are_refused(federati
     assert "only 2 of the required 3 sites connected" in failed["reason"]
 
 
-@pytest.mark.long
+@pytest.mark.long(115)
 def test_a_site_killed_mid_round_is_left_out_and_can_rejoin(federation, site_caches):
     fed = federation
     keys = {name: fed.new_key(name)[0] for name in ("A", "B")}

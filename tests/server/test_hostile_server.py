@@ -28,7 +28,7 @@ def _submit(fed, **fields) -> str:
     return fed.submit(submission(load_config(DEBUG, RUN), **fields), timeout=240)
 
 
-@pytest.mark.long
+@pytest.mark.long(100)
 def test_a_hostile_operator_gets_no_fine_life_tables_and_no_error_detail(federation, site_caches):
     fed = federation
     raw = pd.read_csv(DATA / "tcga_survival" / "tcga_lusc_survival.csv", dtype={"site": str})

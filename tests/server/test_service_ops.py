@@ -63,7 +63,7 @@ def _with_flwr_home(home: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.long
+@pytest.mark.long(105)
 def test_two_sites_on_one_host_removal_healthchecks_and_sigterm(
     tmp_path, site_caches, federation_cleanup
 ):

@@ -40,7 +40,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.long
+@pytest.mark.long(190)
 def test_start_join_kill_resume(tmp_path, site_caches, federation_cleanup):
     port, tls = federation_cleanup.free_port(), tmp_path / "tls"
     subprocess.run([_cli("hmgdm-server"), "certs", "--out", str(tls)], check=True)

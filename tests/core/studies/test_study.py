@@ -4,6 +4,7 @@ config is validated, and centralized pretraining is not worse than local-only on
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import TINY_MODEL
@@ -65,6 +66,20 @@ def test_rerun_with_another_protocol_is_refused(study):
     other = TINY.model_copy(update={"probe": TINY.probe.model_copy(update={"folds": 4})})
     with pytest.raises(ConfigError, match=r"different \[probe\]; keep the original"):
         run_study(other, out)
+
+
+def test_a_study_written_before_renames_reruns_with_no_work(study, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(study[0], out)
+    # study.json as older versions wrote it: flat finetune_* keys and [cohort] mpp (never read).
+    old = json.loads((out / "study.json").read_text())
+    finetune = old["probe"].pop("finetune")
+    old["probe"] |= {f"finetune_{k}": v for k, v in finetune.items() if k != "train_encoder"}
+    old["probe"]["finetune_encoder"] = finetune["train_encoder"]
+    old["cohort"]["mpp"] = 1.0
+    (out / "study.json").write_text(json.dumps(old))
+    again = run_study(TINY, out)
+    assert again.computed == [] and len(again.skipped) == len(cells(TINY))
 
 
 def test_centralized_not_worse_than_local_mean(study):
