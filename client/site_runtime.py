@@ -123,6 +123,10 @@ class ForkServerExecutor(SubprocessExecutor):
         return LaunchResult.accepted()
 
 
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's; an operator's value wins
+SITE_TASK_POLL_S = "0.25"
+
+
 def run_launcher(
     runtime_api_address: str, parent_pid: int | None, secret_file: Path | None = None
 ) -> None:
@@ -130,6 +134,10 @@ def run_launcher(
     `secret_file` is the SuperNode's `--superexec-auth-secret-file`."""
     from flwr.supercore.superexec import run_superexec as superexec
 
+    # Every message waits for this poll before its ClientApp starts; Flower's 1 s default would
+    # cost each round about a second, and every poll is a request the SuperNode's API serves
+    # (at 0.05 s the idle SuperNode used 11% of a core, at 0.25 s 3%).
+    os.environ.setdefault(TASK_POLL_ENV, SITE_TASK_POLL_S)
     executor = ForkServerExecutor()
     # run_superexec picks its executor by type through this module-level function; flwr is
     # pinned (pyproject), and a test runs this path against the installed version.

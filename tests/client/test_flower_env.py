@@ -17,6 +17,8 @@ def test_defaults_for_a_hospital_deployment(monkeypatch):
     assert env["FLWR_TELEMETRY_ENABLED"] == "0"
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"  # never overridden
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+    # The SuperLink side keeps Flower's task poll; only a site's launcher polls faster.
+    assert "FLWR_SUPEREXEC_TASK_POLL_INTERVAL" not in env
 
 
 def test_an_operators_own_tunables_win(monkeypatch):
