@@ -5,16 +5,19 @@ submission, and the register of SuperNode keys that may join.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client.flower_env import APP_PACKAGES, flower_env
 from hmgdm_core.atomic import atomic_write
 from hmgdm_core.exceptions import HmgdmError
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 CONNECTION = "hmgdm"  # the SuperLink connection name written to $FLWR_HOME/config.toml
 
@@ -67,36 +70,81 @@ def flower_bin(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def flwr_cli(flwr_home: Path, *args: str, timeout: float = 120.0) -> dict:
-    """Run `flwr ARGS --format json` against our connection and return its JSON answer."""
-    cmd = [flower_bin("flwr"), *args, "--format", "json"]
-    res = subprocess.run(
-        cmd, env=flwr_env(flwr_home), capture_output=True, text=True, timeout=timeout, check=False
+def control(flwr_home: Path, rpc: str, request: Message) -> Message:
+    """One call `rpc` (e.g. "ListNodes") of our SuperLink's Control API, with Flower's own client
+    in this process: a `flwr` CLI process per call costs about 1.2 s of CPU, and
+    `wait_for_online` asks every second."""
+    import httpx
+    import tomllib
+    from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+    conn = tomllib.loads((Path(flwr_home) / "config.toml").read_text())["superlink"][CONNECTION]
+    cert = conn.get("root-certificates")
+    client = ControlHttpClient.from_server_address(
+        server_address=conn["address"],
+        insecure=bool(conn.get("insecure")),
+        root_certificates=Path(cert).read_bytes() if cert else None,  # bytes: an SSL context
+        interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor("flwr CLI")],
     )
-    # With --format json, flwr prints one JSON object on stdout, also for failures.
     try:
-        answer = json.loads(res.stdout[res.stdout.index("{") :])
-    except ValueError:
-        answer = {"success": False, "error-message": (res.stderr or res.stdout).strip()}
-    if res.returncode != 0 or not answer.get("success", True):
-        msg = answer.get("error-message") or (res.stderr or res.stdout).strip()
-        raise HmgdmError(f"flwr {args[0]} {args[1] if len(args) > 1 else ''} failed: {msg}")
-    return answer
+        with client:
+            return getattr(client, rpc)(request)
+    except httpx.HTTPStatusError as err:
+        answer = err.response.text.strip().replace("\n", " ")[:200]
+        status = err.response.status_code
+        raise HmgdmError(f"SuperLink {rpc} refused: HTTP {status} {answer}") from None
+    except httpx.TransportError as err:
+        why = f"{type(err).__name__}: {err}"
+        raise HmgdmError(f"SuperLink {rpc} failed: unavailable ({why})") from None
+
+
+def public_key_pem(public_key: Path) -> bytes:
+    """A site.pub (OpenSSH, NIST EC curve) in the form Flower stores keys (PEM
+    SubjectPublicKeyInfo); a clear error naming the file otherwise."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = Path(public_key)
+    if not path.is_file():
+        raise HmgdmError(f"{path}: public key not found (create it with hmgdm-client keygen)")
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except (ValueError, TypeError) as err:
+        raise HmgdmError(f"{path}: not an OpenSSH public key ({err})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise HmgdmError(f"{path}: not an EC public key (hmgdm-client keygen makes one)")
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def register_site(flwr_home: Path, public_key: Path, name: str | None = None) -> int:
     """Allow the SuperNode holding `public_key`'s private half to join; returns its node id."""
-    if not Path(public_key).is_file():
-        raise HmgdmError(f"{public_key}: public key not found (create it with hmgdm-client keygen)")
-    args = ["supernode", "register", str(public_key), CONNECTION]
-    if name:
-        args += ["--name", name]
-    return int(flwr_cli(flwr_home, *args)["node-id"])
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+
+    request = RegisterNodeRequest(public_key=public_key_pem(public_key), name=name)
+    return int(control(flwr_home, "RegisterNode", request).node_id)
+
+
+def unregister_site(flwr_home: Path, node_id: int) -> None:
+    """Refuse the key of SuperNode `node_id` from now on, including an open connection."""
+    from flwr.proto.control_pb2 import UnregisterNodeRequest
+
+    control(flwr_home, "UnregisterNode", UnregisterNodeRequest(node_id=node_id))
 
 
 def list_sites(flwr_home: Path) -> list[dict]:
-    """Registered SuperNodes with their status as the SuperLink reports them."""
-    return list(flwr_cli(flwr_home, "supernode", "list", CONNECTION).get("nodes", []))
+    """Registered SuperNodes (node-id, name, status) as the SuperLink reports them."""
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    nodes = control(flwr_home, "ListNodes", ListNodesRequest()).nodes_info
+    return [
+        {"node-id": str(n.node_id), "name": n.name, "status": n.status}
+        for n in nodes
+        if n.status != "deleted"
+    ]
 
 
 def wait_for_online(flwr_home: Path, minimum: int, timeout: float, poll: float = 1.0) -> int:

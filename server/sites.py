@@ -1,6 +1,7 @@
-"""The consortium's sites: admitted with Flower's `supernode register`, removed with `supernode
-unregister` (the SuperLink then refuses that key), listed from the SuperLink's own database
-(names and status whether or not it runs), and every change in an append-only registration log.
+"""The consortium's sites: admitted and removed through the SuperLink's Control API (what Flower's
+`supernode register` / `unregister` call; a removed key is refused from then on), listed from the
+SuperLink's own database (names and status whether or not it runs), and every change in an
+append-only registration log.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from hmgdm_core.events import EventLog, read_events
 from hmgdm_core.exceptions import HmgdmError
-from server.flwr_cli import CONNECTION, flwr_cli, register_site
+from server.flwr_cli import CONNECTION, public_key_pem, register_site, unregister_site
 
 DATABASE = "superlink.db"  # `start` runs the SuperLink with --database STATE/superlink.db
 REGISTRATIONS = "registrations.jsonl"
@@ -90,16 +91,6 @@ def key_fingerprint(public_key: Path) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
-def _pem(public_key: Path) -> bytes:
-    """A site.pub in the form Flower stores keys (PEM SubjectPublicKeyInfo)."""
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_ssh_public_key(Path(public_key).read_bytes())
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def add_site(state: Path, public_key: Path, name: str | None = None) -> int:
     """Register a site's key with the running SuperLink of STATE and log who did it, when."""
     node_id = register_site(Path(state) / "flwr_home", public_key, name)
@@ -112,7 +103,7 @@ def add_site(state: Path, public_key: Path, name: str | None = None) -> int:
 
 def removed_key(state: Path, public_key: Path) -> Site | None:
     """The removed site that held this key, if it was removed (its key can never rejoin)."""
-    pem = _pem(public_key)
+    pem = public_key_pem(public_key)
     return next(
         (s for s in stored_sites(state) if s.status == "removed" and s.public_key == pem), None
     )
@@ -128,7 +119,7 @@ def remove_site(state: Path, site: str) -> Site:
         what = "no registered site" if not matches else f"{len(matches)} sites"
         raise HmgdmError(f"{what} named {site!r} (registered: {names})")
     (found,) = matches
-    flwr_cli(Path(state) / "flwr_home", "supernode", "unregister", str(found.node_id), CONNECTION)
+    unregister_site(Path(state) / "flwr_home", found.node_id)
     _registrations(state).emit(
         "site_removed", site=found.name, node_id=str(found.node_id), by=_who()
     )
