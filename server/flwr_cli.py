@@ -10,14 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from client.flower_env import APP_PACKAGES, flower_env
 from hmgdm_core.atomic import atomic_write
 from hmgdm_core.exceptions import HmgdmError
-
-if TYPE_CHECKING:
-    from google.protobuf.message import Message
 
 CONNECTION = "hmgdm"  # the SuperLink connection name written to $FLWR_HOME/config.toml
 
@@ -70,10 +67,10 @@ def flower_bin(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def control(flwr_home: Path, rpc: str, request: Message) -> Message:
-    """One call `rpc` (e.g. "ListNodes") of our SuperLink's Control API, with Flower's own client
-    in this process: a `flwr` CLI process per call costs about 1.2 s of CPU, and
-    `wait_for_online` asks every second."""
+def control(flwr_home: Path, rpc: str, request: Any) -> Any:
+    """One call `rpc` (e.g. "ListNodes": a protobuf request, its response) of our SuperLink's
+    Control API, with Flower's own client in this process: a `flwr` CLI process per call costs
+    about 1.2 s of CPU, and `wait_for_online` asks every second."""
     import httpx
     import tomllib
     from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
