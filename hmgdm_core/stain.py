@@ -36,9 +36,15 @@ class StainBasis:
 REFERENCE = StainBasis(REFERENCE_HE, REFERENCE_MAX_C)
 
 
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) uint8 RGB -> (..., 3) float64 OD (0 on glass; values above I0 clip to 0)."""
-    return np.maximum(-np.log((rgb.astype(np.float64) + 1.0) / I0), 0.0)
+def optical_density(rgb: np.ndarray, *, i0: float = I0) -> np.ndarray:
+    """(..., 3) uint8 RGB -> (..., 3) float64 OD = -ln((I + 1) / i0) (values above i0 clip
+    to 0; with i0 = 256 none do, and `rgb_from_optical_density` inverts it exactly)."""
+    return np.maximum(-np.log((rgb.astype(np.float64) + 1.0) / i0), 0.0)
+
+
+def rgb_from_optical_density(od: np.ndarray, *, i0: float = I0) -> np.ndarray:
+    """(..., 3) OD -> (..., 3) uint8 RGB, the inverse of `optical_density` (rounded, clipped)."""
+    return np.clip(np.rint(i0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
 
 
 def estimate_stains(

@@ -16,7 +16,7 @@ from torch_geometric.data import Data
 
 from hmgdm_core.config import GraphConfig
 from hmgdm_core.exceptions import ConfigError
-from hmgdm_core.studies.partition import stain_shift
+from hmgdm_core.studies.partition import shift_site
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,12 +87,12 @@ def _graph(args: tuple) -> Data | None:
     from hmgdm_core.io.slides import rescale
     from hmgdm_core.stain import estimate_stains
 
-    image, scan_mpp, cfg, site, stain = args
+    image, scan_mpp, cfg, site, stain, stain_model = args
     if isinstance(image, str):
         from PIL import Image
 
         image = np.asarray(Image.open(image).convert("RGB"))
-    image = rescale(stain_shift(image, site, stain), scan_mpp, cfg.target_mpp)
+    image = rescale(shift_site(image, site, stain, stain_model), scan_mpp, cfg.target_mpp)
     basis = estimate_stains(image) if cfg.stain_norm == "macenko" else None
     if cfg.stain_norm == "macenko" and basis is None:
         # build-graphs refuses such a slide; the study drops the image like a too-small one
@@ -112,12 +112,16 @@ def build_graphs(
     *,
     sites: np.ndarray | None = None,
     stain: float = 0.0,
+    stain_model: str = "hed",
     workers: int = 2,
 ) -> list[Data | None]:
     """One region graph per image (sampled at `scan_mpp`, built at `cfg.target_mpp` as
-    build-graphs builds a plain image), image i stained as site `sites[i]`; None when too small,
-    or when `cfg.stain_norm` cannot estimate its stains."""
+    build-graphs builds a plain image), image i stained as site `sites[i]` under `stain_model`
+    (partition.STAIN_MODELS); None when too small, or when `cfg.stain_norm` cannot estimate
+    its stains."""
     sites = np.zeros(len(images), dtype=np.int64) if sites is None else sites
-    jobs = [(im, scan_mpp, cfg, int(s), stain) for im, s in zip(images, sites, strict=True)]
+    jobs = [
+        (im, scan_mpp, cfg, int(s), stain, stain_model) for im, s in zip(images, sites, strict=True)
+    ]
     with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
         return list(pool.map(_graph, jobs, chunksize=8))

@@ -45,6 +45,11 @@ class PartitionSpec(Section):
     kind: Literal["iid", "dirichlet", "quantity"] = "iid"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, quantity)")
     stain: float = Field(0.0, ge=0, description="per-site H&E optical-density shift (std, log)")
+    stain_model: Literal["hed", "beer_lambert"] = Field(
+        "hed",
+        description="how a site's stains differ: hed = skimage HED scaled (clips negative "
+        "stain), beer_lambert = linear in optical density, stain vectors turned too",
+    )
     stain_norm: Literal["none", "macenko"] = Field(
         "none", description="sites normalise stains before building graphs (graph.stain_norm)"
     )
@@ -52,7 +57,9 @@ class PartitionSpec(Section):
     @property
     def name(self) -> str:
         base = self.kind if self.kind == "iid" else f"{self.kind}{self.alpha:g}"
-        base = f"{base}+stain{self.stain:g}" if self.stain else base
+        if self.stain:
+            model = "" if self.stain_model == "hed" else f"-{self.stain_model}"
+            base = f"{base}+stain{self.stain:g}{model}"
         return base if self.stain_norm == "none" else f"{base}+{self.stain_norm}"
 
     def assign(self, labels: np.ndarray, sites: int, seed: int) -> np.ndarray:

@@ -204,7 +204,12 @@ def _prepare(cfg: StudyConfig, cell: Cell, out: Path, data: Path | None) -> Spli
         update={"stain_norm": cell.partition.stain_norm}
     )
     graphs = cohorts.build_graphs(
-        cohort.images, cohort.scan_mpp, graph_cfg, sites=site, stain=cell.partition.stain
+        cohort.images,
+        cohort.scan_mpp,
+        graph_cfg,
+        sites=site,
+        stain=cell.partition.stain,
+        stain_model=cell.partition.stain_model,
     )
     ok = np.array([g is not None for g in graphs])
     split = Split(

@@ -1,4 +1,4 @@
-"""Partitioners: sizes, label skew, quantity skew, per-site stain shift."""
+"""Partitioners: sizes, label skew, quantity skew, per-site stain shift (both models)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from hmgdm_core.studies.partition import (
+    beer_lambert_matrix,
+    beer_lambert_shift,
     dirichlet_partition,
     iid_partition,
     quantity_partition,
@@ -63,3 +65,53 @@ def test_stain_shift_is_per_site_and_deterministic():
     assert np.abs(mean_colour[1] - mean_colour[2]).max() > 3
     assert np.abs(mean_colour[0] - mean_colour[1]).max() > 3
     assert stain_shift(image, 0, 0.0) is image
+
+
+def test_beer_lambert_shift_is_linear_in_od_and_an_oracle_undoes_it(data_dir):
+    """The second stain model: OD @ M per site, exactly invertible knowing the site."""
+    from PIL import Image
+
+    from hmgdm_core.stain import optical_density
+
+    tile = sorted((data_dir / "kather2016_tiles" / "01_TUMOR").glob("*.tif"))[0]
+    image = np.asarray(Image.open(tile).convert("RGB"))
+    od = optical_density(image, i0=256.0).reshape(-1, 3)
+    for site in range(3):
+        m, m_inv = (beer_lambert_matrix(site, 0.3, inverse=inv) for inv in (False, True))
+        np.testing.assert_allclose(m @ m_inv, np.eye(3), atol=1e-12)
+        shifted = beer_lambert_shift(image, site, 0.3)
+        assert np.array_equal(shifted, beer_lambert_shift(image, site, 0.3))  # deterministic
+        # Linear: the shifted image is exp(-OD @ M) rounded, wherever it fits in 0..255.
+        exact = 256.0 * np.exp(-(od @ m)) - 1.0
+        inside = ((exact > 0) & (exact < 255)).all(1)
+        assert inside.mean() > 0.99
+        assert np.abs(shifted.reshape(-1, 3)[inside] - exact[inside]).max() <= 0.5 + 1e-9
+        # A real change of colour, which the oracle undoes up to 8-bit rounding (a dark pixel's
+        # rounding is a larger OD error, so a few of them miss by more than one grey level).
+        assert np.abs(shifted.astype(int) - image).mean() > 5
+        restored = beer_lambert_shift(shifted, site, 0.3, inverse=True)
+        error = np.abs(restored.astype(int) - image).max(-1)
+        assert (error <= 1).mean() > 0.995 and error.mean() < 0.5
+    # Glass stays glass; sites differ; strength 0 is the identity.
+    white = np.full((4, 4, 3), 255, np.uint8)
+    assert np.array_equal(beer_lambert_shift(white, 1, 0.3), white)
+    assert not np.allclose(beer_lambert_matrix(0, 0.3), beer_lambert_matrix(1, 0.3))
+    np.testing.assert_allclose(beer_lambert_matrix(2, 0.0), np.eye(3), atol=1e-12)
+    assert beer_lambert_shift(image, 0, 0.0) is image
+
+
+def test_study_partitions_choose_the_stain_model_and_old_names_keep_their_meaning():
+    from hmgdm_core.studies.config import PartitionSpec
+    from hmgdm_core.studies.partition import shift_site
+
+    old = PartitionSpec(kind="dirichlet", alpha=0.5, stain=0.3, stain_norm="macenko")
+    assert old.stain_model == "hed" and old.name == "dirichlet0.5+stain0.3+macenko"
+    new = old.model_copy(update={"stain_model": "beer_lambert"})
+    assert new.name == "dirichlet0.5+stain0.3-beer_lambert+macenko"
+    image = synthetic_image("ring", seed=3)
+    assert np.array_equal(shift_site(image, 1, 0.3), stain_shift(image, 1, 0.3))
+    assert np.array_equal(
+        shift_site(image, 1, 0.3, "beer_lambert"), beer_lambert_shift(image, 1, 0.3)
+    )
+    with pytest.raises(ValueError, match="unknown stain model"):
+        shift_site(image, 1, 0.3, "lab")
