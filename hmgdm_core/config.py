@@ -57,10 +57,11 @@ class GraphConfig(Section):
         False, description="store an instance window per edge (triples the cache size)"
     )
     cnn_weights: Path | None = Field(None, description="local torchvision weights for CNN features")
-    stain_norm: Literal["none", "macenko"] = Field(
+    stain_norm: Literal["none", "macenko", "reinhard"] = Field(
         "none",
-        description="stain normalisation before entities are found: macenko = each slide's H&E "
-        "stains (estimated on its tissue) mapped onto a reference H&E",
+        description="stain normalisation before entities are found, estimated on each slide's "
+        "tissue: macenko = its H&E stains mapped onto a reference H&E; reinhard = its CIELAB "
+        "mean and std matched to a reference's",
     )
     tissue: TissueConfig = Field(TissueConfig(), description="tissue detection ([graph.tissue])")
 

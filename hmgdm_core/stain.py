@@ -1,20 +1,22 @@
-"""H&E stain handling: Macenko stain estimation and normalisation (graph building) and HED
-stain jitter (an augmentation for pretraining). Pure numpy / torch, no I/O.
+"""H&E stain handling: Macenko and Reinhard estimation and normalisation (graph building) and
+HED stain jitter (an augmentation for pretraining). Pure numpy / torch, no I/O.
 
 Optical density OD = -ln(I / I0). Macenko et al. (2009): the stain vectors of a slide span the
 plane of its tissue pixels' OD; the two extreme angles in that plane are haematoxylin and eosin.
 Normalising maps each pixel's stain concentrations from the slide's vectors and 99th-percentile
-concentrations onto a reference's. Jitter (Tellez et al. 2018) scales and shifts each stain's
-concentration in Ruifrok & Johnston's HED space by a random factor.
+concentrations onto a reference's. Reinhard et al. (2001): each CIELAB channel of the slide is
+shifted and scaled so its tissue's mean and std match a reference's. Jitter (Tellez et al.
+2018) scales and shifts each stain's concentration in Ruifrok & Johnston's HED space.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from skimage.color import hed_from_rgb, rgb_from_hed  # Ruifrok & Johnston's stain vectors
+from skimage.color import hed_from_rgb, lab2rgb, rgb2lab, rgb_from_hed  # Ruifrok & Johnston's
 
 # Background (glass) intensity of Macenko's method and the reference stain below.
 I0 = 240.0
@@ -32,8 +34,32 @@ class StainBasis:
     he: np.ndarray
     max_c: np.ndarray
 
+    def as_dict(self) -> dict:
+        return {"he": self.he.tolist(), "max_c": self.max_c.tolist()}
+
 
 REFERENCE = StainBasis(REFERENCE_HE, REFERENCE_MAX_C)
+
+
+@dataclass(frozen=True)
+class LabStats:
+    """A slide's colour for Reinhard's method: mean and std (3,) of CIELAB L, a, b over the
+    tissue it was estimated on."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    def as_dict(self) -> dict:
+        return {"lab_mean": self.mean.tolist(), "lab_std": self.std.tolist()}
+
+
+# Reinhard's reference: the tissue of 24 Kather et al. (2016) colorectal H&E tiles (4 of each of
+# tumour, stroma, complex stroma, lymphocytes, debris, mucosa), pooled.
+REFERENCE_LAB = LabStats(np.array([40.30, 30.82, -9.93]), np.array([19.51, 11.31, 10.21]))
+
+# A slide's stain estimate: Macenko's basis or Reinhard's colour statistics.
+SlideStains = StainBasis | LabStats
+STAIN_NORMS = ("macenko", "reinhard")
 
 
 def optical_density(rgb: np.ndarray, *, i0: float = I0) -> np.ndarray:
@@ -78,6 +104,50 @@ def estimate_stains(
     if not np.all(max_c > 1e-6):
         return None
     return StainBasis(he, max_c)
+
+
+def lab_stats(rgb: np.ndarray, *, od_threshold: float = 0.15) -> LabStats | None:
+    """Reinhard's statistics of the tissue pixels of `rgb` (any shape (..., 3) uint8).
+
+    Tissue = OD above `od_threshold` in *any* channel (glass is below it in all three): unlike
+    Macenko's every-channel rule it keeps pale eosin and tissue that hardly absorbs blue (LC25000
+    keeps 96% of its pixels, not 19%). None when fewer than 100 pixels remain.
+    """
+    pixels = rgb.reshape(-1, 3)
+    pixels = pixels[(optical_density(pixels) > od_threshold).any(axis=1)]
+    if len(pixels) < 100:
+        return None
+    lab = rgb2lab(pixels[None])[0]  # (n, 3)
+    return LabStats(lab.mean(axis=0), np.maximum(lab.std(axis=0), 1e-6))
+
+
+def reinhard(rgb: np.ndarray, source: LabStats, target: LabStats = REFERENCE_LAB) -> np.ndarray:
+    """`rgb` (..., 3) uint8 with each CIELAB channel moved from `source`'s mean and std to
+    `target`'s (every pixel by the same map, glass included, so nothing jumps at tissue edges)."""
+    shape = rgb.shape
+    lab = rgb2lab(rgb.reshape(-1, 1, 3))
+    lab = (lab - source.mean) * (target.std / source.std) + target.mean
+    with warnings.catch_warnings():  # colours outside sRGB clip, which lab2rgb warns about
+        warnings.simplefilter("ignore", UserWarning)
+        out = lab2rgb(lab)
+    return np.rint(out * 255).astype(np.uint8).reshape(shape)
+
+
+def estimate(method: str, rgb: np.ndarray) -> SlideStains | None:
+    """The slide's stains for normaliser `method` (one of STAIN_NORMS) from its tissue pixels;
+    None when there is too little stained tissue."""
+    if method == "macenko":
+        return estimate_stains(rgb)
+    if method == "reinhard":
+        return lab_stats(rgb)
+    raise ValueError(f"unknown stain normalisation {method!r}; choose one of {STAIN_NORMS}")
+
+
+def normalize(rgb: np.ndarray, stains: SlideStains) -> np.ndarray:
+    """`rgb` (..., 3) uint8 mapped onto the reference by the normaliser `stains` came from."""
+    if isinstance(stains, LabStats):
+        return reinhard(rgb, stains)
+    return normalize_stains(rgb, stains)
 
 
 def normalize_stains(

@@ -31,7 +31,7 @@ from hmgdm_core.graph.qc import (
 from hmgdm_core.graph.region import edge_attr_names, region_graph, x_names
 from hmgdm_core.io.slides import Slide
 from hmgdm_core.io.tissue import tile_fractions, tile_grid, tissue_mask
-from hmgdm_core.stain import StainBasis, estimate_stains
+from hmgdm_core.stain import SlideStains, estimate
 
 # Specks and holes are sized for whole slides; on a small region they would erase the image.
 _REGION_MORPH_SHARE = 0.01
@@ -125,7 +125,7 @@ def _region_tissue_cfg(cfg: GraphConfig, area_um2: float):
 
 def _write_single_region(
     slide: Slide, cfg: GraphConfig, writer: SlideGraphWriter, qc: SlideQC
-) -> StainBasis | None:
+) -> SlideStains | None:
     w, h = slide.size_at(cfg.target_mpp)
     rgb = slide.read_region(0.0, 0.0, w, h, mpp=cfg.target_mpp)
     mask = tissue_mask(
@@ -148,8 +148,9 @@ def _write_single_region(
     return stain
 
 
-def _slide_stains(slide: Slide, cfg: GraphConfig, pixels: list[np.ndarray]) -> StainBasis | None:
-    """The slide's H&E basis from (n, 3) tissue pixels when `cfg.stain_norm` asks, else None.
+def _slide_stains(slide: Slide, cfg: GraphConfig, pixels: list[np.ndarray]) -> SlideStains | None:
+    """The slide's stains (Macenko's basis or Reinhard's colour statistics) from (n, 3) tissue
+    pixels when `cfg.stain_norm` asks, else None.
 
     One basis per slide, not per tile: a tile of stroma alone has no haematoxylin to find.
     """
@@ -158,11 +159,11 @@ def _slide_stains(slide: Slide, cfg: GraphConfig, pixels: list[np.ndarray]) -> S
     tissue = np.concatenate(pixels)  # (n, 3)
     if len(tissue) > _STAIN_PIXELS:  # percentiles need no more; a fixed subset is repeatable
         tissue = tissue[np.random.default_rng(0).choice(len(tissue), _STAIN_PIXELS, False)]
-    stain = estimate_stains(tissue)
+    stain = estimate(cfg.stain_norm, tissue)
     if stain is None:
         raise SlideReadError(
             slide.path,
-            f"too little stained tissue to estimate its H&E stains (graph.stain_norm = "
+            f"too little stained tissue to estimate its stains (graph.stain_norm = "
             f"{cfg.stain_norm}); is it an H&E slide?",
         )
     return stain
@@ -181,7 +182,7 @@ def _write_tiles(
     writer: SlideGraphWriter,
     on_tile: TileProgress | None,
     qc: SlideQC,
-) -> StainBasis | None:
+) -> SlideStains | None:
     # Tissue is found once on a thumbnail; tiles are then read one at a time at full
     # resolution, so memory stays flat however large the slide is.
     thumb_mpp = max(cfg.tissue.thumbnail_mpp, cfg.target_mpp)
@@ -309,9 +310,7 @@ def build_slide(
                         "x_names": x_names(cfg),
                         "edge_attr_names": edge_attr_names(cfg),
                         # The slide's own stains, as normalisation found them (audit, QC).
-                        "stain": None
-                        if stain is None
-                        else {"he": stain.he.tolist(), "max_c": stain.max_c.tolist()},
+                        "stain": None if stain is None else stain.as_dict(),
                         "slide": {
                             "mpp": slide.scan_mpp,
                             "size": list(slide.size),

@@ -22,7 +22,7 @@ from hmgdm_core.graph.edges import (
 )
 from hmgdm_core.graph.features import NODE_NAMES, node_descriptors, windows
 from hmgdm_core.graph.superpixels import grid_step, slic
-from hmgdm_core.stain import StainBasis, estimate_stains, normalize_stains
+from hmgdm_core.stain import SlideStains, estimate, normalize
 
 
 def x_names(cfg: GraphConfig) -> list[str]:
@@ -73,7 +73,7 @@ def region_graph(
     core: tuple[int, int, int, int] | None = None,
     origin_um: tuple[float, float] = (0.0, 0.0),
     keep_labels: bool = False,
-    stain: StainBasis | None = None,
+    stain: SlideStains | None = None,
 ) -> Data | None:
     """Entity graph of the tile `core` = (y0, x0, y1, x1) of `rgb` (None: the whole array).
 
@@ -84,17 +84,18 @@ def region_graph(
     Returns None when fewer than 2 entities remain. `keep_labels` adds `seg`, the (H, W)
     superpixel label image of `rgb` (entity index, -1 = none), for the cache to store beside
     the graph (entity outlines for QuPath export; never batched). With `cfg.stain_norm`,
-    `rgb` is first re-rendered with the reference stains from the slide's `stain` basis
-    (default: estimated on this region's tissue; ValueError when it has too little).
+    `rgb` is first mapped onto the reference with the slide's `stain` estimate (Macenko's basis
+    or Reinhard's statistics; default: estimated on this region's tissue; ValueError when it
+    has too little).
     """
     if cfg.cnn_weights is not None:
         raise MissingDependencyError("torchvision", "CNN entity features (graph.cnn_weights)")
     box = _check_inputs(rgb, mask, core)
-    if cfg.stain_norm == "macenko":
-        stain = stain or estimate_stains(rgb if mask is None else rgb[mask])
+    if cfg.stain_norm != "none":
+        stain = stain or estimate(cfg.stain_norm, rgb if mask is None else rgb[mask])
         if stain is None:
-            raise ValueError("too little stained tissue to estimate H&E stains for macenko")
-        rgb = normalize_stains(rgb, stain)
+            raise ValueError(f"too little stained tissue to estimate stains for {cfg.stain_norm}")
+        rgb = normalize(rgb, stain)
     labels = slic(
         rgb, step=grid_step(array_mpp, cfg.entity_area_um2), compactness=cfg.compactness, mask=mask
     )

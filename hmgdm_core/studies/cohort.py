@@ -85,7 +85,7 @@ def lc25000(images: int, data: Path | None = None) -> Cohort:
 def _graph(args: tuple) -> Data | None:
     from hmgdm_core.graph.region import region_graph
     from hmgdm_core.io.slides import rescale
-    from hmgdm_core.stain import estimate_stains
+    from hmgdm_core.stain import estimate
 
     image, scan_mpp, cfg, site, stain, stain_model = args
     if isinstance(image, str):
@@ -93,8 +93,8 @@ def _graph(args: tuple) -> Data | None:
 
         image = np.asarray(Image.open(image).convert("RGB"))
     image = rescale(shift_site(image, site, stain, stain_model), scan_mpp, cfg.target_mpp)
-    basis = estimate_stains(image) if cfg.stain_norm == "macenko" else None
-    if cfg.stain_norm == "macenko" and basis is None:
+    basis = None if cfg.stain_norm == "none" else estimate(cfg.stain_norm, image)
+    if cfg.stain_norm != "none" and basis is None:
         # build-graphs refuses such a slide; the study drops the image like a too-small one
         # (e.g. an LC25000 image whose blue channel is saturated: no pixel absorbs in all three).
         return None

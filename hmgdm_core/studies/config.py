@@ -50,7 +50,7 @@ class PartitionSpec(Section):
         description="how a site's stains differ: hed = skimage HED scaled (clips negative "
         "stain), beer_lambert = linear in optical density, stain vectors turned too",
     )
-    stain_norm: Literal["none", "macenko"] = Field(
+    stain_norm: Literal["none", "macenko", "reinhard"] = Field(
         "none", description="sites normalise stains before building graphs (graph.stain_norm)"
     )
 

@@ -1,5 +1,6 @@
-"""Stain handling on real H&E: Macenko estimation and normalisation (against torchstain's
-reference implementation) and HED jitter (against scikit-image's colour deconvolution)."""
+"""Stain handling on real H&E: Macenko and Reinhard estimation and normalisation (against
+torchstain's reference implementations) and HED jitter (against scikit-image's colour
+deconvolution)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ from skimage.color import rgb2hed
 
 from hmgdm_core.stain import (
     REFERENCE,
+    REFERENCE_LAB,
+    LabStats,
+    estimate,
     estimate_stains,
     hed_jitter,
+    lab_stats,
+    normalize,
     normalize_stains,
     optical_density,
+    reinhard,
 )
 
 
@@ -59,6 +66,53 @@ def test_normalising_removes_a_stain_shift(tiles):
     before = np.abs(rgb.astype(int) - shifted.astype(int)).mean()
     after = np.abs(a.astype(int) - b.astype(int)).mean()
     assert after < 0.35 * before, (before, after)
+
+
+def test_reinhard_matches_torchstain(tiles):
+    """On whole images (every pixel counted), as torchstain's Reinhard computes its statistics."""
+    torchstain = pytest.importorskip("torchstain")
+    target = tiles[1]
+    ref = torchstain.normalizers.ReinhardNormalizer(backend="numpy")
+    ref.fit(target)
+    for rgb in (tiles[0], tiles[2]):
+        expected = ref.normalize(rgb)
+        ours = reinhard(rgb, lab_stats(rgb, od_threshold=-1), lab_stats(target, od_threshold=-1))
+        # torchstain truncates to uint8 where we round: at most one grey level apart.
+        assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1
+        assert np.abs(ours.astype(int) - rgb.astype(int)).mean() > 10  # a real change
+
+
+def test_reinhard_statistics_come_from_tissue_and_match_the_reference(tiles):
+    rgb = tiles[0]
+    glass = np.full((150, 150, 3), 238, np.uint8)
+    half = np.concatenate([rgb, glass], axis=1)  # the tile beside as much glass
+    stats, with_glass = lab_stats(rgb), lab_stats(half)
+    np.testing.assert_allclose(with_glass.mean, stats.mean, atol=0.5)  # glass is not tissue
+    assert lab_stats(glass) is None and estimate("reinhard", glass) is None
+    # The tile's tissue pixels, normalised, have the reference's LAB mean and std.
+    from skimage.color import rgb2lab
+
+    tissue = (optical_density(rgb) > 0.15).any(-1)
+    lab = rgb2lab(normalize(rgb, estimate("reinhard", rgb))[tissue][None])[0]
+    np.testing.assert_allclose(lab.mean(0), REFERENCE_LAB.mean, atol=1.0)  # sRGB gamut clips
+    np.testing.assert_allclose(lab.std(0), REFERENCE_LAB.std, rtol=0.1)
+    assert np.abs(stats.mean - REFERENCE_LAB.mean).max() > 5  # it did have to move
+    assert isinstance(estimate("reinhard", rgb), LabStats)
+    with pytest.raises(ValueError, match="unknown stain normalisation"):
+        estimate("vahadane", rgb)
+
+
+def test_reinhard_brings_two_sites_copies_of_a_real_tile_together(data_dir):
+    """One LC25000 tile as two hospitals stain it (the linear beer_lambert shift)."""
+    from hmgdm_core.studies.partition import beer_lambert_shift
+
+    path = data_dir / "lc25000_lung" / "lung_aca" / "lungaca3960.jpeg"
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    a, b = (beer_lambert_shift(rgb, site, 0.3) for site in (0, 1))
+    na, nb = (normalize(x, estimate("reinhard", x)) for x in (a, b))
+    before = np.abs(a.astype(int) - b.astype(int)).mean()
+    after = np.abs(na.astype(int) - nb.astype(int)).mean()
+    assert after < 0.6 * before, (before, after)
 
 
 def test_hed_jitter_scales_and_shifts_each_stain(tiles):
