@@ -1,5 +1,6 @@
-"""The operator's `flwr` CLI pointed at our SuperLink: its config file and environment, run
-submission, and the register of SuperNode keys that may join.
+"""The operator's side of Flower pointed at our SuperLink: the `flwr` config file and environment,
+run submission (`flwr run`), and the register of SuperNode keys that may join (Control API calls
+made in this process).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def control(flwr_home: Path, rpc: str, request: Any) -> Any:
 def public_key_pem(public_key: Path) -> bytes:
     """A site.pub (OpenSSH, NIST EC curve) in the form Flower stores keys (PEM
     SubjectPublicKeyInfo); a clear error naming the file otherwise."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -108,7 +110,7 @@ def public_key_pem(public_key: Path) -> bytes:
         raise HmgdmError(f"{path}: public key not found (create it with hmgdm-client keygen)")
     try:
         key = serialization.load_ssh_public_key(path.read_bytes())
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise HmgdmError(f"{path}: not an OpenSSH public key ({err})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise HmgdmError(f"{path}: not an EC public key (hmgdm-client keygen makes one)")
