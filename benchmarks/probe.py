@@ -11,6 +11,8 @@ scored by the same standardised logistic regression on pooled embeddings (the de
   stage1_twin  the stage-1 autoencoder trained, the stage-2 encoder at random init
   raw          node descriptors mean-pooled (no learning; the issue's baseline);
                raw_meanstd also their std: pooled as the "layers_std" readout pools states
+  random_latents  the random twin's stage-1 latents, mean + std pooled (no GNN): a stronger
+               random-weight reference than the twin, whose random GNN scrambles its inputs
 on
   * a seeded synthetic cohort whose classes differ only in spatial arrangement (5-fold);
   * LC25000 lung (pretrained on its images, labels unused): GroupKFold(5) by group_id, and a
@@ -133,13 +135,21 @@ def probe(X, y, splits) -> float:
     return float((pred[tested] == y[tested]).mean())
 
 
+def _mean_std(rows: list[torch.Tensor]) -> np.ndarray:
+    """(graphs, 2 * dim): each graph's (entities, dim) rows pooled by mean and std."""
+    return torch.stack([torch.cat([h.mean(0), h.std(0, unbiased=False)]) for h in rows]).numpy()
+
+
 def features(models, graphs) -> dict[str, np.ndarray]:
     """Pooled embeddings of every model; `raw` mean-pools the descriptors (the issue's
-    baseline), `raw_meanstd` adds their std (pooled as the "layers_std" readout pools states)."""
+    baseline), `raw_meanstd` adds their std (pooled as the "layers_std" readout pools states);
+    `random_latents` pools the random twin's stage-1 latents the same way."""
     feats = {name: embeddings(m, graphs) for name, m in models.items()}
     feats["raw"] = raw_features(graphs)
-    spread = torch.stack([g.x.std(0, unbiased=False) for g in graphs]).numpy()
-    feats["raw_meanstd"] = np.concatenate([feats["raw"], spread], axis=1)
+    feats["raw_meanstd"] = _mean_std([g.x for g in graphs])
+    with torch.no_grad():
+        twin = models["random_twin"].eval()
+        feats["random_latents"] = _mean_std([twin.latents(g)[0] for g in graphs])
     return feats
 
 
@@ -291,7 +301,10 @@ def _job(name: str, kwargs: dict) -> dict:
     try:
         with threadpool_limits(1):
             parts = {"synthetic": synthetic, "real": real, "paper": paper, "finetune": finetune}
-            return parts[name](**kwargs)
+            start = time.perf_counter()
+            figures = parts[name](**kwargs)
+            # CPU budget per part, reported like a figure (mean ± std over seeds).
+            return figures | {f"seconds_{name}": round(time.perf_counter() - start, 1)}
     finally:
         torch.set_num_threads(threads)  # the quick version runs inside the test process
 

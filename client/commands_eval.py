@@ -174,16 +174,24 @@ def classify(inputs: Inputs, out: Path) -> None:
     """Linear probe (logistic regression) on frozen slide embeddings, or fine-tuning: accuracy,
     macro-F1, balanced accuracy and macro AUC per fold, out-of-fold predictions per slide, a
     confusion matrix and ROC curves."""
-    from hmgdm_core.downstream.classify import ProbeCV
+    from hmgdm_core.downstream.classify import ProbeCV, label_efficiency, write_label_efficiency
     from hmgdm_core.downstream.finetune_cv import FinetuneCV
     from hmgdm_core.log import console
 
     i = inputs
+    y = i.lab.table["label"].to_numpy()
     probe = ProbeCV(i.cfg) if i.method == "probe" else FinetuneCV(i.ckpt.model, i.ckpt.cfg, i.cfg)
-    probe.fit(i.x, i.lab.table["label"].to_numpy(), i.lab.groups)
+    probe.fit(i.x, y, i.lab.groups)
     for name, rows in (i.raw or {}).items():  # better than its own inputs? same probe, folds
         probe.add_baseline(name, rows)
     files = probe.write(out, i.lab.table["slide_id"])
+    if i.method == "probe" and i.cfg.label_shares:  # does pretraining save labels?
+        curve = label_efficiency({"encoder": i.x, **(i.raw or {})}, y, i.lab.groups, i.cfg)
+        files |= write_label_efficiency(out, curve)
+        shares = "/".join(f"{100 * s:g}" for s in i.cfg.label_shares)
+        for name, rows in curve.groupby("features", sort=False):
+            accs = "/".join(f"{a:.3f}" for a in rows["accuracy_mean"])
+            console.print(f"label efficiency, {name}: accuracy {accs} at {shares}% of patients")
     m = probe.metrics_
     console.print(
         f"{len(i.x)} slides, {i.cfg.folds} folds: accuracy {_pm(m['accuracy'])}, "

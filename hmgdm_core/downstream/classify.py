@@ -1,13 +1,14 @@
 """Linear probe on frozen embeddings: patient-grouped cross-validation, metrics and outputs.
 
 The probe is scikit-learn's LogisticRegression on standardised embeddings; this module only
-adds the folds, the metrics a study reports (accuracy, macro-F1, balanced accuracy, macro AUC)
-and the files (`metrics.json`, `folds.csv`, `predictions.csv`, `confusion.png`, `roc.png`).
+adds the folds, the metrics a study reports (accuracy, macro-F1, balanced accuracy, macro AUC),
+the label-efficiency curve and the files (`metrics.json`, `folds.csv`, `predictions.csv`,
+`confusion.png`, `roc.png`, `label_efficiency.csv|png`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from sklearn.preprocessing import StandardScaler
 
 from hmgdm_core.atomic import save_figure, write_csv, write_json
 from hmgdm_core.downstream.config import EvalConfig
-from hmgdm_core.downstream.plots import plot_confusion, plot_roc
+from hmgdm_core.downstream.plots import plot_confusion, plot_label_efficiency, plot_roc
 from hmgdm_core.downstream.splits import patient_folds
 
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "macro_auc")
@@ -70,6 +71,64 @@ def mean_std(values: ArrayLike) -> dict[str, float]:
     """Mean and sample std over folds, ignoring folds where the metric is undefined (NaN)."""
     values = np.asarray(values, dtype=np.float64)
     return {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values, ddof=1))}
+
+
+def patient_share(
+    y: np.ndarray, groups: np.ndarray, share: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Row indices of `share` of the patients of each class (at least one; a patient's class is
+    that of its first row), all rows of a picked patient: a smaller labelled cohort."""
+    patients, first = np.unique(groups, return_index=True)
+    picked = [
+        rng.choice(of_class, max(1, round(share * len(of_class))), replace=False)
+        for c in np.unique(y)
+        if len(of_class := patients[y[first] == c])
+    ]
+    return np.flatnonzero(np.isin(groups, np.concatenate(picked)))
+
+
+def label_efficiency(
+    features: Mapping[str, ArrayLike], y: ArrayLike, groups: ArrayLike, config: EvalConfig
+) -> pd.DataFrame:
+    """How many labels each embedding needs: per `config.label_shares`, the probe's accuracy on
+    every test fold of the patient-grouped folds when it trains on that share of the fold's
+    training patients (`label_draws` seeded draws; at share 1 the plain probe). Every feature
+    set gets the same folds and patients. One row per (features, share): mean and std (ddof 1)
+    over folds x draws, and the mean number of training patients."""
+    y, groups = np.asarray(y), np.asarray(groups)
+    folds = patient_folds(y, groups, config.folds, config.seed)
+    x_of = {name: np.asarray(x, dtype=np.float64) for name, x in features.items()}
+    fits = []
+    for share in config.label_shares:
+        for k, (train, test) in enumerate(folds):
+            for draw in range(1 if share == 1 else config.label_draws):
+                rng = np.random.default_rng([config.seed, k, draw, round(share * 1e6)])
+                rows = train[patient_share(y[train], groups[train], share, rng)]
+                for name, x in x_of.items():
+                    probe = make_probe(config).fit(x[rows], y[rows])
+                    fits.append({
+                        "features": name, "share": share,
+                        "patients": len(np.unique(groups[rows])),
+                        "accuracy": accuracy_score(y[test], probe.predict(x[test])),
+                    })  # fmt: skip
+    table = pd.DataFrame(fits).groupby(["features", "share"], sort=False)
+    return table.agg(
+        accuracy_mean=("accuracy", "mean"),
+        accuracy_std=("accuracy", lambda a: a.std(ddof=1) if len(a) > 1 else 0.0),
+        train_patients=("patients", "mean"),
+        fits=("accuracy", "size"),
+    ).reset_index()
+
+
+def write_label_efficiency(out_dir: Path | str, table: pd.DataFrame) -> dict[str, Path]:
+    """`label_efficiency.csv` (a `label_efficiency` table) and its plot `label_efficiency.png`."""
+    out_dir = Path(out_dir)
+    return {
+        "label_efficiency": write_csv(out_dir / "label_efficiency.csv", table, private=False),
+        "label_efficiency_plot": save_figure(
+            out_dir / "label_efficiency.png", plot_label_efficiency(table).figure, private=False
+        ),
+    }
 
 
 class ProbeCV:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hmgdm_core.section import Section
 
@@ -39,8 +39,21 @@ class EvalConfig(Section):
     penalizer: float = Field(0.1, ge=0, description="L2 penalizer of the Cox probe (lifelines)")
     pca_components: int = Field(8, ge=1, description="PCA dimensions fed to the Cox probe")
     val_fraction: float = Field(0.2, gt=0, lt=0.5, description="patients held out for early stop")
+    label_shares: list[float] = Field(
+        [0.1, 0.25, 0.5, 1.0],
+        description="shares of each training fold's patients the label-efficiency curve trains "
+        "the probe on ([] skips it)",
+    )
+    label_draws: int = Field(3, ge=1, description="seeded patient draws per share and fold")
     fed_rounds: int = Field(5, ge=1, description="rounds of federated fine-tuning (FedAvg)")
     fed_local_epochs: int = Field(1, ge=1, description="local epochs per site per round")
     finetune: FinetuneConfig = Field(
         FinetuneConfig(), description="fine-tuning ([evaluation.finetune])"
     )
+
+    @field_validator("label_shares")
+    @classmethod
+    def _shares(cls, shares: list[float]) -> list[float]:
+        if any(not 0 < s <= 1 for s in shares):
+            raise ValueError(f"each share must be in (0, 1], got {shares}")
+        return sorted(set(shares))

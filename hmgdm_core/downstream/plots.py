@@ -1,5 +1,5 @@
-"""The figures a pathologist expects: confusion matrix, ROC curves and Kaplan-Meier curves by
-risk group.
+"""The figures a pathologist expects: confusion matrix, ROC curves, Kaplan-Meier curves by
+risk group, and accuracy against the share of labelled patients.
 
 Figures are built without pyplot (no global state, no display backend needed); each function
 draws on a given Axes or a new one and returns it.
@@ -8,11 +8,15 @@ draws on a given Axes or a new one and returns it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from lifelines import KaplanMeierFitter
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def new_axes(figsize: tuple[float, float] = (5.0, 4.0)) -> Axes:
@@ -68,6 +72,26 @@ def plot_roc(
     ax.set_ylabel("true positive rate (sensitivity)")
     ax.legend(loc="lower right", fontsize="small")
     ax.set_title(title or "ROC, one class vs the rest (pooled out-of-fold)")
+    return ax
+
+
+def plot_label_efficiency(table: pd.DataFrame, ax: Axes | None = None) -> Axes:
+    """Probe accuracy (mean ± std over folds and draws) against the share of training patients
+    labelled, one line per feature set, from a `classify.label_efficiency` table."""
+    ax = ax or new_axes((5.5, 4.0))
+    for name, rows in table.groupby("features", sort=False):
+        ax.errorbar(
+            100 * rows["share"], rows["accuracy_mean"], yerr=rows["accuracy_std"],
+            marker="o", capsize=3, lw=1.6, label=str(name),
+        )  # fmt: skip
+    ax.set_xscale("log")
+    shares = sorted(table["share"].unique())
+    ax.set_xticks([100 * s for s in shares], labels=[f"{100 * s:g}%" for s in shares])
+    ax.minorticks_off()
+    ax.set_xlabel("share of each training fold's patients labelled")
+    ax.set_ylabel("accuracy on the fold's test patients")
+    ax.legend(loc="lower right", fontsize="small")
+    ax.set_title("label efficiency (same folds and patients for every line)")
     return ax
 
 

@@ -144,3 +144,9 @@ def test_probe_reports_the_raw_descriptor_baseline_on_the_same_folds(site, tmp_p
     raw = metrics["baselines"]["raw_descriptors_mean"]["accuracy"]
     assert 0.0 <= raw["mean"] <= 1.0 and raw["mean"] != metrics["metrics"]["accuracy"]["mean"]
     assert "raw_descriptors_mean_std" in metrics["baselines"]
+    curve = pd.read_csv(out / "label_efficiency.csv")  # same patients for every feature set
+    assert set(curve["features"]) == {"encoder", "raw_descriptors_mean", "raw_descriptors_mean_std"}
+    full = curve[(curve["features"] == "encoder") & (curve["share"] == 1.0)]
+    assert full["accuracy_mean"].item() == pytest.approx(metrics["metrics"]["accuracy"]["mean"])
+    assert "label efficiency, encoder: accuracy" in res.output
+    assert (out / "label_efficiency.png").stat().st_size > 1000

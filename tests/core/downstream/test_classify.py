@@ -1,5 +1,5 @@
 """Tests of the cross-validated linear probe: learns separable classes, chance on shuffled
-labels, metrics robust to a fold missing a class, outputs written."""
+labels, metrics robust to a fold missing a class, outputs written, label-efficiency curve."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
-from hmgdm_core.downstream.classify import ProbeCV, classification_metrics, macro_auc
+from hmgdm_core.downstream.classify import (
+    ProbeCV,
+    classification_metrics,
+    label_efficiency,
+    macro_auc,
+    patient_share,
+    write_label_efficiency,
+)
 from hmgdm_core.downstream.config import EvalConfig
 
 
@@ -117,3 +125,42 @@ def test_predictions_are_out_of_fold_per_slide_and_match_the_metrics():
     assert len(labels) == 4 and labels[-1] == "chance"
     auc = roc_auc_score(y == "benign", proba[:, 1])
     assert labels[1].startswith(f"benign (AUC {auc:.3f}")
+
+
+def test_patient_share_keeps_whole_patients_and_every_class():
+    _, y, groups = cohort(n_patients=60, slides=3)
+    rng = np.random.default_rng(0)
+    rows = patient_share(y, groups, 0.1, rng)
+    picked = np.unique(groups[rows])
+    assert len(picked) == 6  # 10% of the 20 patients of each of 3 classes
+    assert set(y[rows]) == set(y)
+    for patient in picked:  # never part of a patient
+        assert set(np.flatnonzero(groups == patient)) <= set(rows)
+    tiny = patient_share(y, groups, 0.01, np.random.default_rng(0))
+    assert len(np.unique(groups[tiny])) == 3  # at least one patient per class
+
+
+def test_label_efficiency_at_full_share_is_the_probe_and_separates_informative_features():
+    x, y, groups = cohort(n_patients=90, dim=16)
+    noise = np.random.default_rng(5).normal(size=x.shape)
+    cfg = EvalConfig(folds=4, seed=0, label_shares=[1.0, 0.1], label_draws=2)
+    table = label_efficiency({"signal": x, "noise": noise}, y, groups, cfg)
+    assert list(table["share"].unique()) == [0.1, 1.0]  # sorted by the config
+    row = table.set_index(["features", "share"])
+    full = ProbeCV(cfg).fit(x, y, groups).metrics_["accuracy"]["mean"]
+    assert row.loc[("signal", 1.0), "accuracy_mean"] == pytest.approx(full)
+    assert row.loc[("signal", 1.0), "fits"] == 4 and row.loc[("signal", 0.1), "fits"] == 8
+    assert row.loc[("signal", 0.1), "train_patients"] < row.loc[("signal", 1.0), "train_patients"]
+    assert row.loc[("signal", 0.1), "accuracy_mean"] > 0.8
+    assert abs(row.loc[("noise", 0.1), "accuracy_mean"] - 1 / 3) < 0.2
+
+
+def test_label_efficiency_files_and_bad_shares(tmp_path):
+    x, y, groups = cohort()
+    cfg = EvalConfig(folds=3, label_shares=[0.25, 1.0], label_draws=1)
+    files = write_label_efficiency(tmp_path, label_efficiency({"a": x}, y, groups, cfg))
+    assert len(pd.read_csv(files["label_efficiency"])) == 2
+    assert files["label_efficiency_plot"].stat().st_size > 1000
+    for bad in ([0.0], [1.5]):
+        with pytest.raises(ValidationError, match="share must be in"):
+            EvalConfig(label_shares=bad)

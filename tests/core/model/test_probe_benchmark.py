@@ -22,7 +22,7 @@ def test_quick_probe_runs_and_the_synthetic_task_is_learnable(capsys, monkeypatc
     result = probe.main(["--quick"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == result
-    for key in ("hmgdm", "random_twin", "stage1_twin", "graphmae", "raw"):
+    for key in ("hmgdm", "random_twin", "stage1_twin", "graphmae", "raw", "random_latents"):
         assert 0.0 <= result[f"synthetic_{key}"] <= 1.0
         assert result[f"synthetic_{key}_std"] >= 0.0  # every figure comes with its spread
     assert isinstance(result["synthetic_met"], bool) and result["met"] == result["synthetic_met"]
