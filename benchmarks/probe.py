@@ -444,9 +444,9 @@ def main(argv: list[str] | None = None) -> dict:
     result["ratio_vs_random_twin"] = round(
         stats["synthetic_hmgdm"][0] / max(stats["synthetic_random_twin"][0], 1e-9), 3
     )
-    if "lc25000_hmgdm" in stats:  # not targets, said plainly: stage 2's own gain, and raw
-        # descriptors pooled like the readout pools states (mean + std)
-        for other in ("stage1_twin", "raw_meanstd"):
+    if "lc25000_hmgdm" in stats:  # not targets, said plainly: stage 2's own gain, raw
+        # descriptors pooled like the readout pools states (mean + std), random latents pooled
+        for other in ("stage1_twin", "raw_meanstd", "random_latents"):
             result[f"lc25000_hmgdm_minus_{other}"] = round(
                 stats["lc25000_hmgdm"][0] - stats[f"lc25000_{other}"][0], 4
             )
