@@ -1,9 +1,10 @@
 """Linear probe on frozen embeddings: patient-grouped cross-validation, metrics and outputs.
 
 The probe is scikit-learn's LogisticRegression on standardised embeddings; this module only
-adds the folds, the metrics a study reports (accuracy, macro-F1, balanced accuracy, macro AUC),
-the label-efficiency curve and the files (`metrics.json`, `folds.csv`, `predictions.csv`,
-`confusion.png`, `roc.png`, `label_efficiency.csv|png`).
+adds the folds (over `[evaluation] repeats` fold assignments), the metrics a study reports
+(accuracy, macro-F1, balanced accuracy, macro AUC), the label-efficiency curve and the files
+(`metrics.json`, `folds.csv`, `predictions.csv`, `confusion.png`, `roc.png`,
+`label_efficiency.csv|png`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 from hmgdm_core.atomic import save_figure, write_csv, write_json
 from hmgdm_core.downstream.config import EvalConfig
 from hmgdm_core.downstream.plots import plot_confusion, plot_label_efficiency, plot_roc
-from hmgdm_core.downstream.splits import patient_folds
+from hmgdm_core.downstream.splits import repeated_patient_folds
 
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "macro_auc")
 
@@ -91,18 +92,19 @@ def label_efficiency(
     features: Mapping[str, ArrayLike], y: ArrayLike, groups: ArrayLike, config: EvalConfig
 ) -> pd.DataFrame:
     """How many labels each embedding needs: per `config.label_shares`, the probe's accuracy on
-    every test fold of the patient-grouped folds when it trains on that share of the fold's
+    every test fold of ProbeCV's fold assignments when it trains on that share of the fold's
     training patients (`label_draws` seeded draws; at share 1 the plain probe). Every feature
     set gets the same folds and patients. One row per (features, share): mean and std (ddof 1)
-    over folds x draws, and the mean number of training patients."""
+    over assignments x folds x draws, and the mean number of training patients."""
     y, groups = np.asarray(y), np.asarray(groups)
-    folds = patient_folds(y, groups, config.folds, config.seed)
+    splits = repeated_patient_folds(y, groups, config.folds, config.seed, config.repeats)
     x_of = {name: np.asarray(x, dtype=np.float64) for name, x in features.items()}
     fits = []
     for share in config.label_shares:
-        for k, (train, test) in enumerate(folds):
+        for repeat, fold, train, test in splits:
             for draw in range(1 if share == 1 else config.label_draws):
-                rng = np.random.default_rng([config.seed, k, draw, round(share * 1e6)])
+                # Keyed by the assignment's own seed: the first draws what one assignment did.
+                rng = np.random.default_rng([config.seed + repeat, fold, draw, round(share * 1e6)])
                 rows = train[patient_share(y[train], groups[train], share, rng)]
                 for name, x in x_of.items():
                     probe = make_probe(config).fit(x[rows], y[rows])
@@ -132,12 +134,14 @@ def write_label_efficiency(out_dir: Path | str, table: pd.DataFrame) -> dict[str
 
 
 class ProbeCV:
-    """Cross-validated linear probe: `fit(x, y, groups)` runs the patient-grouped folds.
+    """Cross-validated linear probe: `fit(x, y, groups)` runs the patient-grouped folds of
+    `repeats` fold assignments (`config.repeats`).
 
-    Fitted: `classes_`, `folds_` (one row of metrics per fold), `metrics_` (mean and std over
-    folds), `oof_proba_` (out-of-fold probabilities) and `oof_fold_` (the fold each row was
-    tested in), `confusion_` (out-of-fold), and `model_` (the probe refitted on all rows, used
-    by `predict*` and `score`).
+    Fitted: `classes_`, `folds_` (one row of metrics per assignment x fold), `metrics_` (mean
+    and std over all those folds), `oof_proba_` (out-of-fold probabilities, averaged over the
+    assignments: each tests every row once), `oof_fold_` (the fold each row was tested in by
+    the first assignment), `confusion_` (of `oof_proba_`), and `model_` (the probe refitted on
+    all rows, used by `predict*` and `score`).
     """
 
     def __init__(self, config: EvalConfig | None = None) -> None:
@@ -145,22 +149,34 @@ class ProbeCV:
 
     description = "logistic regression on standardised embeddings"
 
+    @property
+    def repeats(self) -> int:
+        """Fold assignments `fit` averages over."""
+        return self.config.repeats
+
     def fit(self, x: ArrayLike, y: ArrayLike, groups: ArrayLike) -> ProbeCV:
         """`x`: embeddings (n, dim) here; what a subclass's `_fit_model` takes per row."""
         x, y, groups = self._rows(x), np.asarray(y), np.asarray(groups)
         self.y_, self.groups_, self.baselines_ = y, groups, {}
         self.classes_ = np.unique(y)
-        self.oof_proba_ = np.full((len(y), len(self.classes_)), np.nan)
+        proba_sum = np.zeros((len(y), len(self.classes_)))
         self.oof_fold_ = np.full(len(y), -1)
         rows = []
-        for fold, (train, test) in enumerate(
-            patient_folds(y, groups, self.config.folds, self.config.seed)
-        ):
+        splits = repeated_patient_folds(
+            y, groups, self.config.folds, self.config.seed, self.repeats
+        )
+        for repeat, fold, train, test in splits:
             model = self._fit_model(x[train], y[train], groups[train])
-            self.oof_proba_[test] = self._proba(model, x[test])
-            self.oof_fold_[test] = fold
-            metrics = classification_metrics(y[test], self.oof_proba_[test], self.classes_)
-            rows.append({"fold": fold, "n_train": len(train), "n_test": len(test), **metrics})
+            proba = self._proba(model, x[test])
+            proba_sum[test] += proba
+            if repeat == 0:
+                self.oof_fold_[test] = fold
+            rows.append({
+                "repeat": repeat, "fold": fold, "n_train": len(train),
+                "n_test": len(test), **classification_metrics(y[test], proba, self.classes_),
+            })  # fmt: skip
+        # Each assignment tests every row once: the mean is one out-of-fold prediction per row.
+        self.oof_proba_ = proba_sum / self.repeats
         self.folds_ = pd.DataFrame(rows)
         self.metrics_ = {m: mean_std(self.folds_[m]) for m in METRICS}
         y_oof = self.classes_[np.argmax(self.oof_proba_, axis=1)]
@@ -171,7 +187,8 @@ class ProbeCV:
     def add_baseline(self, name: str, x: ArrayLike) -> dict:
         """The same probe on the same folds and labels with other features `x` (e.g. raw
         descriptors): its mean/std metrics, kept in `baselines_` and written to metrics.json."""
-        other = ProbeCV(self.config).fit(x, self.y_, self.groups_)
+        same = self.config.model_copy(update={"repeats": self.repeats})
+        other = ProbeCV(same).fit(x, self.y_, self.groups_)
         self.baselines_[name] = other.metrics_
         return other.metrics_
 
@@ -198,8 +215,9 @@ class ProbeCV:
         return plot_confusion(self.confusion_, [str(c) for c in self.classes_], ax=ax)
 
     def predictions(self, slide_ids: Sequence[str] | None = None) -> pd.DataFrame:
-        """One row per slide, out of fold: slide, patient, fold, truth, prediction and the
-        probability of each class (`p_<class>`)."""
+        """One row per slide, out of fold: slide, patient, fold (of the first assignment),
+        truth, prediction and the probability of each class (`p_<class>`, mean over the
+        assignments)."""
         return predictions_table(
             slide_ids,
             self.groups_,
@@ -218,6 +236,7 @@ class ProbeCV:
             "task": "classification",
             "probe": self.description,
             "folds": self.config.folds,
+            "repeats": self.repeats,
             "seed": self.config.seed,
             "classes": classes,
             "metrics": self.metrics_,

@@ -33,7 +33,14 @@ class EvalConfig(Section):
     """Cross-validation, probe and fine-tuning settings of classification and survival."""
 
     folds: int = Field(5, ge=2, description="k of the patient-grouped k-fold")
-    seed: int = Field(0, description="seed of the fold assignment")
+    seed: int = Field(0, description="seed of the (first) fold assignment")
+    repeats: int = Field(
+        3,
+        ge=1,
+        description="fold assignments (seeds `seed`, `seed`+1, ...) the classification probe, "
+        "its raw-descriptor baselines and label-efficiency curve average over; fine-tuning and "
+        "survival use the first",
+    )
     probe_c: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic probe")
     probe_max_iter: int = Field(2000, ge=10, description="solver iterations of the probe")
     penalizer: float = Field(0.1, ge=0, description="L2 penalizer of the Cox probe (lifelines)")

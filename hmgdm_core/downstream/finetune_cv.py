@@ -85,8 +85,12 @@ class FinetuneCV(_FineTuned, ProbeCV):
     """ProbeCV's folds and outputs with a fine-tuned SlideNet per fold; `fit(bags, y, groups)`.
 
     Also fitted: `training_` (best epoch and loss history of every fit) and `model_`, the net
-    trained on all rows, written as `model.pt` for `hmgdm-client explain`.
+    trained on all rows, written as `model.pt` for `hmgdm-client explain`. One fold
+    assignment (the first of `config.repeats`): every fold fine-tunes the encoder, and repeating
+    the assignment would multiply that cost.
     """
+
+    repeats = 1
 
     def fit(self, x: Sequence[Bag], y, groups) -> FinetuneCV:
         super().fit(x, y, groups)

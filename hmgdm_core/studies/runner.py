@@ -152,6 +152,8 @@ def _check_same_protocol(cfg: StudyConfig, previous: Path) -> None:
     old, new = json.loads(previous.read_text()), cfg.model_dump(mode="json")
     # Keys renamed since (hmgdm_core.config.RENAMED) compare under their new names.
     old["probe"] = stored_config(old.get("probe", {}), "evaluation")
+    # Studies written before [probe] repeats existed probed one fold assignment.
+    old["probe"].setdefault("repeats", 1)
     if graph := old.get("cohort", {}).get("graph"):
         old["cohort"]["graph"] = stored_config(graph, "graph")
     # [cohort] mpp was never read (each cohort knows its images' resolution) and is gone.

@@ -144,6 +144,10 @@ def test_probe_reports_the_raw_descriptor_baseline_on_the_same_folds(site, tmp_p
     raw = metrics["baselines"]["raw_descriptors_mean"]["accuracy"]
     assert 0.0 <= raw["mean"] <= 1.0 and raw["mean"] != metrics["metrics"]["accuracy"]["mean"]
     assert "raw_descriptors_mean_std" in metrics["baselines"]
+    # The probe and its baselines average 3 fold assignments (the default), fine-tuning 1.
+    folds = pd.read_csv(out / "folds.csv")
+    assert metrics["repeats"] == 3 and folds["repeat"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert "2 folds x 3 assignments" in res.output
     curve = pd.read_csv(out / "label_efficiency.csv")  # same patients for every feature set
     assert set(curve["features"]) == {"encoder", "raw_descriptors_mean", "raw_descriptors_mean_std"}
     full = curve[(curve["features"] == "encoder") & (curve["share"] == 1.0)]

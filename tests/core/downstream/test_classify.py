@@ -1,5 +1,6 @@
 """Tests of the cross-validated linear probe: learns separable classes, chance on shuffled
-labels, metrics robust to a fold missing a class, outputs written, label-efficiency curve."""
+labels, metrics robust to a fold missing a class, repeated fold assignments, outputs written,
+label-efficiency curve."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ import pytest
 from pydantic import ValidationError
 
 from hmgdm_core.downstream.classify import (
+    METRICS,
     ProbeCV,
     classification_metrics,
     label_efficiency,
     macro_auc,
+    make_probe,
+    mean_std,
     patient_share,
     write_label_efficiency,
 )
 from hmgdm_core.downstream.config import EvalConfig
+from hmgdm_core.downstream.splits import patient_folds
 
 
 def cohort(seed: int = 0, n_patients: int = 60, slides: int = 2, dim: int = 16):
@@ -37,7 +42,7 @@ def test_probe_separates_classes():
     probe = ProbeCV(EvalConfig(folds=5, seed=0)).fit(x, y, groups)
     assert probe.metrics_["accuracy"]["mean"] >= 0.9
     assert probe.metrics_["macro_auc"]["mean"] >= 0.95
-    assert len(probe.folds_) == 5
+    assert len(probe.folds_) == 5 * 3  # 5 folds of each of the default 3 assignments
     assert probe.confusion_.trace() / probe.confusion_.sum() >= 0.9
     assert probe.score(x, y) >= 0.9
 
@@ -75,17 +80,68 @@ def test_binary_macro_auc_equals_usual_auc():
     assert macro_auc(y, proba, np.array([0, 1])) == pytest.approx(roc_auc_score(y, p1))
 
 
+def blurred_cohort(n_patients: int = 30):
+    """`cohort` with extra noise, so accuracy varies between folds and assignments."""
+    x, y, groups = cohort(n_patients=n_patients)
+    return x + np.random.default_rng(7).normal(scale=4.0, size=x.shape), y, groups
+
+
+def test_one_assignment_is_the_plain_patient_grouped_cv():
+    x, y, groups = blurred_cohort()
+    cfg = EvalConfig(folds=3, seed=4, repeats=1)
+    probe = ProbeCV(cfg).fit(x, y, groups)
+    # The probe before repeats existed: one patient_folds assignment, fold by fold.
+    proba, folds = np.zeros((len(y), 3)), []
+    for train, test in patient_folds(y, groups, 3, seed=4):
+        proba[test] = make_probe(cfg).fit(x[train], y[train]).predict_proba(x[test])
+        folds.append(classification_metrics(y[test], proba[test], np.unique(y)))
+    assert np.array_equal(probe.oof_proba_, proba)
+    assert probe.metrics_ == {m: mean_std([f[m] for f in folds]) for m in METRICS}
+    assert probe.folds_["repeat"].eq(0).all()
+
+
+def test_repeats_average_every_fold_of_every_assignment_and_the_probabilities():
+    x, y, groups = blurred_cohort()
+    probe = ProbeCV(EvalConfig(folds=3, seed=4, repeats=3)).fit(x, y, groups)
+    singles = [
+        ProbeCV(EvalConfig(folds=3, seed=4 + r, repeats=1)).fit(x, y, groups) for r in range(3)
+    ]
+    # One row per assignment x fold: assignment r is the single one seeded seed + r.
+    expected = pd.concat([s.folds_.assign(repeat=r) for r, s in enumerate(singles)])
+    pd.testing.assert_frame_equal(probe.folds_, expected.reset_index(drop=True))
+    assert probe.folds_["accuracy"].nunique() > 3  # the folds disagree: averaging matters
+    for m in METRICS:
+        assert probe.metrics_[m]["mean"] == pytest.approx(probe.folds_[m].mean())
+        assert probe.metrics_[m]["std"] == pytest.approx(probe.folds_[m].std(ddof=1))
+    assert probe.metrics_["accuracy"] != singles[0].metrics_["accuracy"]
+    # One prediction per slide: probabilities averaged over the assignments (each tests every
+    # slide once), the fold that of the first assignment.
+    assert np.allclose(probe.oof_proba_, np.mean([s.oof_proba_ for s in singles], axis=0))
+    pred = probe.predictions()
+    assert len(pred) == len(y) and np.array_equal(pred["fold"], singles[0].oof_fold_)
+    proba = pred[[f"p_{c}" for c in probe.classes_]].to_numpy()
+    assert np.allclose(proba.sum(axis=1), 1)
+    assert (pred["prediction"] == probe.classes_[proba.argmax(axis=1)]).all()
+    assert probe.confusion_.sum() == len(y)
+    # A baseline gets the same assignments.
+    noise = np.random.default_rng(3).normal(size=x.shape)
+    assert (
+        probe.add_baseline("noise", noise) == ProbeCV(probe.config).fit(noise, y, groups).metrics_
+    )
+
+
 def test_write_outputs(tmp_path):
     x, y, groups = cohort(n_patients=30)
     probe = ProbeCV(EvalConfig(folds=3, seed=0)).fit(x, y, groups)
     paths = probe.write(tmp_path / "out")
     metrics = json.loads(paths["metrics"].read_text())
-    assert metrics["classes"] == ["adeno", "benign", "squamous"]
+    assert metrics["classes"] == ["adeno", "benign", "squamous"] and metrics["repeats"] == 3
     expected = probe.metrics_["macro_f1"]["mean"]
     assert metrics["metrics"]["macro_f1"]["mean"] == pytest.approx(expected)
-    folds = pd.read_csv(paths["folds"])
-    assert folds["fold"].tolist() == [0, 1, 2]
-    assert folds["n_test"].sum() == len(y)
+    folds = pd.read_csv(paths["folds"])  # 3 folds x the default 3 assignments
+    assert folds["repeat"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert folds["fold"].tolist() == [0, 1, 2] * 3
+    assert (folds.groupby("repeat")["n_test"].sum() == len(y)).all()
     assert paths["confusion"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["roc"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
@@ -101,7 +157,8 @@ def test_predictions_are_out_of_fold_per_slide_and_match_the_metrics():
     from hmgdm_core.downstream.plots import plot_roc
 
     x, y, groups = cohort(n_patients=30)
-    probe = ProbeCV(EvalConfig(folds=3, seed=0)).fit(x, y, groups)
+    # One assignment: each slide's prediction is the one its fold's metrics counted.
+    probe = ProbeCV(EvalConfig(folds=3, seed=0, repeats=1)).fit(x, y, groups)
     ids = [f"case{g}/slide{i}" for i, g in enumerate(groups)]
     pred = probe.predictions(ids)
     assert list(pred.columns) == [
@@ -149,7 +206,8 @@ def test_label_efficiency_at_full_share_is_the_probe_and_separates_informative_f
     row = table.set_index(["features", "share"])
     full = ProbeCV(cfg).fit(x, y, groups).metrics_["accuracy"]["mean"]
     assert row.loc[("signal", 1.0), "accuracy_mean"] == pytest.approx(full)
-    assert row.loc[("signal", 1.0), "fits"] == 4 and row.loc[("signal", 0.1), "fits"] == 8
+    # Every fold of the 3 assignments; at share 0.1 two draws each.
+    assert row.loc[("signal", 1.0), "fits"] == 4 * 3 and row.loc[("signal", 0.1), "fits"] == 8 * 3
     assert row.loc[("signal", 0.1), "train_patients"] < row.loc[("signal", 1.0), "train_patients"]
     assert row.loc[("signal", 0.1), "accuracy_mean"] > 0.8
     assert abs(row.loc[("noise", 0.1), "accuracy_mean"] - 1 / 3) < 0.2

@@ -86,6 +86,9 @@ def test_finetuning_learns_separable_classes_and_not_shuffled_ones(classes, tmp_
     summary = json.loads(files["metrics"].read_text())
     assert "fine-tuned" in summary["probe"] and summary["classes"] == ["dense", "spread"]
     assert (cv.folds_["best_epoch"] < cv.folds_["epochs_run"]).all()
+    # One fold assignment although [evaluation] repeats is 3: each fold fine-tunes the encoder.
+    assert EVAL.repeats == 3 and summary["repeats"] == 1
+    assert cv.folds_["repeat"].eq(0).all() and len(cv.folds_) == EVAL.folds
     # The written model is the all-rows net: reloading it predicts exactly what it predicted.
     net, task, _ = load_slide_net(files["model"])
     assert task.classes == ("dense", "spread")

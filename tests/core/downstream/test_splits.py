@@ -10,7 +10,7 @@ import pytest
 from conftest import DATA
 
 from hmgdm_core.downstream.labels import read_labels
-from hmgdm_core.downstream.splits import patient_folds
+from hmgdm_core.downstream.splits import patient_folds, repeated_patient_folds
 from hmgdm_core.exceptions import LabelError
 
 LC25000 = DATA / "lc25000_lung/labels.csv"
@@ -42,6 +42,23 @@ def test_seed_changes_folds_and_same_seed_repeats_them():
     other = patient_folds(strata, groups, 5, seed=2)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     assert not all(np.array_equal(a[1], b[1]) for a, b in zip(first, other, strict=True))
+
+
+def test_repeated_assignments_differ_and_each_keeps_patients_whole():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), rng.integers(1, 5, size=40))  # 1-4 slides per patient
+    strata = (groups % 2).astype(str)
+    splits = repeated_patient_folds(strata, groups, n_folds=5, seed=7, repeats=3)
+    assert [(s.repeat, s.fold) for s in splits] == [(r, k) for r in range(3) for k in range(5)]
+    partitions = []
+    for r in range(3):
+        folds = [(s.train, s.test) for s in splits if s.repeat == r]
+        assert_grouped(folds, groups)
+        single = patient_folds(strata, groups, 5, seed=7 + r)  # assignment r is seeded seed + r
+        assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, single, strict=True))
+        partitions.append(frozenset(frozenset(groups[test]) for _, test in folds))
+    # Which patients share a test fold differs between every two assignments (not a renumbering).
+    assert len(set(partitions)) == 3
 
 
 def test_too_few_patients_for_the_folds():

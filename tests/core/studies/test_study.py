@@ -25,7 +25,8 @@ TINY = StudyConfig.model_validate(
         "cohort": {"per_class": 8},
         # Crops of 200 entities (not TINY_MODEL's 25) so pretraining can see the arrangement.
         "training": {"stage1_rounds": 1, "stage2_rounds": 2, "local_steps": 4, "model": MODEL},
-        "probe": {"folds": 3},
+        # One fold assignment: what a study written before [probe] repeats existed used.
+        "probe": {"folds": 3, "repeats": 1},
     }
 )
 
@@ -71,8 +72,10 @@ def test_rerun_with_another_protocol_is_refused(study):
 def test_a_study_written_before_renames_reruns_with_no_work(study, tmp_path):
     out = tmp_path / "old"
     shutil.copytree(study[0], out)
-    # study.json as older versions wrote it: flat finetune_* keys and [cohort] mpp (never read).
+    # study.json as older versions wrote it: flat finetune_* keys, [cohort] mpp (never read)
+    # and no [probe] repeats (one fold assignment, as TINY sets).
     old = json.loads((out / "study.json").read_text())
+    assert old["probe"].pop("repeats") == 1
     finetune = old["probe"].pop("finetune")
     old["probe"] |= {f"finetune_{k}": v for k, v in finetune.items() if k != "train_encoder"}
     old["probe"]["finetune_encoder"] = finetune["train_encoder"]
@@ -80,6 +83,9 @@ def test_a_study_written_before_renames_reruns_with_no_work(study, tmp_path):
     (out / "study.json").write_text(json.dumps(old))
     again = run_study(TINY, out)
     assert again.computed == [] and len(again.skipped) == len(cells(TINY))
+    repeated = TINY.model_copy(update={"probe": TINY.probe.model_copy(update={"repeats": 3})})
+    with pytest.raises(ConfigError, match=r"different \[probe\]"):
+        run_study(repeated, out)  # its cells probed one assignment, not three
 
 
 def test_centralized_not_worse_than_local_mean(study):
