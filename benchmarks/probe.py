@@ -16,7 +16,7 @@ scored by the same standardised logistic regression on pooled embeddings (the de
 on
   * a seeded synthetic cohort whose classes differ only in spatial arrangement (5-fold);
   * LC25000 lung (pretrained on its images, labels unused): stratified 5-fold grouped by
-    group_id, repeated over FOLD_SEEDS, and a
+    group_id, repeated over FOLD_REPEATS fold assignments, and a
     label-efficient probe trained on 10% of the groups (5 draws) and tested on the rest;
     the context share on LC25000 images of other groups, never trained on; and full
     fine-tuning (gated attention + head, LP-FT, the probe's folds) from the pretrained encoder
@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from hmgdm_core.config import GraphConfig, HmgdmConfig, load_config  # noqa: E402
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments  # noqa: E402
-from hmgdm_core.downstream.splits import patient_folds  # noqa: E402
+from hmgdm_core.downstream.splits import repeated_patient_folds  # noqa: E402
 from hmgdm_core.studies.cohort import build_graphs, lc25000_subset  # noqa: E402
 from hmgdm_core.studies.encoders import (  # noqa: E402
     embeddings,
@@ -79,7 +79,7 @@ WIDTHS = {
 }
 HELD_OUT = 160  # LC25000 images of groups outside the subset: context share on unseen tissue
 # Fold assignments every probe is repeated over: one assignment alone moved figures 2-5 points.
-FOLD_SEEDS = (0, 1, 2)
+FOLD_REPEATS = 3
 LABEL_SHARE, LABEL_DRAWS = 0.10, 5
 
 
@@ -141,8 +141,8 @@ def probe(X, y, splits) -> float:
 
 
 def lc_splits(y: np.ndarray, groups: np.ndarray) -> list:
-    """Stratified 5-fold grouped by `group_id`, once per seed of FOLD_SEEDS."""
-    return [split for seed in FOLD_SEEDS for split in patient_folds(y, groups, 5, seed)]
+    """Stratified 5-fold grouped by `group_id`, FOLD_REPEATS assignments (seeds 0, 1, ...)."""
+    return [(f.train, f.test) for f in repeated_patient_folds(y, groups, 5, 0, FOLD_REPEATS)]
 
 
 def _mean_std(rows: list[torch.Tensor]) -> np.ndarray:
@@ -182,7 +182,7 @@ def synthetic(seed: int, per_class: int, ae_epochs: int, epochs: int) -> dict:
     models["paper"] = pretrain_paper(graphs, ae_epochs=ae_epochs, epochs=epochs, seed=seed)
     splits = [
         split
-        for seed in FOLD_SEEDS
+        for seed in range(FOLD_REPEATS)
         for split in StratifiedKFold(5, shuffle=True, random_state=seed).split(y, y)
     ]
     return {f"synthetic_{k}": probe(X, y, splits) for k, X in features(models, graphs).items()}

@@ -17,6 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Stain variation of one invariance view: twice Tellez et al.'s "HED-light" (0.05), so the
+# features must ignore more than the staining spread of one site.
+VIEW_STAIN = 0.1
+INVARIANCE_ROWS = 512
+
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -142,9 +147,23 @@ class EntityVAE(nn.Module):
         return small.flatten(1)  # (rows, 3 * r * r)
 
     def _invariance(self, win: Tensor, generator: torch.Generator) -> Tensor:
-        """VICReg between the projected window features of two random views of each window."""
-        views = [self.projector(self.window_encoder(dihedral_views(win, generator))) for _ in "ab"]
+        """VICReg between the projected window features of two random views of each window:
+        a random symmetry of the square and a random H&E stain variation each. At most
+        `INVARIANCE_ROWS` windows per step: enough rows for VICReg's covariance estimate, and
+        the two extra window-encoder passes stay cheap on big batches."""
+        if win.shape[0] > INVARIANCE_ROWS:
+            rows = torch.randperm(win.shape[0], generator=generator)[:INVARIANCE_ROWS]
+            win = win[rows.to(win.device)]
+        views = [self.projector(self.window_encoder(self._view(win, generator))) for _ in "ab"]
         return vicreg(*views)
+
+    @staticmethod
+    def _view(win: Tensor, generator: torch.Generator) -> Tensor:
+        # Imported here: scikit-image's import is paid only when the invariance term is on.
+        from hmgdm_core.stain import hed_jitter
+
+        turned = dihedral_views(win, generator)
+        return hed_jitter(turned, scale=VIEW_STAIN, shift=VIEW_STAIN, generator=generator)
 
     def encode(self, x: Tensor, win: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Posterior mean and log-variance, each (rows, latent_dim)."""

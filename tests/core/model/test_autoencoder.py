@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from hmgdm_core.model.autoencoder import EntityVAE, dihedral_views, vicreg
+from hmgdm_core.model.autoencoder import (
+    INVARIANCE_ROWS,
+    EntityVAE,
+    dihedral_views,
+    vicreg,
+)
 
 
 def _windows(n=64, w=16, seed=0):
@@ -45,3 +50,17 @@ def test_pixel_reconstruction_decodes_whole_windows_and_learns():
         opt.step()
         losses.append(float(terms["recon"]))
     assert "invariance" in terms and losses[-1] < 0.9 * losses[0]
+
+
+def test_invariance_views_change_the_stain_and_use_a_bounded_sample_of_windows():
+    torch.manual_seed(0)
+    vae = EntityVAE(in_dim=5, latent_dim=8, hidden=32, window=16, channels=4,
+                    invariance_weight=1.0)  # fmt: skip
+    # A flat pink window looks the same under every symmetry: only stain can change it.
+    flat = torch.tensor([220, 150, 200], dtype=torch.uint8).view(1, 3, 1, 1).expand(4, 3, 16, 16)
+    view = vae._view(flat, torch.Generator().manual_seed(0))
+    assert view.dtype == torch.uint8 and (view.float() - flat.float()).abs().mean() > 1.0
+    seen = []
+    vae.window_encoder.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    vae._invariance(_windows(n=INVARIANCE_ROWS + 300), torch.Generator().manual_seed(0))
+    assert seen == [INVARIANCE_ROWS, INVARIANCE_ROWS]
