@@ -140,9 +140,9 @@ def probe(X, y, splits) -> float:
     return correct / tested
 
 
-def lc_splits(y: np.ndarray, groups: np.ndarray) -> list:
-    """Stratified 5-fold grouped by `group_id`, FOLD_REPEATS assignments (seeds 0, 1, ...)."""
-    return [(f.train, f.test) for f in repeated_patient_folds(y, groups, 5, 0, FOLD_REPEATS)]
+def lc_splits(y: np.ndarray, groups: np.ndarray, repeats: int = FOLD_REPEATS) -> list:
+    """Stratified 5-fold grouped by `group_id`, `repeats` assignments (seeds 0, 1, ...)."""
+    return [(f.train, f.test) for f in repeated_patient_folds(y, groups, 5, 0, repeats)]
 
 
 def _mean_std(rows: list[torch.Tensor]) -> np.ndarray:
@@ -290,7 +290,7 @@ def finetune(seed: int, images: int, cache: str) -> dict:
     from hmgdm_core.train import load_checkpoint
 
     graphs, y, groups, _ = lc25000_graphs(images, Path(cache))
-    splits = lc_splits(y, groups)[:5]  # the first assignment only: fine-tuning is the cost
+    splits = lc_splits(y, groups, repeats=1)  # the first assignment only: fine-tuning is the cost
     return {
         f"finetune_{name}": finetune_accuracy(
             load_checkpoint(_saved(cache, seed, name)).model, graphs, y, groups, splits, seed

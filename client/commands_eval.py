@@ -194,7 +194,7 @@ def classify(inputs: Inputs, out: Path) -> None:
             console.print(f"label efficiency, {name}: accuracy {accs} at {shares}% of patients")
     m = probe.metrics_
     console.print(
-        f"{len(i.x)} slides, {i.cfg.folds} folds x {probe.repeats} assignments: "
+        f"{len(i.x)} slides, {i.cfg.folds} folds x {probe.config.repeats} assignments: "
         f"accuracy {_pm(m['accuracy'])}, "
         f"macro-F1 {_pm(m['macro_f1'])}, balanced acc {_pm(m['balanced_accuracy'])}"
     )

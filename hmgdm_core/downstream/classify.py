@@ -149,11 +149,6 @@ class ProbeCV:
 
     description = "logistic regression on standardised embeddings"
 
-    @property
-    def repeats(self) -> int:
-        """Fold assignments `fit` averages over."""
-        return self.config.repeats
-
     def fit(self, x: ArrayLike, y: ArrayLike, groups: ArrayLike) -> ProbeCV:
         """`x`: embeddings (n, dim) here; what a subclass's `_fit_model` takes per row."""
         x, y, groups = self._rows(x), np.asarray(y), np.asarray(groups)
@@ -162,9 +157,8 @@ class ProbeCV:
         proba_sum = np.zeros((len(y), len(self.classes_)))
         self.oof_fold_ = np.full(len(y), -1)
         rows = []
-        splits = repeated_patient_folds(
-            y, groups, self.config.folds, self.config.seed, self.repeats
-        )
+        cfg = self.config
+        splits = repeated_patient_folds(y, groups, cfg.folds, cfg.seed, cfg.repeats)
         for repeat, fold, train, test in splits:
             model = self._fit_model(x[train], y[train], groups[train])
             proba = self._proba(model, x[test])
@@ -176,7 +170,7 @@ class ProbeCV:
                 "n_test": len(test), **classification_metrics(y[test], proba, self.classes_),
             })  # fmt: skip
         # Each assignment tests every row once: the mean is one out-of-fold prediction per row.
-        self.oof_proba_ = proba_sum / self.repeats
+        self.oof_proba_ = proba_sum / cfg.repeats
         self.folds_ = pd.DataFrame(rows)
         self.metrics_ = {m: mean_std(self.folds_[m]) for m in METRICS}
         y_oof = self.classes_[np.argmax(self.oof_proba_, axis=1)]
@@ -187,8 +181,7 @@ class ProbeCV:
     def add_baseline(self, name: str, x: ArrayLike) -> dict:
         """The same probe on the same folds and labels with other features `x` (e.g. raw
         descriptors): its mean/std metrics, kept in `baselines_` and written to metrics.json."""
-        same = self.config.model_copy(update={"repeats": self.repeats})
-        other = ProbeCV(same).fit(x, self.y_, self.groups_)
+        other = ProbeCV(self.config).fit(x, self.y_, self.groups_)
         self.baselines_[name] = other.metrics_
         return other.metrics_
 
@@ -236,7 +229,7 @@ class ProbeCV:
             "task": "classification",
             "probe": self.description,
             "folds": self.config.folds,
-            "repeats": self.repeats,
+            "repeats": self.config.repeats,
             "seed": self.config.seed,
             "classes": classes,
             "metrics": self.metrics_,

@@ -85,12 +85,16 @@ class FinetuneCV(_FineTuned, ProbeCV):
     """ProbeCV's folds and outputs with a fine-tuned SlideNet per fold; `fit(bags, y, groups)`.
 
     Also fitted: `training_` (best epoch and loss history of every fit) and `model_`, the net
-    trained on all rows, written as `model.pt` for `hmgdm-client explain`. One fold
-    assignment (the first of `config.repeats`): every fold fine-tunes the encoder, and repeating
-    the assignment would multiply that cost.
+    trained on all rows, written as `model.pt` for `hmgdm-client explain`.
     """
 
-    repeats = 1
+    def __init__(
+        self, backbone: HMGDM, backbone_cfg: HmgdmConfig, config: EvalConfig | None = None
+    ) -> None:
+        # One fold assignment, the first: every fold fine-tunes the encoder, and repeating the
+        # assignment would multiply that cost.
+        one = (config or EvalConfig()).model_copy(update={"repeats": 1})
+        super().__init__(backbone, backbone_cfg, one)
 
     def fit(self, x: Sequence[Bag], y, groups) -> FinetuneCV:
         super().fit(x, y, groups)
