@@ -61,7 +61,7 @@ __all__ = [  # the API the federated client calls; data helpers re-exported for 
 CHECKPOINT_FORMAT = "hmgdm-checkpoint/1"
 STAGE_PREFIXES = {
     "autoencoder": ("autoencoder.",),
-    "diffusion": ("encoder.", "decoder.", "projector."),
+    "diffusion": ("encoder.", "decoder.", "projector.", "predictor."),
 }
 
 
@@ -145,6 +145,8 @@ def build_model(cfg: HmgdmConfig, dims: GraphDims) -> HMGDM:
             node_loss=d.node_loss,
             sce_gamma=d.sce_gamma,
             invariance_weight=d.invariance_weight,
+            teacher_weight=d.teacher_weight,
+            teacher_momentum=d.teacher_momentum,
         )
     model.dims = dims
     return model
@@ -325,6 +327,8 @@ def train_steps(
         task = live.add_task(stage, total=steps, loss=float("nan")) if live else None
         for _ in range(steps):
             terms, weight = step(objective, optimizer)
+            if stage == "diffusion" and isinstance(model, HMGDM):
+                model.update_teacher()
             if scheduler is not None:
                 scheduler.step()
             for key, value in terms.items():

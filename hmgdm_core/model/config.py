@@ -97,6 +97,15 @@ class DiffusionConfig(Section):
         description="weight of a VICReg term between the encoder states of two random views "
         "(rotation/flip, 30% of entities hidden) of each graph (0 = off)",
     )
+    teacher_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of predicting an EMA teacher encoder's states of the masked "
+        "entities from the unmasked graph (GraphMAE2 latent targets; needs mask_token; 0 = off)",
+    )
+    teacher_momentum: float = Field(
+        0.99, ge=0, lt=1, description="EMA momentum of the teacher per stage-2 step"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DiffusionConfig:
@@ -108,6 +117,8 @@ class DiffusionConfig(Section):
         lo, hi = self.timestep_range
         if not 0 <= lo < hi <= 1:
             raise ValueError(f"timestep_range must satisfy 0 <= lo < hi <= 1, got {lo, hi}")
+        if self.teacher_weight > 0 and self.encoder_input != "mask_token":
+            raise ValueError("teacher_weight > 0 needs encoder_input = 'mask_token'")
         return self
 
 

@@ -6,6 +6,7 @@ aggregate by prefix; "stats." holds the shared standardisation buffers.
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Literal
 
@@ -78,6 +79,11 @@ def swap_context(
     return out
 
 
+def scaled_cosine_error(pred: Tensor, target: Tensor, gamma: float) -> Tensor:
+    """GraphMAE's loss: mean over rows of (1 - cos(pred, target)) ** gamma."""
+    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).pow(gamma).mean()
+
+
 def standardise(z: Tensor) -> Tensor:
     """Each latent column to zero mean and unit variance over the batch's rows (no gradient).
 
@@ -96,7 +102,9 @@ class HMGDM(nn.Module):
     `standardise_latents` (unit-variance diffusion targets), `timestep_range` (share of T
     drawn from), `encoder_input="mask_token"` (the encoder reads the whole graph with masked
     entities replaced by a learned token; the decoder adds each masked entity's own state),
-    `node_loss="sce"` (GraphMAE's scaled cosine error on the masked latents).
+    `node_loss="sce"` (GraphMAE's scaled cosine error on the masked latents), `teacher_weight`
+    (GraphMAE2's latent targets: also predict an EMA teacher encoder's states of the masked
+    entities, read from the whole unmasked graph).
     """
 
     def __init__(
@@ -123,6 +131,8 @@ class HMGDM(nn.Module):
         node_loss: Literal["mse", "sce"] = "mse",
         sce_gamma: float = 2.0,
         invariance_weight: float = 0.0,
+        teacher_weight: float = 0.0,
+        teacher_momentum: float = 0.99,
     ) -> None:
         super().__init__()
         self.autoencoder = nn.ModuleDict({"node": autoencoder})
@@ -144,6 +154,17 @@ class HMGDM(nn.Module):
             self.projector = nn.Sequential(
                 nn.Linear(hidden, 2 * hidden), nn.SiLU(), nn.Linear(2 * hidden, 2 * hidden)
             )
+        # The teacher follows the encoder (`update_teacher`) instead of training; like the
+        # predictor it stays on the site that trains it ("teacher."/"predictor." are not shared).
+        self.teacher_weight, self.teacher_momentum = teacher_weight, teacher_momentum
+        self.teacher = self.predictor = None
+        if teacher_weight > 0:
+            if encoder_input != "mask_token":
+                raise ValueError("teacher targets need encoder_input='mask_token'")
+            self.teacher = copy.deepcopy(encoder).requires_grad_(False)
+            self.predictor = nn.Sequential(
+                nn.Linear(hidden, 2 * hidden), nn.SiLU(), nn.Linear(2 * hidden, hidden)
+            )
 
     @property
     def uses_edges(self) -> bool:
@@ -152,9 +173,19 @@ class HMGDM(nn.Module):
     def reset_parameters(self) -> None:
         for part in (*self.autoencoder.values(), self.encoder, self.decoder):
             part.reset_parameters()
-        for layer in self.projector or ():
+        for layer in (*(self.projector or ()), *(self.predictor or ())):
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
+        if self.teacher is not None:
+            self.teacher.load_state_dict(self.encoder.state_dict())
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """One EMA step of the teacher towards the encoder (after each stage-2 optimiser step)."""
+        if self.teacher is None:
+            return
+        for t, s in zip(self.teacher.parameters(), self.encoder.parameters(), strict=True):
+            t.lerp_(s.detach(), 1 - self.teacher_momentum)
 
     def latents(self, data: Data) -> tuple[Tensor, Tensor | None]:
         """Frozen stage-1 latents: nodes (N, latent_dim), edges (E, edge_latent_dim) or None."""
@@ -269,6 +300,7 @@ class HMGDM(nn.Module):
             return_edge_mask=True,
         )
         states, own = self._context(data, z, ze, pos, masked, vis_idx, vis_ei, vis_emask)
+        teacher = self._teacher_loss(data, z, ze, pos, own, m_idx) if self.teacher else None
         t = self._timesteps(num_graphs, generator).to(device)
         if self.standardise_latents:
             z = standardise(z)
@@ -300,9 +332,11 @@ class HMGDM(nn.Module):
         node_mse = F.mse_loss(node_pred.float(), target)
         node_loss = node_mse
         if self.node_loss == "sce":
-            cos = F.cosine_similarity(node_pred.float(), target, dim=-1)
-            node_loss = (1 - cos).pow(self.sce_gamma).mean()
+            node_loss = scaled_cosine_error(node_pred, target, self.sce_gamma)
         terms = {"node_mse": node_mse, "loss": node_loss}
+        if teacher is not None:
+            terms["teacher"] = teacher
+            terms["loss"] = terms["loss"] + self.teacher_weight * teacher
         if diagnose:
             with torch.no_grad():
                 null = swap_context(states, batch[vis_idx], num_graphs, own, m_batch)
@@ -322,6 +356,19 @@ class HMGDM(nn.Module):
             terms["edge_mse"] = edge_loss
             terms["loss"] = terms["loss"] + self.edge_loss_weight * edge_loss
         return terms
+
+    def _teacher_loss(
+        self, data: Batch, z: Tensor, ze: Tensor | None, pos: Tensor, own: Tensor, m_idx: Tensor
+    ) -> Tensor:
+        """Scaled cosine error between the predictor's reading of each masked entity's own
+        state (inferred from its neighbours) and the teacher's state of that entity in the
+        unmasked graph, layer-normalised (data2vec): a target that carries context too."""
+        batch, _ = batch_vector(data)
+        with torch.no_grad():
+            h_in = torch.cat([z, pos], dim=-1)
+            target = self.teacher(h_in, data.edge_index, edge_attr=ze, batch=batch)[-1][m_idx]
+            target = F.layer_norm(target.float(), target.shape[-1:])
+        return scaled_cosine_error(self.predictor(own), target, self.sce_gamma)
 
     def _view(self, data: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One random view of every graph: its windows and centroids turned by one random

@@ -10,10 +10,13 @@ from torch_geometric.utils import to_dense_batch
 
 from hmgdm_core.config import load_config
 from hmgdm_core.data import feature_moments, graph_dims, stats_from_moments
+from hmgdm_core.exceptions import ConfigError
+from hmgdm_core.federation_config import FederationConfig, shared_names
 from hmgdm_core.model.decoder import DecodeBlock
 from hmgdm_core.model.masking import draw_mask
-from hmgdm_core.train import build_model, make_optimizer
+from hmgdm_core.train import build_model, make_optimizer, train_steps
 
+CPU = torch.device("cpu")
 SMALL = {
     "model.hidden": 32,
     "model.encoder_layers": 2,
@@ -52,10 +55,13 @@ def _record_encoder(model):
     return seen
 
 
-@pytest.mark.parametrize("encoder_input", ["visible", "mask_token"])
-def test_encoder_never_sees_masked_features(encoder_input):
+@pytest.mark.parametrize(
+    ("encoder_input", "teacher"), [("visible", 0.0), ("mask_token", 0.0), ("mask_token", 1.0)]
+)
+def test_encoder_never_sees_masked_features(encoder_input, teacher):
     graphs = _graphs()
-    model = _model(graphs, **{"diffusion.masking": "bfs", "diffusion.encoder_input": encoder_input})
+    model = _model(graphs, **{"diffusion.masking": "bfs", "diffusion.encoder_input": encoder_input,
+                              "diffusion.teacher_weight": teacher})  # fmt: skip
     batch = Batch.from_data_list(graphs)
     sizes = torch.bincount(batch.batch)
     d = model  # mask drawn exactly as the loss draws it: first use of a fresh generator
@@ -83,8 +89,10 @@ def test_encoder_never_sees_masked_features(encoder_input):
     # The paper's encoder gets the visible subgraph; with mask tokens it gets every entity.
     rows = int((~masked).sum()) if encoder_input == "visible" else batch.num_nodes
     assert seen[0][-1].shape[0] == rows
-    # The perturbation does reach the (masked) reconstruction target.
+    # The perturbation does reach the (masked) reconstruction target, and the teacher's.
     assert not torch.isclose(loss_a["loss"], loss_b["loss"])
+    if teacher:
+        assert not torch.isclose(loss_a["teacher"], loss_b["teacher"])
 
 
 def test_encode_is_deterministic_and_sees_every_node():
@@ -308,3 +316,49 @@ def test_two_view_invariance_trains_the_encoder_and_a_private_projector():
     assert model.projector[0].weight.grad.abs().sum() > 0
     trained = make_optimizer(model, load_config().train, "diffusion").param_groups[0]["params"]
     assert any(p is model.projector[0].weight for p in trained)
+
+
+def test_teacher_targets_train_encoder_and_predictor_but_never_the_teacher():
+    graphs = _graphs()
+    batch = Batch.from_data_list(graphs)
+    model = _model(graphs, **{"diffusion.teacher_weight": 1.0})
+    terms = model.loss(batch, stage="diffusion", generator=torch.Generator().manual_seed(0))
+    assert 0.0 < float(terms["teacher"]) <= 2.0**2
+    terms["teacher"].backward()
+    assert model.encoder.input.weight.grad.abs().sum() > 0
+    assert model.predictor[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+    trained = make_optimizer(model, load_config().train, "diffusion").param_groups[0]["params"]
+    assert any(p is model.predictor[0].weight for p in trained)
+    assert not any(p is q for p in trained for q in model.teacher.parameters())
+    shared = shared_names(model.state_dict(), FederationConfig().shared_prefixes("diffusion"))
+    assert shared and not any(n.startswith(("teacher.", "predictor.")) for n in shared)
+
+
+def test_update_teacher_is_an_ema_of_the_encoder_applied_after_each_stage2_step():
+    graphs = _graphs()
+    model = _model(graphs, **{"diffusion.teacher_weight": 1.0, "diffusion.teacher_momentum": 0.9})
+    pairs = list(zip(model.teacher.parameters(), model.encoder.parameters(), strict=True))
+    assert all(torch.equal(t, s) for t, s in pairs)
+    before = [t.clone() for t in model.teacher.parameters()]
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model.update_teacher()
+    for old, (t, s) in zip(before, pairs, strict=True):
+        torch.testing.assert_close(t, 0.9 * old + 0.1 * s)
+    cfg = load_config(overrides={**SMALL, "diffusion.teacher_weight": 1.0})
+    frozen = [t.clone() for t in model.teacher.parameters()]
+    for stage, moves in (("autoencoder", False), ("diffusion", True)):
+        opt = make_optimizer(model, cfg.train, stage)
+        gen = torch.Generator().manual_seed(0)
+        train_steps(model, opt, graphs, cfg.train, stage=stage, steps=2, device=CPU, generator=gen)
+        now = model.teacher.parameters()
+        assert any(not torch.equal(a, b) for a, b in zip(frozen, now, strict=True)) is moves
+
+
+def test_teacher_needs_the_mask_token_encoder():
+    with pytest.raises(ConfigError, match="teacher_weight > 0 needs encoder_input"):
+        load_config(
+            overrides={"diffusion.teacher_weight": 1.0, "diffusion.encoder_input": "visible"}
+        )
