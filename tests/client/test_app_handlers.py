@@ -42,8 +42,9 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 class Server:
     """Plays the ServerApp's part: the same messages it sends, addressed to one site."""
 
-    def __init__(self, cache: Path, state_dir: Path, **fed) -> None:
-        overrides = {"federation.local_steps": 2, **{f"federation.{k}": v for k, v in fed.items()}}
+    def __init__(self, cache: Path, state_dir: Path, overrides: dict | None = None, **fed) -> None:
+        fed = {"local_steps": 2, **fed}
+        overrides = {**(overrides or {}), **{f"federation.{k}": v for k, v in fed.items()}}
         self.cfg = load_config(DEBUG, overrides=overrides)
         self.ctx = Context(
             run_id=1,
@@ -118,6 +119,28 @@ def test_train_sends_back_only_what_it_received_and_keeps_the_rest(cache, tmp_pa
     assert local["num_examples"] == metrics["num-examples"]
     assert any(not torch.equal(local["model"][k], server.state[k]) for k in local["model"]
                if k.startswith("decoder."))  # fmt: skip
+
+
+def test_a_site_keeps_its_own_ema_teacher_across_rounds_and_never_sends_it(cache, tmp_path):
+    momentum = 0.9
+    teacher = {"diffusion.teacher_weight": 1.0, "diffusion.teacher_momentum": momentum}
+    server = Server(cache, tmp_path / "site", overrides=teacher, local_steps=1)
+    checkpoint = tmp_path / "site" / "run-test.pt"
+    server.round("train", 2)
+    before = torch.load(checkpoint)["model"]
+    server.round("train", 3)
+    after = torch.load(checkpoint)["model"]
+    names = [k for k in after if k.startswith("teacher.")]
+    assert names and all(k in server.state for k in names)
+    # One step per round: round 3's teacher is one EMA step from this site's round-2 teacher
+    # towards its round-3 encoder (the server only ever had the initial copy).
+    for k in names:
+        student = after["encoder." + k.removeprefix("teacher.")]
+        torch.testing.assert_close(after[k], momentum * before[k] + (1 - momentum) * student)
+    assert any(not torch.equal(after[k], server.state[k]) for k in names)
+    for reply in server.sent:
+        for record in reply.content.array_records.values():
+            assert not any(k.startswith(("teacher.", "predictor.")) for k in unpack_state(record))
 
 
 def test_fedprox_term_keeps_shared_weights_closer_to_the_global_model(cache, tmp_path):

@@ -21,17 +21,18 @@ TINY = TINY_MODEL
 CPU = torch.device("cpu")
 
 
-def _setup():
+def _setup(**overrides):
     # 8 graphs from 4 slides; slides s0 and s1 belong to one patient -> 3 patients.
     graphs = [random_region_graph(20 + 2 * i, seed=i, slide_id=f"s{i % 4}") for i in range(8)]
-    cfg = load_config(overrides=TINY)
+    cfg = load_config(overrides={**TINY, **overrides})
     model = build_model(cfg, graph_dims(graphs))
     model.stats.set(stats_from_moments(feature_moments(graphs)))
     return graphs, cfg, model, {"s0": "A", "s1": "A"}
 
 
-def test_private_round_trains_the_model_and_records_opacus_epsilon(tmp_path):
-    graphs, cfg, model, patients = _setup()
+@pytest.mark.parametrize("teacher", [0.0, 1.0])
+def test_private_round_trains_the_model_and_records_opacus_epsilon(tmp_path, teacher):
+    graphs, cfg, model, patients = _setup(**{"diffusion.teacher_weight": teacher})
     privacy = LocalDP(patients_per_step=1.5, noise_seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = make_optimizer(model, cfg.train, "diffusion")
@@ -52,6 +53,9 @@ def test_private_round_trains_the_model_and_records_opacus_epsilon(tmp_path):
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("autoencoder."))
+    # The EMA teacher (switch) follows the DP-trained encoder without a gradient of its own.
+    moved = [not torch.equal(before[k], after[k]) for k in before if k.startswith("teacher.")]
+    assert bool(moved) is any(moved) is bool(teacher)
     reference = RDPAccountant()
     reference.history = [(1.0, 0.5, 3)]  # 1.5 expected patients of 3
     assert metrics["num_patients"] == 3 and metrics["num_steps"] == 3
