@@ -1,7 +1,8 @@
 """H-MGDM: the entity autoencoders (stage 1) plus the masked latent graph diffusion (stage 2).
 
-Parameter names start with "autoencoder.", "encoder." or "decoder." so a federation can
-aggregate by prefix; "stats." holds the shared standardisation buffers.
+Parameter prefixes: "autoencoder.", "encoder.", "decoder." (a federation aggregates by prefix),
+"stats." (shared standardisation buffers); the optional objectives' "projector.", "predictor."
+and "teacher." stay on the site unless `[federation] aggregate = "all"`.
 """
 
 from __future__ import annotations
@@ -300,7 +301,9 @@ class HMGDM(nn.Module):
             return_edge_mask=True,
         )
         states, own = self._context(data, z, ze, pos, masked, vis_idx, vis_ei, vis_emask)
-        teacher = self._teacher_loss(data, z, ze, pos, own, m_idx) if self.teacher else None
+        teacher = None
+        if self.teacher is not None:
+            teacher = self._teacher_loss(data, z, ze, pos, own, m_idx)
         t = self._timesteps(num_graphs, generator).to(device)
         if self.standardise_latents:
             z = standardise(z)
